@@ -1,0 +1,472 @@
+"""Tests of sdlearn.data: the Shapes dataset, captions, the image folder and the bundled photo."""
+
+import itertools
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sdlearn import data
+from sdlearn.data import (
+    COLORS,
+    HELDOUT_PAIRS,
+    POSITION_CENTERS,
+    POSITIONS,
+    SHAPES,
+    SIZE_PIXELS,
+    SIZES,
+    VOCABULARY,
+    ImageFolderDataset,
+    ShapesDataset,
+    caption_for,
+    caption_variants,
+    load_photo,
+    parse_caption,
+    parse_prompt,
+    render_batch,
+    render_shape,
+    sample_batch,
+    split_words,
+)
+
+ALL_ATTRIBUTES = [
+    dict(color=c, shape=s, size=z, position=p)
+    for c, s, z, p in itertools.product(COLORS, SHAPES, SIZES, POSITIONS)
+]
+
+
+def coverage(image: torch.Tensor, color: str) -> torch.Tensor:
+    """[3, 32, 32] image of an un-jittered object → its per-pixel coverage [32, 32] (red channel)."""
+    return (image[0] + 1) / 2 * 255 / COLORS[color][0]
+
+
+def centroid(alpha: torch.Tensor) -> tuple[float, float]:
+    """Coverage-weighted centre (x, y) in pixel coordinates (pixel i's centre is at i + 0.5)."""
+    grid = torch.arange(32, dtype=torch.float32) + 0.5
+    total = alpha.sum()
+    return float((alpha.sum(0) * grid).sum() / total), float((alpha.sum(1) * grid).sum() / total)
+
+
+# ---------------------------------------------------------------------------------------------- constants
+
+
+def test_constants_match_the_design():
+    assert COLORS == {
+        "red": (220, 40, 40), "green": (40, 180, 60), "blue": (50, 80, 230), "yellow": (230, 210, 40),
+        "purple": (150, 60, 200), "orange": (240, 140, 30), "cyan": (40, 200, 210), "white": (235, 235, 235),
+    }
+    assert SHAPES == ("circle", "square", "triangle", "diamond")
+    assert SIZES == ("small", "large") and SIZE_PIXELS == {"small": 9, "large": 15}
+    assert POSITIONS == ("top left", "top right", "bottom left", "bottom right", "center")
+    assert POSITION_CENTERS["top right"] == (23, 9) and POSITION_CENTERS["center"] == (16, 16)
+    assert set(HELDOUT_PAIRS) == {("purple", "triangle"), ("orange", "diamond"), ("cyan", "circle"),
+                                  ("white", "square")}
+
+
+# ---------------------------------------------------------------------------------------------- rendering
+
+
+def test_images_have_the_right_shape_range_and_black_background():
+    b = sample_batch(512, split="all", generator=torch.Generator().manual_seed(0))
+    assert b.images.shape == (512, 3, 32, 32) and b.images.dtype == torch.float32
+    assert b.images.min() >= -1 and b.images.max() <= 1
+    for j in range(512):
+        a = b.item_attributes(j)
+        x, y = POSITION_CENTERS[a["position"]]
+        reach = SIZE_PIXELS[a["size"]] / 2 + 1  # half the box plus the position jitter
+        ys, xs = torch.meshgrid(torch.arange(32) + 0.5, torch.arange(32) + 0.5, indexing="ij")
+        far = ((xs - x).abs() > reach + 0.5) | ((ys - y).abs() > reach + 0.5)  # pixels the object cannot touch
+        assert (b.images[j][:, far] == -1).all(), a
+        assert (b.images[j] > -1).any(), a  # and the object is there
+
+
+def test_corner_pixels_are_black_for_centred_objects():
+    for shape in SHAPES:
+        img = render_shape("white", shape, "large", "center", rng=1)
+        assert (img[:, [0, 0, 31, 31], [0, 31, 0, 31]] == -1).all()
+
+
+@pytest.mark.parametrize("shape, expected", [
+    ("square", lambda s: s * s),
+    ("circle", lambda s: math.pi * (s / 2) ** 2),
+    ("triangle", lambda s: s * s / 2),
+    ("diamond", lambda s: s * s / 2),
+])
+@pytest.mark.parametrize("size", SIZES)
+def test_object_area_matches_its_geometry(shape, expected, size):
+    side = SIZE_PIXELS[size]
+    for position in POSITIONS:
+        area = coverage(render_shape("red", shape, size, position), "red").sum().item()
+        assert area == pytest.approx(expected(side), rel=0.06), (shape, size, position)
+    # Jittered positions keep the area too.
+    b = render_batch(["red"] * 64, [shape] * 64, [size] * 64, ["center"] * 64,
+                     torch.Generator().manual_seed(0), rgb_offset=torch.zeros(64, 3))
+    areas = ((b[:, 0] + 1) / 2 * 255 / 220).sum(dim=(1, 2))
+    assert torch.allclose(areas, torch.full_like(areas, expected(side)), rtol=0.06)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_object_sits_at_its_nominal_position(shape):
+    for size, position in itertools.product(SIZES, POSITIONS):
+        x0, y0 = POSITION_CENTERS[position]
+        if shape == "triangle":  # a triangle's centroid lies a third of the way up from its base
+            y0 += SIZE_PIXELS[size] / 2 / 3
+        cx, cy = centroid(coverage(render_shape("green", shape, size, position), "green"))
+        assert cx == pytest.approx(x0, abs=0.05) and cy == pytest.approx(y0, abs=0.05), (size, position)
+
+
+def test_triangle_points_up_and_diamond_is_a_rotated_square():
+    tri = coverage(render_shape("white", "triangle", "large", "center"), "white")
+    rows = tri.sum(1)[9:23]  # widths from top (y = 8.5) to bottom (y = 23.5) of the box
+    assert rows[0] < rows[-1] and (rows.diff() >= -1e-6).all()  # widening downwards
+    dia = coverage(render_shape("white", "diamond", "large", "center"), "white")
+    widths = dia.sum(1)
+    assert widths[15] > 2 * widths[10] and widths[15] > 2 * widths[21]  # widest in the middle row
+    assert torch.allclose(dia, dia.T, atol=1e-6) and torch.allclose(dia, dia.flip(0), atol=1e-6)
+
+
+def test_position_jitter_stays_within_one_pixel_and_is_used():
+    n = 400
+    g = torch.Generator().manual_seed(3)
+    imgs = render_batch(["white"] * n, ["circle"] * n, ["large"] * n, ["top right"] * n, g,
+                        rgb_offset=torch.zeros(n, 3))
+    centres = torch.tensor([centroid(coverage(im, "white")) for im in imgs]) - torch.tensor([23.0, 9.0])
+    assert centres.abs().max() <= 1.05  # ±1 px, plus the supersampling's error
+    assert centres.abs().max() > 0.9 and centres.std(0).min() > 0.4  # uniform on [-1, 1]: std ≈ 0.58
+
+
+def test_colour_jitter_stays_within_ten_levels_per_channel_and_is_used():
+    n = 300
+    b = sample_batch(n, split="all", generator=torch.Generator().manual_seed(4))
+    deviations = []
+    for j in range(n):
+        a = b.item_attributes(j)
+        if a["shape"] != "square" or a["size"] != "large":
+            continue
+        x, y = POSITION_CENTERS[a["position"]]
+        rgb = (b.images[j][:, int(y), int(x)] + 1) / 2 * 255  # the square's centre pixel is fully covered
+        deviations.append(rgb - torch.tensor(COLORS[a["color"]], dtype=torch.float32))
+    deviations = torch.stack(deviations)
+    assert len(deviations) > 20
+    assert deviations.abs().max() <= 10 + 1e-3
+    assert deviations.abs().max() > 8 and deviations.std() > 4  # uniform on [-10, 10]: std ≈ 5.8
+
+
+def test_edges_are_anti_aliased():
+    alpha = coverage(render_shape("white", "circle", "large", "center"), "white")
+    partial = (alpha > 0.01) & (alpha < 0.99)
+    assert partial.sum() >= 20  # the circle's rim is made of intermediate values
+    assert (alpha > 0.99).sum() > 100
+    levels = torch.unique(torch.round(alpha * 16))  # coverage is a multiple of 1/16 (4×4 samples)
+    assert len(levels) > 6
+    assert torch.allclose(alpha * 16, torch.round(alpha * 16), atol=1e-3)
+
+
+def test_render_shape_is_deterministic_given_rng_and_nominal_without():
+    a = render_shape("blue", "diamond", "small", "bottom left", rng=7)
+    assert torch.equal(a, render_shape("blue", "diamond", "small", "bottom left", rng=7))
+    assert not torch.equal(a, render_shape("blue", "diamond", "small", "bottom left", rng=8))
+    for rng in (random.Random(5), np.random.default_rng(5), torch.Generator().manual_seed(5)):
+        assert render_shape("blue", "diamond", "small", "bottom left", rng=rng).shape == (3, 32, 32)
+    nominal = render_shape("blue", "diamond", "small", "bottom left")
+    assert torch.equal(nominal, render_shape("blue", "diamond", "small", "bottom left"))
+    expected = torch.tensor(COLORS["blue"]) / 127.5 - 1
+    assert torch.allclose(nominal[:, 23, 9], expected)  # fully covered centre pixel has the base colour
+
+
+def test_render_batch_takes_names_or_indices_and_each_image_ignores_the_rest_of_the_batch():
+    names = (["red", "cyan"], ["circle", "triangle"], ["large", "small"], ["center", "bottom right"])
+    indices = ([0, 6], [0, 2], [1, 0], [4, 3])
+    rgb, xy = torch.tensor([[5.0, -3, 9], [-10, 0, 2]]), torch.tensor([[0.3, -0.9], [1.0, 0.1]])
+    both = render_batch(*names, rgb_offset=rgb, xy_offset=xy)
+    assert torch.equal(both, render_batch(*indices, rgb_offset=rgb, xy_offset=xy))
+    alone = render_batch(*(v[1:] for v in names), rgb_offset=rgb[1:], xy_offset=xy[1:])
+    assert torch.equal(both[1], alone[0])
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+def test_dataset_is_deterministic_for_a_seed_in_any_access_order():
+    a, b = ShapesDataset(50, seed=1), ShapesDataset(50, seed=1)
+    forward = [a[i] for i in range(50)]
+    backward = [b[i] for i in reversed(range(50))][::-1]
+    for x, y in zip(forward, backward):
+        assert torch.equal(x["image"], y["image"])
+        assert x["caption"] == y["caption"] and x["attributes"] == y["attributes"]
+    assert torch.equal(a[-1]["image"], forward[49]["image"])
+
+
+def test_different_seeds_give_different_items():
+    a = ShapesDataset(64, seed=0).batch(range(64))
+    b = ShapesDataset(64, seed=1).batch(range(64))
+    assert not torch.equal(a.images, b.images)
+    assert a.captions != b.captions
+    same_item = sum(torch.equal(x, y) for x, y in zip(a.images, b.images))
+    assert same_item == 0  # continuous jitter: no two items coincide
+
+
+def test_batch_path_equals_indexing():
+    ds = ShapesDataset(1000, split="all", seed=9)
+    idx = [17, 3, 999, 3, 500]
+    b = ds.batch(idx)
+    for j, i in enumerate(idx):
+        item = ds[i]
+        assert torch.equal(b.images[j], item["image"])
+        assert b.captions[j] == item["caption"]
+        assert b.item_attributes(j) == item["attributes"]
+
+
+def test_items_are_consistent_with_their_captions():
+    ds = ShapesDataset(300, split="all", seed=2)
+    b = ds.batch(range(300))
+    for j in range(300):
+        assert parse_caption(b.captions[j]) == b.item_attributes(j)
+    assert len(set(b.captions)) > 200  # wording varies
+
+
+def test_train_split_never_contains_a_heldout_pair():
+    heldout = set(HELDOUT_PAIRS)
+    b = ShapesDataset(5000, split="train", seed=0).batch(range(5000))
+    pairs = pair_names(b)
+    assert not pairs & heldout
+    assert len(pairs) == 28  # every other pair does appear, so every colour and shape is seen
+    sampled = sample_batch(5000, split="train", generator=torch.Generator().manual_seed(0))
+    assert not pair_names(sampled) & heldout
+    assert all(parse_caption(sampled.captions[j]) == sampled.item_attributes(j) for j in range(500))
+    # Sizes and positions are uniform-ish.
+    counts = torch.bincount(sampled.attributes["position"], minlength=5)
+    assert counts.min() > 850 and counts.max() < 1150
+
+
+def test_heldout_split_only_yields_heldout_pairs_and_all_covers_everything():
+    b = ShapesDataset(2000, split="heldout").batch(range(2000))
+    assert pair_names(b) == set(HELDOUT_PAIRS)
+    assert len(pair_names(ShapesDataset(3000, split="all").batch(range(3000)))) == 32
+
+
+def test_sample_batch_is_deterministic_given_a_generator():
+    a = sample_batch(16, generator=torch.Generator().manual_seed(11))
+    b = sample_batch(16, generator=torch.Generator().manual_seed(11))
+    images, captions, attributes = a  # unpacks as a tuple
+    assert torch.equal(images, b.images) and captions == b.captions
+    assert all(torch.equal(attributes[k], b.attributes[k]) for k in attributes)
+
+
+def test_dataset_works_with_a_dataloader():
+    loader = torch.utils.data.DataLoader(ShapesDataset(10), batch_size=4)
+    first = next(iter(loader))
+    assert first["image"].shape == (4, 3, 32, 32) and len(first["caption"]) == 4
+
+
+# ---------------------------------------------------------------------------------------------- captions
+
+
+def test_canonical_captions():
+    a = dict(color="red", shape="circle", size="large", position="top left")
+    assert caption_for(a) == "a large red circle in the top left"
+    assert caption_for(dict(color="blue", shape="diamond", size="small", position="center")) == \
+        "a small blue diamond in the center"
+
+
+def test_every_caption_variant_parses_back_to_its_attributes():
+    words = set()
+    for attrs in ALL_ATTRIBUTES:
+        variants = caption_variants(attrs)
+        assert variants[0] == caption_for(attrs) and len(set(variants)) == len(variants)
+        for caption in variants:
+            assert parse_caption(caption) == attrs, caption
+            words.update(split_words(caption))
+    assert words == set(VOCABULARY)  # the vocabulary is exactly the words captions use
+    assert VOCABULARY == sorted(VOCABULARY) and all(w.isalpha() and w.islower() for w in VOCABULARY)
+    assert len(VOCABULARY) < 60  # modest, for a word-level tokenizer
+
+
+def test_random_captions_round_trip_and_are_deterministic_given_rng():
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(2000):
+        attrs = rng.choice(ALL_ATTRIBUTES)
+        caption = caption_for(attrs, rng)
+        assert parse_caption(caption) == attrs
+        seen.add(caption)
+    assert len(seen) > 1000
+    attrs = ALL_ATTRIBUTES[5]
+    for make in (lambda: random.Random(3), lambda: np.random.default_rng(3), lambda: torch.Generator().manual_seed(3)):
+        assert caption_for(attrs, make()) == caption_for(attrs, make())
+    assert {caption_for(attrs, s) for s in range(50)} <= set(caption_variants(attrs))
+    assert len({caption_for(attrs, s) for s in range(50)}) > 10
+
+
+def test_parse_caption_ignores_case_punctuation_and_knows_synonyms():
+    assert parse_caption("Big RED circle, upper-left corner!") == \
+        dict(color="red", shape="circle", size="large", position="top left")
+    assert parse_caption("a tiny cyan rhombus in the middle.") == \
+        dict(color="cyan", shape="diamond", size="small", position="center")
+    assert parse_caption("  a little white disc at the lower right  ") == \
+        dict(color="white", shape="circle", size="small", position="bottom right")
+
+
+def test_parse_caption_names_the_words_it_cannot_place():
+    with pytest.raises(ValueError, match=r"'pink'.*'hexagon'"):
+        parse_caption("a large pink hexagon in the center")
+    with pytest.raises(ValueError, match="does not state its size, position"):
+        parse_caption("a red circle")
+    with pytest.raises(ValueError, match="two colors: 'red' and 'blue'"):
+        parse_caption("a small red blue circle in the center")
+    with pytest.raises(ValueError, match="half a position"):
+        parse_caption("a small red circle in the left")
+    with pytest.raises(ValueError, match="expected a caption string"):
+        parse_caption(None)
+
+
+def test_parse_prompt_returns_the_attributes_a_partial_prompt_names():
+    assert parse_prompt("a red circle") == {"color": "red", "shape": "circle"}
+    assert parse_prompt("Big, upper right!") == {"size": "large", "position": "top right"}
+    assert parse_prompt("a picture of a rhombus") == {"shape": "diamond"}
+    assert parse_prompt("") == {}
+    with pytest.raises(ValueError, match="'something'"):
+        parse_prompt("something red")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kind, args, valid", [
+    ("color", ("pink", "circle", "large", "center"), "red, green, blue, yellow, purple, orange, cyan, white"),
+    ("shape", ("red", "hexagon", "large", "center"), "circle, square, triangle, diamond"),
+    ("size", ("red", "circle", "huge", "center"), "small, large"),
+    ("position", ("red", "circle", "large", "middle left"), "top left, top right, bottom left, bottom right, center"),
+])
+def test_unknown_names_raise_value_errors_listing_the_valid_ones(kind, args, valid):
+    with pytest.raises(ValueError, match=f"unknown {kind} .*expected one of: {valid}"):
+        render_shape(*args)
+    with pytest.raises(ValueError, match=f"unknown {kind}"):
+        caption_for(dict(zip(("color", "shape", "size", "position"), args)))
+    with pytest.raises(ValueError, match=f"unknown {kind}"):
+        render_batch(*([a] for a in args))
+
+
+@pytest.mark.parametrize("n", [0, -3, 2.5, "10"])
+def test_bad_n_raises(n):
+    with pytest.raises(ValueError, match="n must be a positive integer"):
+        ShapesDataset(n)
+
+
+def test_bad_split_and_other_bad_input_raise():
+    with pytest.raises(ValueError, match="unknown split 'test'; expected one of: train, heldout, all"):
+        ShapesDataset(10, split="test")
+    with pytest.raises(ValueError, match="unknown split"):
+        sample_batch(4, split="validation")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        sample_batch(0)
+    with pytest.raises(ValueError, match="attributes lack size, position"):
+        caption_for({"color": "red", "shape": "circle"})
+    with pytest.raises(ValueError, match="same length"):
+        render_batch([0, 1], [0], [0], [0])
+    with pytest.raises(ValueError, match=r"shape indices must lie in 0\.\.3"):
+        render_batch([0], [4], [0], [0])
+    with pytest.raises(ValueError, match="rng must be"):
+        render_shape("red", "circle", "large", "center", rng="seed")
+    with pytest.raises(IndexError):
+        ShapesDataset(10)[10]
+
+
+# ---------------------------------------------------------------------------------------------- image folder
+
+
+def pair_names(batch) -> set[tuple[str, str]]:
+    """The distinct (colour, shape) pairs in a ShapesBatch."""
+    pairs = zip(batch.attributes["color"].tolist(), batch.attributes["shape"].tolist())
+    return {(list(COLORS)[c], SHAPES[s]) for c, s in set(pairs)}
+
+
+def write_folder(root, captions=True):
+    root.mkdir(exist_ok=True)
+    wide = np.zeros((20, 60, 3), np.uint8)  # red | blue | green thirds: the centre crop is all blue
+    wide[:, :20, 0], wide[:, 20:40, 2], wide[:, 40:, 1] = 255, 255, 255
+    Image.fromarray(wide).save(root / "wide.png")
+    Image.fromarray(np.full((64, 64), 128, np.uint8), mode="L").save(root / "grey.jpg")
+    (root / "sub").mkdir(exist_ok=True)
+    Image.fromarray(np.full((40, 40, 4), 255, np.uint8), mode="RGBA").save(root / "sub" / "white.webp")
+    (root / "notes.txt").write_text("not an image")
+    if captions:
+        lines = [{"file": "wide.png", "caption": "a blue square"}, {"file": "grey.jpg", "caption": "grey"},
+                 {"file": "sub/white.webp", "caption": "white"}]
+        (root / "captions.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+
+
+def test_image_folder_dataset_reads_crops_and_captions(tmp_path):
+    write_folder(tmp_path)
+    ds = ImageFolderDataset(tmp_path, size=16)
+    assert len(ds) == 3 and ds.files == ["grey.jpg", "sub/white.webp", "wide.png"]
+    items = {ds[i]["file"]: ds[i] for i in range(3)}
+    wide = items["wide.png"]
+    assert wide["caption"] == "a blue square" and wide["image"].shape == (3, 16, 16)
+    assert torch.allclose(wide["image"], torch.tensor([-1.0, -1.0, 1.0])[:, None, None], atol=0.02)
+    assert torch.allclose(items["grey.jpg"]["image"], torch.full((3, 16, 16), 128 / 127.5 - 1), atol=0.03)
+    assert items["sub/white.webp"]["caption"] == "white"
+    for item in items.values():
+        assert item["image"].dtype == torch.float32 and item["image"].min() >= -1 and item["image"].max() <= 1
+    uncaptioned = ImageFolderDataset(tmp_path, captions=None)
+    assert uncaptioned[0]["caption"] == "" and uncaptioned[0]["image"].shape == (3, 32, 32)
+
+
+def test_image_folder_dataset_errors_name_the_file_and_the_reason(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere.*does not exist"):
+        ImageFolderDataset(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images .* found in .*empty"):
+        ImageFolderDataset(tmp_path / "empty")
+    with pytest.raises(ValueError, match="size must be a positive integer"):
+        ImageFolderDataset(tmp_path / "empty", size=0)
+
+    folder = tmp_path / "imgs"
+    write_folder(folder, captions=False)
+    with pytest.raises(FileNotFoundError, match="captions.jsonl.*not found.*captions=None"):
+        ImageFolderDataset(folder)
+    captions = folder / "captions.jsonl"
+    captions.write_text('{"file": "wide.png", "caption": "x"}\n{"file": "grey.jpg", caption: "y"}\n')
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        ImageFolderDataset(folder)
+    captions.write_text('{"file": "wide.png", "text": "x"}\n')
+    with pytest.raises(ValueError, match='line 1: expected {"file"'):
+        ImageFolderDataset(folder)
+    captions.write_text('{"file": "missing.png", "caption": "x"}\n')
+    with pytest.raises(ValueError, match="line 1: 'missing.png' is not an image"):
+        ImageFolderDataset(folder)
+    captions.write_text('{"file": "wide.png", "caption": "x"}\n')
+    with pytest.raises(ValueError, match="2 image.* no caption.*'grey.jpg', 'sub/white.webp'"):
+        ImageFolderDataset(folder)
+
+    (folder / "broken.png").write_bytes(b"this is not a png")
+    with pytest.raises(ValueError, match=r"cannot read image .*broken\.png"):
+        ImageFolderDataset(folder, captions=None)
+
+
+# ---------------------------------------------------------------------------------------------- photo
+
+
+def test_load_photo():
+    photo = load_photo()
+    assert photo.shape == (3, 600, 512) and photo.dtype == torch.float32
+    assert photo.min() >= -1 and photo.max() <= 1 and photo.std() > 0.2
+    small = load_photo(32)
+    assert small.shape == (3, 32, 32) and small.min() >= -1 and small.max() <= 1
+    assert load_photo(128).shape == (3, 128, 128)
+    # The crop is centred: the downsized photo resembles the centre square of the full one.
+    centre = photo[:, 44:556, :]
+    pooled = torch.nn.functional.avg_pool2d(centre[None], 16)[0]
+    assert (pooled - small).abs().mean() < 0.05
+    with pytest.raises(ValueError, match="size must be a positive integer"):
+        load_photo(0)
+
+
+def test_module_exports():
+    for name in ("COLORS", "SHAPES", "SIZES", "POSITIONS", "HELDOUT_PAIRS", "ShapesDataset", "render_shape",
+                 "render_batch", "caption_for", "parse_caption", "ImageFolderDataset", "load_photo"):
+        assert hasattr(data, name)
