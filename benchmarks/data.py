@@ -6,6 +6,9 @@ Times three paths, each at the given batch size:
   render_batch   the vectorised renderer alone (the figure DESIGN.md asks ≥ 5,000 images/s of, on one core)
   sample_batch   fresh random items with captions (what a training loop calls)
   dataset[i]     one item at a time through ShapesDataset.__getitem__ (the DataLoader path)
+
+On a machine whose cores are busy with other processes, the 2-thread figures can collapse (OpenMP
+threads spin-wait for a descheduled partner); OMP_WAIT_POLICY=PASSIVE avoids that.
 """
 
 import argparse
