@@ -1,0 +1,703 @@
+"""Exercises: auto-checkers for the learner's code, and student copies of the notebooks.
+
+Writing an exercise in a course notebook
+----------------------------------------
+1. The learner writes a *function*. Its body (or any part of a code cell) is the solution,
+   between two marker lines::
+
+       def my_add_noise(x0, noise, t, alphas_cumprod):
+           # BEGIN SOLUTION
+           a = alphas_cumprod[t].reshape(-1, 1, 1, 1)
+           return a.sqrt() * x0 + (1 - a).sqrt() * noise
+           # END SOLUTION
+
+2. The same cell, or the next, checks it: ``check_add_noise(my_add_noise)``. A checker runs the
+   function on several inputs built from a fixed seed, compares with sdlearn's reference, prints
+   ``✓ Correct! ...`` or raises :class:`ExerciseFailed` explaining the first failing case in
+   plain words (which inputs, what was expected, what came back, a hint).
+3. Later cells must not depend on the learner's function: they use ``sdlearn``'s own, so a
+   student who skips an exercise can still run the rest of the notebook.
+
+Student copies
+--------------
+``python -m sdlearn exercises OUT_DIR`` (:func:`write_student_copies`) writes every ``NN_*.ipynb``
+with each solution region replaced by ``# YOUR CODE HERE`` and
+``raise NotImplementedError("Exercise: fill this in")`` at the marker's indentation, and with all
+outputs and execution counts cleared. Cells holding a stub, and cells calling a checker, get the
+cell tag ``raises-exception``: JupyterLab's "Run All" and nbclient then carry on past an
+unfinished exercise instead of stopping there. A checker given an unfinished function raises
+:class:`ExerciseNotDone`, which is both an :class:`ExerciseFailed` and a ``NotImplementedError``.
+If a notebook has no "How to check your answer" markdown cell, one is inserted before its first
+exercise.
+
+Adding a checker
+----------------
+Write a reference function (usually sdlearn's own code), a function that builds the test cases
+from a seeded generator, and one or more plausible :class:`Mistake` s, then ``register`` a
+:class:`Checker`; see ``check_snr`` below for a complete example in a dozen lines. Every registered
+checker is tested to pass its reference and to fail each of its mistakes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdlearn.schedules import make_betas, rescale_zero_terminal_snr
+
+BEGIN_MARKER = "# BEGIN SOLUTION"
+END_MARKER = "# END SOLUTION"
+STUB_COMMENT = "# YOUR CODE HERE"
+STUB = 'raise NotImplementedError("Exercise: fill this in")'
+RAISES_TAG = "raises-exception"
+GUIDANCE_TITLE = "How to check your answer"
+GUIDANCE = (
+    f"**{GUIDANCE_TITLE}.** In each exercise cell, replace `raise NotImplementedError(...)` with your code and "
+    "run the cell. The `check_...(...)` call that follows runs your function on several inputs and compares it "
+    "with `sdlearn`'s reference: it prints **✓ Correct!** or tells you which case failed, what it expected and "
+    "what it got. Stuck? The rest of the notebook does not depend on your answer, so you can move on and come back."
+)
+
+_BEGIN_RE = re.compile(r"^(?P<indent>[ \t]*)#\s*BEGIN SOLUTION\s*$")
+_END_RE = re.compile(r"^[ \t]*#\s*END SOLUTION\s*$")
+_CHECK_CALL_RE = re.compile(r"(?<!def )\bcheck_\w+\s*\(")  # a call to a checker, not its definition
+_NOTEBOOK_NAME_RE = re.compile(r"^\d\d_.*\.ipynb$")
+
+
+# =================================================================================================
+# Solution regions and student copies
+# =================================================================================================
+def find_solution_regions(source: str, where: str = "this cell") -> list[tuple[int, int]]:
+    """Line indices ``(begin, end)`` (0-based, of the two marker lines) of each solution region in ``source``.
+
+    Raises ``ValueError`` naming ``where`` (e.g. ``"01_forward_noising.ipynb, cell 12"``) and the line
+    for an END without a BEGIN, a BEGIN inside a region, or a BEGIN never closed.
+    """
+    regions, begin = [], None
+    for i, line in enumerate(source.splitlines()):
+        if _BEGIN_RE.match(line):
+            if begin is not None:
+                raise ValueError(f"{where}, line {i + 1}: '{BEGIN_MARKER}' inside the solution region opened at line {begin + 1}; regions cannot nest")
+            begin = i
+        elif _END_RE.match(line):
+            if begin is None:
+                raise ValueError(f"{where}, line {i + 1}: '{END_MARKER}' without a '{BEGIN_MARKER}' before it")
+            regions.append((begin, i))
+            begin = None
+        elif BEGIN_MARKER in line or END_MARKER in line:
+            raise ValueError(f"{where}, line {i + 1}: a solution marker must be alone on its line, got {line.strip()!r}")
+    if begin is not None:
+        raise ValueError(f"{where}, line {begin + 1}: '{BEGIN_MARKER}' is never closed by '{END_MARKER}'")
+    return regions
+
+
+def strip_solutions(source: str, where: str = "this cell") -> str:
+    """Replace every solution region (markers included) by a stub at the BEGIN marker's indentation::
+
+        # YOUR CODE HERE
+        raise NotImplementedError("Exercise: fill this in")
+
+    Lines outside the regions are kept exactly. Unbalanced or nested markers raise ``ValueError``
+    naming ``where``.
+    """
+    regions = find_solution_regions(source, where)
+    if not regions:
+        return source
+    lines = source.splitlines()
+    out, start = [], 0
+    for begin, end in regions:
+        indent = _BEGIN_RE.match(lines[begin])["indent"]
+        out += lines[start:begin] + [indent + STUB_COMMENT, indent + STUB]
+        start = end + 1
+    out += lines[start:]
+    return "\n".join(out) + ("\n" if source.endswith("\n") else "")
+
+
+def student_notebook(nb, name: str = "notebook"):
+    """A student copy of an nbformat v4 notebook (the input is not modified): solutions stubbed, outputs
+    and execution counts cleared, exercise cells tagged ``raises-exception``, guidance added if missing."""
+    import nbformat
+
+    nb = copy.deepcopy(nb)
+    nb.metadata.pop("widgets", None)  # saved widget state belongs to the cleared outputs
+    has_guidance = any(
+        cell.cell_type == "markdown" and GUIDANCE_TITLE.lower() in cell.source.lower() for cell in nb.cells
+    )
+    first_exercise = None
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        cell.outputs, cell.execution_count = [], None
+        cell.metadata.pop("execution", None)
+        stripped = strip_solutions(cell.source, where=f"{name}, cell {index + 1}")
+        is_exercise = stripped != cell.source
+        if is_exercise and first_exercise is None:
+            first_exercise = index
+        if is_exercise or _CHECK_CALL_RE.search(stripped):
+            tags = list(cell.metadata.get("tags", []))
+            if RAISES_TAG not in tags:
+                cell.metadata["tags"] = tags + [RAISES_TAG]
+        cell.source = stripped
+    if first_exercise is not None and not has_guidance:
+        guidance = nbformat.v4.new_markdown_cell(GUIDANCE)
+        if (nb.nbformat, nb.nbformat_minor) < (4, 5):
+            del guidance["id"]  # cell ids exist from nbformat 4.5 on
+        nb.cells.insert(first_exercise, guidance)
+    return nb
+
+
+def make_student_copy(src_nb_path: str | Path, dst_path: str | Path) -> Path:
+    """Write the student copy of the notebook ``src_nb_path`` to ``dst_path`` (see :func:`student_notebook`)."""
+    import nbformat
+
+    src, dst = Path(src_nb_path), Path(dst_path)
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"refusing to overwrite the course notebook {src} with its student copy; choose another path")
+    nb = nbformat.read(src, as_version=4)
+    nbformat.write(student_notebook(nb, src.name), dst)
+    return dst
+
+
+def default_notebooks_dir() -> Path:
+    """The course's ``notebooks/`` folder, next to the ``sdlearn`` package in a source checkout."""
+    return Path(__file__).resolve().parent.parent / "notebooks"
+
+
+def write_student_copies(out_dir: str | Path, notebooks_dir: str | Path | None = None, force: bool = False) -> list[Path]:
+    """Write a student copy of every ``NN_*.ipynb`` in ``notebooks_dir`` (default: the course's) into ``out_dir``.
+
+    Only the notebooks are written. ``out_dir`` is created if needed; an existing non-empty folder
+    is refused (``FileExistsError``) unless ``force``, which overwrites same-named notebooks and leaves
+    every other file alone. ``out_dir`` may never be the notebooks folder or lie inside it
+    (``ValueError``). Every notebook is converted before anything is written, so a malformed
+    solution region leaves ``out_dir`` untouched. Returns the written paths, in course order.
+    """
+    import nbformat
+
+    source = Path(notebooks_dir) if notebooks_dir is not None else default_notebooks_dir()
+    if not source.is_dir():
+        raise FileNotFoundError(f"no notebooks folder at {source}; pass the folder holding the NN_*.ipynb notebooks")
+    out = Path(out_dir)
+    source_resolved, out_resolved = source.resolve(), out.resolve()
+    if out_resolved == source_resolved or source_resolved in out_resolved.parents:
+        raise ValueError(f"refusing to write student copies into the course's own notebooks folder ({source}); choose a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; choose an empty folder or pass --force (force=True) to overwrite its notebooks")
+    paths = sorted(p for p in source.iterdir() if _NOTEBOOK_NAME_RE.match(p.name) and p.is_file())
+    if not paths:
+        raise FileNotFoundError(f"no NN_*.ipynb notebooks in {source}")
+    copies = [(out / p.name, student_notebook(nbformat.read(p, as_version=4), p.name)) for p in paths]
+    out.mkdir(parents=True, exist_ok=True)
+    for dst, nb in copies:
+        nbformat.write(nb, dst)
+    return [dst for dst, _ in copies]
+
+
+# =================================================================================================
+# The checker framework
+# =================================================================================================
+class ExerciseFailed(AssertionError):
+    """The learner's function gave a wrong answer (or crashed) on one of the checker's cases."""
+
+
+class ExerciseNotDone(ExerciseFailed, NotImplementedError):
+    """The learner's function still raises ``NotImplementedError``: the exercise is not filled in yet."""
+
+
+@dataclass
+class Case:
+    """One test input: positional ``args`` for the function, and a plain-words ``description`` of them."""
+
+    description: str
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Mistake:
+    """A plausible wrong answer, and what it looks like in words (shown when the learner's output matches it)."""
+
+    fn: Callable
+    explanation: str
+
+
+def _clone(value):
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _clone(v) for k, v in value.items()}
+    return value
+
+
+def _shape(x: torch.Tensor) -> str:
+    return f"[{', '.join(map(str, x.shape))}]"
+
+
+def _index(flat_index: int, shape: torch.Size) -> str:
+    coords = []
+    for size in reversed(shape):
+        flat_index, r = divmod(flat_index, size)
+        coords.append(r)
+    return f"index ({', '.join(map(str, reversed(coords)))})" if coords else "the value"
+
+
+def _difference(expected: Any, got: Any, atol: float, rtol: float, what: str = "your result") -> str | None:
+    """Why ``got`` is not ``expected``, in words; None when they agree within ``atol + rtol·|expected|``."""
+    if isinstance(expected, (tuple, list)):
+        if not isinstance(got, (tuple, list)) or len(got) != len(expected):
+            return f"expected {len(expected)} values (a {type(expected).__name__}), got {type(got).__name__}"
+        for k, (e, g) in enumerate(zip(expected, got)):
+            problem = _difference(e, g, atol, rtol, what=f"value {k} of your result")
+            if problem:
+                return problem
+        return None
+    if got is None:
+        return f"{what} is None: did you forget to `return` it?"
+    if isinstance(expected, (int, float)) and not isinstance(expected, bool):
+        if isinstance(got, torch.Tensor) and got.numel() == 1:
+            got = got.item()
+        if not isinstance(got, (int, float)):
+            return f"expected a number, {what} is a {type(got).__name__}"
+        if math.isnan(got) and not math.isnan(expected):
+            return f"{what} is NaN, expected {expected:.6g}"
+        if not math.isclose(got, expected, rel_tol=rtol, abs_tol=atol):
+            return f"expected {expected:.6g}, {what} is {got:.6g}"
+        return None
+    if not isinstance(expected, torch.Tensor):
+        return None if got == expected else f"expected {expected!r}, {what} is {got!r}"
+
+    if not isinstance(got, torch.Tensor):
+        return f"expected a torch.Tensor, {what} is a {type(got).__name__}"
+    if got.shape != expected.shape:
+        return f"expected shape {_shape(expected)}, {what} has shape {_shape(got)}"
+    if expected.is_floating_point() != got.is_floating_point() or (expected.dtype == torch.bool) != (got.dtype == torch.bool):
+        return f"expected dtype {expected.dtype}, {what} has dtype {got.dtype}"
+    e, g = expected.detach().cpu().double(), got.detach().cpu().double()
+    for bad, word in ((torch.isnan, "NaN"), (torch.isinf, "infinite")):
+        unexpected = bad(g) & ~bad(e)
+        if unexpected.any():
+            first = int(unexpected.flatten().nonzero()[0])
+            return (f"{what} contains {int(unexpected.sum())} {word} value(s) where the answer has none "
+                    f"(the first at {_index(first, g.shape)}, where {float(e.flatten()[first]):.6g} was expected)")
+    same_special = (e == g) | (torch.isnan(e) & torch.isnan(g))  # ±inf and NaN must match exactly
+    error = torch.where(same_special, torch.zeros_like(e), (g - e).abs())
+    allowed = atol + rtol * e.abs().nan_to_num(posinf=0.0)
+    wrong = error > allowed
+    if wrong.any():
+        worst = int(torch.where(wrong, error, torch.zeros_like(error)).flatten().argmax())
+        return (f"{int(wrong.sum())} of {e.numel()} values differ; the largest difference is "
+                f"{float(error.flatten()[worst]):.3g} at {_index(worst, e.shape)}: expected "
+                f"{float(e.flatten()[worst]):.6g}, got {float(g.flatten()[worst]):.6g}")
+    return None
+
+
+def check(
+    fn: Callable,
+    reference: Callable,
+    cases: Sequence[Case],
+    name: str,
+    hint: str = "",
+    mistakes: Sequence[Mistake] = (),
+    atol: float = 1e-5,
+    rtol: float = 1e-4,
+    compare: Callable[[Any, Any], str | None] | None = None,
+) -> bool:
+    """Run ``fn`` and ``reference`` on every case; print ``✓ Correct!`` and return True if all agree.
+
+    On the first disagreement raise :class:`ExerciseFailed` saying which case (its description),
+    what went wrong (an exception and its message, a missing ``return``, a shape or dtype, NaNs, the
+    largest difference and where), what it looks like when the output matches a known ``Mistake``,
+    and the ``hint``. ``compare(expected, got)`` may replace the default comparison, which allows
+    ``atol + rtol·|expected|``; it returns a message when they differ and None when they agree.
+    """
+    if not callable(fn):
+        raise ExerciseFailed(f"{name}: expected your function, got {type(fn).__name__} {fn!r}. Pass the function itself, without calling it: {name}(my_function)")
+    compare = compare or (lambda expected, got: _difference(expected, got, atol, rtol))
+
+    def fail(k: int, case: Case, problem: str, extra: str = "", error_type=ExerciseFailed):
+        lines = [f"{name}: case {k + 1} of {len(cases)} failed.", f"  Inputs: {case.description}", f"  Problem: {problem}"]
+        if extra:
+            lines.append(f"  {extra}")
+        if hint:
+            lines.append(f"  Hint: {hint}")
+        return error_type("\n".join(lines))
+
+    for k, case in enumerate(cases):
+        expected = reference(*_clone(case.args), **_clone(case.kwargs))
+        args, kwargs = _clone(case.args), _clone(case.kwargs)
+        try:
+            got = fn(*args, **kwargs)
+        except NotImplementedError as error:
+            raise fail(k, case, f"your function raised NotImplementedError({error}).",
+                       "Replace the `raise NotImplementedError(...)` line with your code, run that cell, then run this check again.",
+                       ExerciseNotDone) from None
+        except Exception as error:
+            raise fail(k, case, f"your function raised {type(error).__name__}: {error}") from error
+        for position, (before, after) in enumerate(zip(case.args, args)):
+            if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and not torch.equal(before, after):
+                raise fail(k, case, f"your function changed its input number {position + 1} in place (an in-place "
+                                    "operation such as `+=`, `.mul_()` or `x[...] = ...`). Work on a copy, e.g. `x = x.clone()`.") from None
+        problem = compare(expected, got)
+        if problem is None:
+            continue
+        extra = ""
+        for mistake in mistakes:
+            try:
+                if compare(mistake.fn(*_clone(case.args), **_clone(case.kwargs)), got) is None:
+                    extra = f"It looks like {mistake.explanation}."
+                    break
+            except Exception:  # a mistake that cannot run on this case simply does not match
+                continue
+        raise fail(k, case, problem, extra) from None
+    print(f"✓ Correct! {name} passed {len(cases)} cases.")
+    return True
+
+
+@dataclass
+class Checker:
+    """An exercise's checker: call it with the learner's function, ``check_add_noise(my_add_noise)``.
+
+    ``make_cases(generator)`` builds the inputs from a generator seeded with ``seed``; ``reference``
+    is a correct answer and ``mistakes`` plausible wrong ones (with an explanation each), used both
+    to explain a failure and, in the tests, as functions the checker must reject.
+    """
+
+    name: str
+    signature: str
+    doc: str
+    reference: Callable
+    make_cases: Callable[[torch.Generator], list[Case]]
+    hint: str
+    mistakes: tuple[Mistake, ...]
+    atol: float = 1e-5
+    rtol: float = 1e-4
+    seed: int = 0
+
+    def __post_init__(self):
+        self.__doc__ = f"Check your function ``{self.signature}``: {self.doc}\n\nHint when it fails: {self.hint}"
+
+    def cases(self) -> list[Case]:
+        return self.make_cases(torch.Generator().manual_seed(self.seed))
+
+    @property
+    def wrong_examples(self) -> list[Callable]:
+        return [m.fn for m in self.mistakes]
+
+    def __call__(self, fn: Callable) -> bool:
+        return check(fn, self.reference, self.cases(), name=self.name, hint=self.hint,
+                     mistakes=self.mistakes, atol=self.atol, rtol=self.rtol)
+
+    def __repr__(self) -> str:
+        return f"<exercise checker {self.name}: {self.signature}>"
+
+
+CHECKERS: dict[str, Checker] = {}
+
+
+def register(checker: Checker) -> Checker:
+    """Add a checker to :data:`CHECKERS` (so the tests cover it) and return it."""
+    if checker.name in CHECKERS:
+        raise ValueError(f"a checker named {checker.name} is already registered")
+    CHECKERS[checker.name] = checker
+    return checker
+
+
+# =================================================================================================
+# Checkers. Inputs are built from a seeded generator, so every learner gets the same cases.
+# =================================================================================================
+def _images(g: torch.Generator, *shape: int) -> torch.Tensor:
+    return torch.rand(shape, generator=g) * 2 - 1  # images in [-1, 1]
+
+
+def _bcast(per_sample: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return per_sample.reshape(-1, *([1] * (like.dim() - 1)))  # [B] → [B, 1, 1, 1]
+
+
+# ---- notebook 01: the forward process -----------------------------------------------------------
+def _forward_step_cases(g):
+    cases = []
+    for shape, beta in (((3, 8, 8), 1e-4), ((4, 3, 8, 8), 0.02), ((2, 4, 8, 8), 0.5), ((5,), 0.999)):
+        x = _images(g, *shape)
+        cases.append(Case(f"x_prev of shape {_shape(x)}, noise of the same shape, beta_t = {beta}",
+                          (x, torch.randn(shape, generator=g), torch.tensor(beta))))
+    return cases
+
+
+check_forward_step = register(Checker(
+    name="check_forward_step",
+    signature="fn(x_prev, noise, beta_t) -> x_t",
+    doc="one step of the forward chain, x_t = √(1−β_t)·x_{t−1} + √β_t·ε (DDPM, eq. 2). "
+        "``beta_t`` is a 0-d tensor (a single number), ``x_prev`` and ``noise`` have the same shape.",
+    reference=lambda x, noise, beta: (1 - beta).sqrt() * x + beta.sqrt() * noise,
+    make_cases=_forward_step_cases,
+    hint="x_t = √(1 − β_t) · x_prev + √β_t · noise: both coefficients are square roots, so that the variance stays 1.",
+    mistakes=(
+        Mistake(lambda x, noise, beta: (1 - beta) * x + beta * noise, "you forgot the square roots: the coefficients are √(1−β_t) and √β_t"),
+        Mistake(lambda x, noise, beta: x + beta.sqrt() * noise, "you added noise without shrinking x_prev by √(1−β_t), so the variance grows at every step"),
+        Mistake(lambda x, noise, beta: beta.sqrt() * x + (1 - beta).sqrt() * noise, "you swapped the two coefficients"),
+    ),
+))
+
+
+def _alphas_cumprod_cases(g):
+    return [
+        Case("betas of the linear schedule, T = 1000 (1e-4 → 0.02)", (make_betas("linear", 1000),)),
+        Case("betas of the cosine schedule, T = 50", (make_betas("cosine", 50),)),
+        Case("10 random betas between 0 and 0.5", (torch.rand(10, generator=g) * 0.5,)),
+        Case("a single beta, 0.3 (T = 1)", (torch.tensor([0.3]),)),
+    ]
+
+
+check_alphas_cumprod = register(Checker(
+    name="check_alphas_cumprod",
+    signature="fn(betas) -> alphas_cumprod",
+    doc="ᾱ_t = ∏_{s≤t} (1 − β_s) for every t, a tensor of the same shape [T] as ``betas`` (DDPM, eq. 4).",
+    reference=lambda betas: torch.cumprod(1 - betas, dim=0),
+    make_cases=_alphas_cumprod_cases,
+    hint="α_t = 1 − β_t, and ᾱ_t is the running product α_0·α_1·…·α_t: see torch.cumprod.",
+    mistakes=(
+        Mistake(lambda betas: torch.cumprod(betas, dim=0), "you multiplied the betas instead of the alphas α_t = 1 − β_t"),
+        Mistake(lambda betas: 1 - torch.cumprod(betas, dim=0), "you computed 1 − ∏β instead of ∏(1 − β)"),
+        Mistake(lambda betas: torch.cat([torch.ones(1), torch.cumprod(1 - betas, dim=0)[:-1]]),
+                "your product stops one step early: ᾱ_t includes α_t itself, so ᾱ_0 = α_0 = 1 − β_0"),
+        Mistake(lambda betas: 1 - torch.cumsum(betas, dim=0), "you subtracted the sum of the betas instead of multiplying the alphas"),
+    ),
+))
+
+
+def _add_noise_cases(g):
+    ac = make_betas("scaled_linear", 1000)
+    ac = torch.cumprod(1 - ac, dim=0)
+    cases = []
+    for shape, t in (((4, 3, 8, 8), [0, 10, 500, 999]), ((1, 3, 16, 16), [999]), ((3, 4, 8, 8), [250, 250, 750]),
+                     ((2, 3, 4, 4), [1, 998])):
+        x0 = _images(g, *shape)
+        cases.append(Case(f"x0 of shape {_shape(x0)}, noise of the same shape, t = {t}, "
+                          "alphas_cumprod of Stable Diffusion's schedule (T = 1000)",
+                          (x0, torch.randn(shape, generator=g), torch.tensor(t), ac)))
+    return cases
+
+
+def _add_noise_reference(x0, noise, t, alphas_cumprod):
+    a = _bcast(alphas_cumprod[t], x0)  # [B, 1, 1, 1]
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+check_add_noise = register(Checker(
+    name="check_add_noise",
+    signature="fn(x0, noise, t, alphas_cumprod) -> x_t",
+    doc="the closed form x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε (DDPM, eq. 4) for a batch: ``x0`` and ``noise`` are "
+        "[B, C, H, W], ``t`` a long tensor [B] of timesteps (one per image), ``alphas_cumprod`` the tensor [T].",
+    reference=_add_noise_reference,
+    make_cases=_add_noise_cases,
+    hint="take a = alphas_cumprod[t] (shape [B]), reshape it to [B, 1, 1, 1] so that it multiplies each image, "
+         "then return a.sqrt() * x0 + (1 - a).sqrt() * noise.",
+    mistakes=(
+        Mistake(lambda x0, noise, t, ac: _bcast(ac[t], x0) * x0 + (1 - _bcast(ac[t], x0)) * noise,
+                "you used ᾱ_t and 1 − ᾱ_t where their square roots belong"),
+        Mistake(lambda x0, noise, t, ac: (1 - _bcast(ac[t], x0)).sqrt() * x0 + _bcast(ac[t], x0).sqrt() * noise,
+                "you swapped the coefficients: x0 gets √ᾱ_t (large at small t), the noise gets √(1 − ᾱ_t)"),
+        Mistake(lambda x0, noise, t, ac: _add_noise_reference(x0, noise, t - 1, ac),
+                "you looked up alphas_cumprod[t − 1]: timesteps are 0-based indices, use alphas_cumprod[t]"),
+        Mistake(lambda x0, noise, t, ac: _add_noise_reference(x0, noise, t[:1].expand_as(t), ac),
+                "you used the first image's timestep for the whole batch: each image has its own t"),
+    ),
+))
+
+
+def _x0_from_noise_cases(g):
+    ac = torch.cumprod(1 - make_betas("scaled_linear", 1000), dim=0)
+    cases = []
+    for shape, t in (((4, 3, 8, 8), [0, 10, 500, 900]), ((2, 4, 8, 8), [300, 300]), ((1, 3, 16, 16), [999])):
+        x_t = torch.randn(shape, generator=g)
+        cases.append(Case(f"x_t of shape {_shape(x_t)}, noise of the same shape, t = {t}, "
+                          "alphas_cumprod of Stable Diffusion's schedule (T = 1000)",
+                          (x_t, torch.randn(shape, generator=g), torch.tensor(t), ac)))
+    return cases
+
+
+def _x0_from_noise_reference(x_t, noise, t, alphas_cumprod):
+    a = _bcast(alphas_cumprod[t], x_t)  # [B, 1, 1, 1]
+    return (x_t - (1 - a).sqrt() * noise) / a.sqrt()
+
+
+check_x0_from_noise = register(Checker(
+    name="check_x0_from_noise",
+    signature="fn(x_t, noise, t, alphas_cumprod) -> x0",
+    doc="undo the closed form: knowing the noise ε that was added, x0 = (x_t − √(1−ᾱ_t)·ε) / √ᾱ_t. "
+        "Shapes as in ``check_add_noise``. This is how a model that predicts ε gives a guess of the clean image.",
+    reference=_x0_from_noise_reference,
+    make_cases=_x0_from_noise_cases,
+    hint="solve x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε for x0, with ᾱ_t = alphas_cumprod[t] reshaped to [B, 1, 1, 1].",
+    mistakes=(
+        Mistake(lambda x_t, noise, t, ac: x_t - noise, "you subtracted the noise without its coefficient √(1−ᾱ_t) and without dividing by √ᾱ_t"),
+        Mistake(lambda x_t, noise, t, ac: (x_t - (1 - _bcast(ac[t], x_t)).sqrt() * noise) * _bcast(ac[t], x_t).sqrt(),
+                "you multiplied by √ᾱ_t where you should divide by it"),
+        Mistake(lambda x_t, noise, t, ac: (x_t - (1 - _bcast(ac[t], x_t)) * noise) / _bcast(ac[t], x_t),
+                "you used ᾱ_t and 1 − ᾱ_t where their square roots belong"),
+    ),
+    rtol=1e-4,
+    atol=1e-4,  # at t = 999, dividing by √ᾱ_t ≈ 0.07 magnifies float32 rounding
+))
+
+
+# ---- notebook 02: noise schedules ------------------------------------------------------------
+def _beta_range_cases(g):
+    return [Case(f"beta_start = {a}, beta_end = {b}, T = {T}", (a, b, T))
+            for a, b, T in ((1e-4, 0.02, 1000), (0.00085, 0.012, 1000), (0.001, 0.2, 10), (0.1, 0.3, 2))]
+
+
+check_linear_betas = register(Checker(
+    name="check_linear_betas",
+    signature="fn(beta_start, beta_end, T) -> betas",
+    doc="DDPM's linear schedule: T values of β evenly spaced from ``beta_start`` to ``beta_end``, both "
+        "included, as a float32 tensor [T] (Ho et al. 2020, §4).",
+    reference=lambda a, b, T: make_betas("linear", T, beta_start=a, beta_end=b),
+    make_cases=_beta_range_cases,
+    hint="torch.linspace(beta_start, beta_end, T) gives T evenly spaced values including both ends.",
+    mistakes=(
+        Mistake(lambda a, b, T: torch.linspace(b, a, T), "your schedule runs backwards: β must grow from beta_start to beta_end"),
+        Mistake(lambda a, b, T: torch.linspace(a, b, T + 1)[1:], "your values are spaced for T + 1 points and the first one is dropped"),
+        Mistake(lambda a, b, T: torch.linspace(a**0.5, b**0.5, T) ** 2, "you built the scaled-linear schedule (squares of evenly spaced √β)"),
+    ),
+    atol=1e-7,
+))
+
+check_scaled_linear_betas = register(Checker(
+    name="check_scaled_linear_betas",
+    signature="fn(beta_start, beta_end, T) -> betas",
+    doc="Stable Diffusion's scaled-linear schedule: √β evenly spaced from √beta_start to √beta_end, then "
+        "squared, as a float32 tensor [T].",
+    reference=lambda a, b, T: make_betas("scaled_linear", T, beta_start=a, beta_end=b),
+    make_cases=_beta_range_cases,
+    hint="space the square roots evenly, torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T), then square them.",
+    mistakes=(
+        Mistake(lambda a, b, T: torch.linspace(a, b, T), "you built the linear schedule: here it is √β that is evenly spaced"),
+        Mistake(lambda a, b, T: torch.linspace(a, b, T).sqrt(), "you took the square root of evenly spaced betas instead of squaring evenly spaced square roots"),
+        Mistake(lambda a, b, T: torch.linspace(a**2, b**2, T) ** 0.5, "you spaced β² evenly instead of √β"),
+    ),
+    atol=1e-7,
+))
+
+
+def _cosine_reference_f32(T: int, s: float = 0.008, max_beta: float = 0.999, squared: bool = True) -> torch.Tensor:
+    """A torch float32 version used to build the mistakes below (the reference is make_betas("cosine"))."""
+    u = torch.arange(T + 1, dtype=torch.float64) / T
+    f = torch.cos((u + s) / (1 + s) * math.pi / 2)
+    f = f**2 if squared else f
+    return (1 - f[1:] / f[:-1]).clamp(max=max_beta).float()
+
+
+check_cosine_betas = register(Checker(
+    name="check_cosine_betas",
+    signature="fn(T) -> betas",
+    doc="the cosine schedule of Nichol & Dhariwal 2021 (eq. 17): ᾱ(u) = cos²((u + s)/(1 + s) · π/2) with "
+        "s = 0.008 and u = t/T, and β_t = min(1 − ᾱ((t+1)/T) / ᾱ(t/T), 0.999) for t = 0 … T−1, a float32 tensor [T].",
+    reference=lambda T: make_betas("cosine", T),
+    make_cases=lambda g: [Case(f"T = {T}", (T,)) for T in (1000, 50, 4)],
+    hint="compute f = cos²((u + 0.008) / 1.008 · π/2) at u = 0, 1/T, …, 1 (T + 1 points), then β = 1 − f[1:] / f[:-1], "
+         "capped at 0.999 with .clamp(max=0.999).",
+    mistakes=(
+        Mistake(lambda T: _cosine_reference_f32(T, max_beta=1.0), "you did not cap β at 0.999: the last step would then be β = 1, which destroys everything"),
+        Mistake(lambda T: _cosine_reference_f32(T, s=0.0), "you left out the small offset s = 0.008, which keeps β tiny near t = 0"),
+        Mistake(lambda T: _cosine_reference_f32(T, squared=False), "you used cos instead of cos²"),
+    ),
+    atol=3e-4,  # float32 cosines near π/2 are only this precise; forgetting the cap is off by 1e-3
+    rtol=1e-4,
+))
+
+
+def _alphas_cumprod_inputs(g):
+    return [
+        Case("alphas_cumprod of Stable Diffusion's schedule (T = 1000)", (torch.cumprod(1 - make_betas("scaled_linear", 1000), 0),)),
+        Case("alphas_cumprod of the cosine schedule (T = 50)", (torch.cumprod(1 - make_betas("cosine", 50), 0),)),
+        Case("8 random values of ᾱ between 0.01 and 0.99", (torch.rand(8, generator=g) * 0.98 + 0.01,)),
+    ]
+
+
+check_snr = register(Checker(
+    name="check_snr",
+    signature="fn(alphas_cumprod) -> snr",
+    doc="the signal-to-noise ratio SNR_t = ᾱ_t / (1 − ᾱ_t) at every t (Kingma et al. 2021), a tensor [T].",
+    reference=lambda ac: ac / (1 - ac),
+    make_cases=_alphas_cumprod_inputs,
+    hint="x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε: the signal's power is ᾱ_t and the noise's is 1 − ᾱ_t; SNR is their ratio.",
+    mistakes=(
+        Mistake(lambda ac: (1 - ac) / ac, "you computed noise / signal: SNR is signal / noise, ᾱ_t / (1 − ᾱ_t)"),
+        Mistake(lambda ac: ac.sqrt() / (1 - ac).sqrt(), "you divided the amplitudes √ᾱ_t / √(1 − ᾱ_t): SNR is a ratio of powers (variances), without square roots"),
+        Mistake(lambda ac: ac, "you returned ᾱ_t itself"),
+    ),
+))
+
+check_log_snr = register(Checker(
+    name="check_log_snr",
+    signature="fn(alphas_cumprod) -> log_snr",
+    doc="log-SNR_t = log(ᾱ_t / (1 − ᾱ_t)), natural logarithm, a tensor [T]; it may be −inf where ᾱ_t = 0.",
+    reference=lambda ac: torch.log(ac) - torch.log1p(-ac),
+    make_cases=lambda g: _alphas_cumprod_inputs(g) + [
+        Case("alphas_cumprod of Stable Diffusion's schedule rescaled to zero terminal SNR (the last value is 0)",
+             (torch.cumprod(1 - rescale_zero_terminal_snr(make_betas("scaled_linear", 1000)), 0),)),
+    ],
+    hint="torch.log(ac / (1 - ac)), or more precisely torch.log(ac) - torch.log1p(-ac). At ᾱ_t = 0 the answer is −inf.",
+    mistakes=(
+        Mistake(lambda ac: torch.log10(ac / (1 - ac)), "you used log base 10: the log-SNR uses the natural logarithm, torch.log"),
+        Mistake(lambda ac: torch.log(ac.sqrt() / (1 - ac).sqrt()), "you took the log of the amplitude ratio √ᾱ/√(1−ᾱ), which is half the log-SNR"),
+        Mistake(lambda ac: torch.log(ac) / torch.log(1 - ac), "you divided the logarithms: log(a / b) is log a − log b"),
+    ),
+    atol=1e-4,
+))
+
+
+def _zero_snr_cases(g):
+    return [
+        Case("betas of Stable Diffusion's scaled-linear schedule, T = 1000", (make_betas("scaled_linear", 1000),)),
+        Case("betas of the linear schedule, T = 1000", (make_betas("linear", 1000),)),
+        Case("betas of the linear schedule, T = 20", (make_betas("linear", 20),)),
+    ]
+
+
+def _rescale_alpha_bar_not_sqrt(betas):
+    a = torch.cumprod(1 - betas, 0)
+    a = (a - a[-1]) * a[0] / (a[0] - a[-1])
+    return 1 - torch.cat([a[:1], a[1:] / a[:-1]])
+
+
+def _shift_without_scale(betas):
+    s = torch.cumprod(1 - betas, 0).sqrt()
+    a = (s - s[-1]) ** 2
+    return 1 - torch.cat([a[:1], a[1:] / a[:-1]])
+
+
+def _last_beta_to_one(betas):
+    betas = betas.clone()
+    betas[-1] = 1.0
+    return betas
+
+
+check_zero_terminal_snr = register(Checker(
+    name="check_zero_terminal_snr",
+    signature="fn(betas) -> rescaled_betas",
+    doc="Lin et al. 2023, Algorithm 1: shift √ᾱ_t so that its last value is 0, scale it so that its first value "
+        "is unchanged, square it back to ᾱ_t and recover β_t = 1 − ᾱ_t / ᾱ_{t−1} (β_0 = 1 − ᾱ_0). A tensor [T].",
+    reference=rescale_zero_terminal_snr,
+    make_cases=_zero_snr_cases,
+    hint="s = cumprod(1 − betas).sqrt(); s = (s − s[-1]) · s[0] / (s[0] − s[-1]); ᾱ = s²; α = ᾱ_t / ᾱ_{t−1} "
+         "(α_0 = ᾱ_0); return 1 − α.",
+    mistakes=(
+        Mistake(_last_beta_to_one, "you only set the last β to 1: ᾱ_T becomes 0, but SNR jumps there instead of the whole curve being rescaled"),
+        Mistake(_rescale_alpha_bar_not_sqrt, "you shifted and scaled ᾱ_t itself: the algorithm works on √ᾱ_t"),
+        Mistake(_shift_without_scale, "you shifted √ᾱ_t without scaling it back, so the first steps no longer keep their signal"),
+    ),
+    atol=1e-4,
+))

@@ -1,0 +1,278 @@
+"""Interactive explorers for the notebooks (ipywidgets + matplotlib).
+
+Each explorer is an ``ipywidgets.VBox``: put it last in a cell to display it. Its figure is drawn
+off-screen with matplotlib's Agg renderer and shown as a PNG in an ``ipywidgets.Image``, so it
+works with any matplotlib backend and needs no ``%matplotlib widget``. Moving a control calls
+``.update()``, which redraws; tests (and curious learners) can set a control's ``.value`` or call
+``.update()`` themselves and read the result from attributes such as ``.x_t`` or ``.schedule``.
+
+In a notebook under nbval, the cell that displays an explorer should carry ``# NBVAL_IGNORE_OUTPUT``:
+a widget's output is a model id that changes on every run.
+"""
+
+from __future__ import annotations
+
+import io
+
+import ipywidgets as widgets
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from sdlearn.plotting import to_image
+from sdlearn.schedules import (
+    _DEFAULT_RANGE,
+    SCHEDULE_NAMES,
+    NoiseSchedule,
+    make_betas,
+    rescale_zero_terminal_snr,
+)
+
+_PHOTO_SIZE = 96  # the default picture: the bundled photograph, resized to 96×96
+
+
+def _default_image() -> torch.Tensor:
+    from sdlearn.data import load_photo  # imported here: the explorers don't need the data module otherwise
+
+    return load_photo(_PHOTO_SIZE)
+
+
+def _check_image(image) -> torch.Tensor:
+    image = _default_image() if image is None else torch.as_tensor(image)
+    if image.dim() == 4 and image.shape[0] == 1:
+        image = image[0]
+    if image.dim() != 3 or image.shape[0] not in (1, 3):
+        raise ValueError(f"expected one image of shape [3, H, W] in [-1, 1], got shape {list(image.shape)}")
+    return image.detach().to("cpu", torch.float32)
+
+
+def _png(fig: Figure) -> bytes:
+    """Render a figure to PNG bytes with the Agg renderer (no pyplot, no display, nothing to close)."""
+    buffer = io.BytesIO()
+    FigureCanvasAgg(fig)
+    fig.savefig(buffer, format="png", dpi=80)
+    return buffer.getvalue()
+
+
+class ForwardNoisingExplorer(widgets.VBox):
+    """A t slider over x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε: the noised image, its pixel histogram against
+    N(0, 1), and where t sits on the √ᾱ_t / √(1−ᾱ_t) curves. "New noise" draws another ε.
+
+    Attributes: ``t_slider``, ``new_noise_button``, ``readout`` (an HTML line with ᾱ_t, the signal
+    and noise scales and the SNR), ``picture`` (the ``ipywidgets.Image`` showing ``figure``),
+    ``schedule``, ``x0``, ``noise`` and ``x_t`` (the tensors behind the current picture).
+    """
+
+    def __init__(self, image=None, schedule: NoiseSchedule | str | None = None, seed: int = 0, t: int | None = None):
+        if schedule is None or isinstance(schedule, str):
+            schedule = NoiseSchedule.from_name(schedule or "scaled_linear")
+        if not isinstance(schedule, NoiseSchedule):
+            raise ValueError(f"schedule must be a NoiseSchedule or a schedule name, got {type(schedule).__name__}")
+        self.schedule = schedule
+        self.x0 = _check_image(image)  # [3, H, W]
+        self.seed = seed
+        self.noise = torch.randn(self.x0.shape, generator=torch.Generator().manual_seed(seed))
+        T = len(schedule)
+        self.t_slider = widgets.IntSlider(value=T // 2 if t is None else t, min=0, max=T - 1, description="t",
+                                          continuous_update=True, layout=widgets.Layout(width="60%"))
+        self.new_noise_button = widgets.Button(description="New noise ε", tooltip="draw a different ε")
+        self.readout = widgets.HTML()
+        self.picture = widgets.Image(format="png")
+        super().__init__([widgets.HBox([self.t_slider, self.new_noise_button]), self.readout, self.picture])
+
+        self._build_figure()
+        self.t_slider.observe(lambda change: self.update(), names="value")
+        self.new_noise_button.on_click(lambda _: self.resample_noise())
+        self.update()
+
+    _BINS = np.linspace(-4, 4, 81)
+
+    def _build_figure(self) -> None:
+        """Lay the figure out once; :meth:`update` then only changes the image, the bars and the marker."""
+        self.figure = fig = Figure(figsize=(11, 3.2))
+        ax_img, ax_hist, ax_curve = fig.subplots(1, 3, gridspec_kw={"width_ratios": [1, 1.3, 1.3]})
+        self._image = ax_img.imshow(to_image(self.x0), interpolation="nearest")
+        self._image_title = ax_img.set_title("x_t", fontsize=9)
+        ax_img.axis("off")
+
+        bins = self._BINS
+        ax_hist.hist(self.x0.flatten().numpy(), bins=bins, density=True, alpha=0.35, color="gray", label="x₀ pixels")
+        self._bars = ax_hist.bar(bins[:-1], np.zeros(len(bins) - 1), width=np.diff(bins), align="edge",
+                                 alpha=0.6, color="C0", label="x_t pixels")
+        z = np.linspace(-4, 4, 200)
+        ax_hist.plot(z, np.exp(-z**2 / 2) / np.sqrt(2 * np.pi), color="C3", label="N(0, 1)")
+        ax_hist.set_title("pixel values: x_t drifts to N(0, 1)", fontsize=9)
+        ax_hist.legend(fontsize=7, loc="upper right")
+        self._hist_axes = ax_hist
+
+        steps = np.arange(len(self.schedule))
+        abar = self.schedule.alphas_cumprod.double().numpy()
+        ax_curve.plot(steps, np.sqrt(abar), label="√ᾱ_t (signal)")
+        ax_curve.plot(steps, np.sqrt(1 - abar), label="√(1−ᾱ_t) (noise)")
+        self._marker = ax_curve.axvline(0, color="k", linewidth=1)
+        ax_curve.set_xlabel("t")
+        ax_curve.set_title("how much signal and noise x_t holds", fontsize=9)
+        ax_curve.legend(fontsize=7)
+        fig.tight_layout()
+
+    def resample_noise(self) -> None:
+        """Draw a new ε (the next seed) and redraw."""
+        self.seed += 1
+        self.noise = torch.randn(self.x0.shape, generator=torch.Generator().manual_seed(self.seed))
+        self.update()
+
+    def update(self) -> None:
+        """Recompute x_t for the slider's t and redraw the picture and the readout."""
+        t = self.t_slider.value
+        a = self.schedule.alphas_cumprod[t].item()
+        self.x_t = self.schedule.add_noise(self.x0, self.noise, t)  # [3, H, W]
+        snr = a / (1 - a) if a < 1 else float("inf")
+        self.readout.value = (
+            f"t = {t} &nbsp;·&nbsp; ᾱ<sub>t</sub> = {a:.4f} &nbsp;·&nbsp; signal √ᾱ<sub>t</sub> = {a**0.5:.3f}"
+            f" &nbsp;·&nbsp; noise √(1−ᾱ<sub>t</sub>) = {(1 - a) ** 0.5:.3f} &nbsp;·&nbsp; SNR = {snr:.3g}"
+        )
+        self._image.set_data(to_image(self.x_t))
+        self._image_title.set_text(f"x_t at t = {t} (clipped to [-1, 1])")
+        density, _ = np.histogram(self.x_t.flatten().numpy(), bins=self._BINS, density=True)
+        for bar, height in zip(self._bars, density):
+            bar.set_height(height)
+        self._hist_axes.set_ylim(0, 1.15 * max(0.45, density.max()))
+        self._marker.set_xdata([t, t])
+        self.picture.value = _png(self.figure)
+
+
+def forward_noising_explorer(image=None, schedule: NoiseSchedule | str | None = None, seed: int = 0) -> ForwardNoisingExplorer:
+    """A t slider over the forward process of ``image`` (default: the bundled photo) under ``schedule``
+    (a :class:`NoiseSchedule` or a name; default Stable Diffusion's scaled-linear), with ε drawn from ``seed``."""
+    return ForwardNoisingExplorer(image, schedule, seed)
+
+
+class ScheduleExplorer(widgets.VBox):
+    """Choose a schedule (name, T, β range, zero-terminal SNR) and see ᾱ_t, log-SNR and the same image
+    noised at t = 0, T/4, T/2, 3T/4 and T−1, with Stable Diffusion's schedule dashed for comparison.
+
+    Controls: ``name``, ``num_steps``, ``beta_start``, ``beta_end``, ``zero_terminal_snr``; choosing a
+    name resets the β range to that schedule's defaults (cosine has none: its sliders are greyed). The current
+    :class:`NoiseSchedule` is ``.schedule``; ``.problems`` lists what is wrong with it in plain words
+    (see :meth:`NoiseSchedule.problems`), also shown under the controls. Settings that cannot make a
+    schedule at all (zero-terminal SNR of a schedule that is pure noise from the first step: 0/0) leave
+    ``.schedule`` None and say why in ``.readout`` and ``.problems`` instead of raising.
+    """
+
+    FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+    def __init__(self, image=None, seed: int = 0):
+        self.x0 = _check_image(image)  # [3, H, W]
+        self.noise = torch.randn(self.x0.shape, generator=torch.Generator().manual_seed(seed))
+        style = {"description_width": "90px"}
+        self.name = widgets.Dropdown(options=list(SCHEDULE_NAMES), value="scaled_linear", description="schedule", style=style)
+        self.num_steps = widgets.BoundedIntText(value=1000, min=2, max=5000, description="T", style=style)
+        self.beta_start = widgets.FloatLogSlider(value=0.00085, base=10, min=-5, max=0, step=0.05, readout_format=".2g",
+                                                 description="β start", continuous_update=False, style=style)
+        self.beta_end = widgets.FloatLogSlider(value=0.012, base=10, min=-5, max=0, step=0.05, readout_format=".2g",
+                                               description="β end", continuous_update=False, style=style)
+        self.zero_terminal_snr = widgets.Checkbox(value=False, description="zero terminal SNR (Lin et al. 2023)")
+        self.readout = widgets.HTML()
+        self.picture = widgets.Image(format="png")
+        controls = widgets.HBox([
+            widgets.VBox([self.name, self.num_steps]),
+            widgets.VBox([self.beta_start, self.beta_end]),
+            self.zero_terminal_snr,
+        ])
+        super().__init__([controls, self.readout, self.picture])
+        self.schedule: NoiseSchedule | None = None
+        self.problems: list[str] = []
+        self.figure: Figure | None = None
+        self._quiet = False  # True while the β sliders are reset, so that they trigger no redraw
+        self.name.observe(self._on_name, names="value")
+        for control in (self.num_steps, self.beta_start, self.beta_end, self.zero_terminal_snr):
+            control.observe(lambda change: self._quiet or self.update(), names="value")
+        self.update()
+
+    def _on_name(self, change) -> None:
+        """A new schedule name resets the β sliders to that schedule's defaults, then redraws once."""
+        start, end = _DEFAULT_RANGE[change["new"]]
+        if start is not None:
+            self._quiet = True
+            try:
+                self.beta_start.value, self.beta_end.value = start, end
+            finally:
+                self._quiet = False
+        self.update()
+
+    def _make_schedule(self) -> NoiseSchedule:
+        name, T = self.name.value, int(self.num_steps.value)
+        betas = make_betas(name, T, beta_start=self.beta_start.value, beta_end=self.beta_end.value)
+        if self.zero_terminal_snr.value:
+            betas = rescale_zero_terminal_snr(betas)
+        return NoiseSchedule(betas)
+
+    def update(self) -> None:
+        """Rebuild the schedule from the controls and redraw."""
+        cosine = self.name.value == "cosine"
+        self.beta_start.disabled = self.beta_end.disabled = cosine  # the cosine schedule has no β range
+        try:
+            schedule = self._make_schedule()
+        except ValueError as error:  # e.g. zero-terminal SNR of a schedule that is pure noise from t = 0 (0/0)
+            self.schedule, self.problems = None, [str(error)]
+            self.readout.value = f"<b style='color:#b00'>Cannot build this schedule:</b> {error}"
+            return
+        self.schedule = schedule
+        self.problems = schedule.problems()
+        T = len(schedule)
+        summary = f"{schedule!r}"
+        if self.problems:
+            items = "".join(f"<li>{p}</li>" for p in self.problems)
+            self.readout.value = f"{summary}<br><b style='color:#b00'>Problems:</b><ul>{items}</ul>"
+        else:
+            self.readout.value = f"{summary}<br><span style='color:#070'>No problems found.</span>"
+
+        if self.figure is None:
+            self._build_figure()
+        steps = np.arange(T)
+        reference = NoiseSchedule.from_name("scaled_linear", num_train_timesteps=T)
+        for k, s in enumerate((reference, schedule)):  # line 0: the reference, line 1: this schedule
+            a = s.alphas_cumprod.double()
+            self._abar_axes.lines[k].set_data(steps, a.numpy())
+            self._snr_axes.lines[k].set_data(steps, (a.log() - (-a).log1p()).numpy())  # −inf at ᾱ = 0 is not drawn
+        for ax in (self._abar_axes, self._snr_axes):
+            ax.relim()
+            ax.autoscale_view()
+
+        t = torch.tensor([round(f * (T - 1)) for f in self.FRACTIONS])  # [5]
+        x_t = schedule.add_noise(self.x0.expand(len(t), -1, -1, -1), self.noise.expand(len(t), -1, -1, -1), t)
+        for artist, tk, image in zip(self._images, t.tolist(), x_t):
+            artist.set_data(to_image(image))
+            artist.axes.set_title(f"t={tk}, ᾱ={schedule.alphas_cumprod[tk].item():.3g}", fontsize=8)
+        self.x_t = x_t  # [5, 3, H, W]
+        self.timesteps = t
+        self.picture.value = _png(self.figure)
+
+    def _build_figure(self) -> None:
+        """Lay the figure out once; :meth:`update` then only changes the lines, images and titles."""
+        self.figure = fig = Figure(figsize=(11, 5.2))
+        n = len(self.FRACTIONS)
+        grid = fig.add_gridspec(2, n, height_ratios=[1.25, 1])
+        self._abar_axes = fig.add_subplot(grid[0, : n // 2])
+        self._snr_axes = fig.add_subplot(grid[0, n // 2 :])
+        for ax, title in ((self._abar_axes, "ᾱ_t"), (self._snr_axes, "log-SNR_t = log(ᾱ_t / (1−ᾱ_t))")):
+            ax.plot([], [], color="gray", linestyle="--", label="SD scaled-linear")
+            ax.plot([], [], color="C0", label="this schedule")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("t")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        self._images = []
+        for k in range(n):
+            ax = fig.add_subplot(grid[1, k])
+            self._images.append(ax.imshow(to_image(self.x0), interpolation="nearest"))
+            ax.set_title("t", fontsize=8)
+            ax.axis("off")
+        fig.tight_layout()
+
+
+def schedule_explorer(image=None, seed: int = 0) -> ScheduleExplorer:
+    """Explore noise schedules: name, T, β range and zero-terminal SNR → ᾱ_t, log-SNR and ``image``
+    (default: the bundled photo) noised at five timesteps."""
+    return ScheduleExplorer(image, seed)

@@ -1,0 +1,376 @@
+"""Exercises: solution stripping, student copies, and the checkers (each must pass its reference, reject its mistakes)."""
+
+import math
+
+import nbformat
+import pytest
+import torch
+
+from sdlearn import exercises
+from sdlearn.exercises import (
+    CHECKERS,
+    STUB,
+    STUB_COMMENT,
+    Case,
+    ExerciseFailed,
+    ExerciseNotDone,
+    check,
+    find_solution_regions,
+    make_student_copy,
+    strip_solutions,
+    write_student_copies,
+)
+
+# -- strip_solutions --------------------------------------------------------------------------------
+CELL = '''import torch
+
+def add_noise(x0, noise, t, alphas_cumprod):
+    """Docstring stays."""
+    # BEGIN SOLUTION
+    a = alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+    # END SOLUTION
+
+# BEGIN SOLUTION
+secret_top_level = 42
+# END SOLUTION
+check_add_noise(add_noise)
+'''
+
+
+def test_strip_solutions_removes_every_solution_line_and_only_those():
+    out = strip_solutions(CELL)
+    for secret in ("alphas_cumprod[t].reshape", "a.sqrt() * x0", "secret_top_level", "BEGIN SOLUTION", "END SOLUTION"):
+        assert secret not in out
+    kept = ["import torch", "def add_noise(x0, noise, t, alphas_cumprod):", '    """Docstring stays."""',
+            "check_add_noise(add_noise)"]
+    for line in kept:
+        assert line in out.splitlines()
+    # stubs at the BEGIN marker's indentation: inside the function, and at top level
+    assert out.splitlines().count("    " + STUB) == 1 and out.splitlines().count(STUB) == 1
+    assert out.splitlines().count("    " + STUB_COMMENT) == 1 and out.splitlines().count(STUB_COMMENT) == 1
+    assert out.endswith("\n")
+    # the stubbed cell is valid Python, and the function now raises NotImplementedError
+    namespace = {"check_add_noise": lambda fn: None}
+    with pytest.raises(NotImplementedError):
+        exec(out, namespace)  # the top-level stub raises
+    function_part = out.split("# YOUR CODE HERE\nraise")[0]
+    exec(function_part, namespace)
+    with pytest.raises(NotImplementedError, match="Exercise: fill this in"):
+        namespace["add_noise"](None, None, None, None)
+
+
+def test_strip_solutions_leaves_cells_without_markers_unchanged():
+    source = "x = 1\n# a comment about solutions\nprint(x)"
+    assert strip_solutions(source) == source
+    assert find_solution_regions(CELL) == [(4, 7), (9, 11)]
+
+
+@pytest.mark.parametrize("source, words", [
+    ("# BEGIN SOLUTION\nx = 1\n", "never closed"),
+    ("x = 1\n# END SOLUTION\n", "without a '# BEGIN SOLUTION'"),
+    ("# BEGIN SOLUTION\n  # BEGIN SOLUTION\nx\n# END SOLUTION\n# END SOLUTION\n", "cannot nest"),
+    ("x = 1  # BEGIN SOLUTION\n", "alone on its line"),
+])
+def test_unbalanced_or_nested_markers_name_the_cell_and_line(source, words):
+    with pytest.raises(ValueError, match=words) as info:
+        strip_solutions(source, where="01_forward_noising.ipynb, cell 7")
+    assert "01_forward_noising.ipynb, cell 7, line" in str(info.value)
+
+
+# -- student copies ---------------------------------------------------------------------------------
+def _notebook(path, cells, minor=5):
+    nb = nbformat.v4.new_notebook()
+    nb.nbformat_minor = minor
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    for kind, source in cells:
+        if kind == "code":
+            cell = nbformat.v4.new_code_cell(source, execution_count=3,
+                                             outputs=[nbformat.v4.new_output("stream", text="secret output 42\n")])
+        else:
+            cell = nbformat.v4.new_markdown_cell(source)
+        if minor < 5:
+            cell.pop("id", None)
+        nb.cells.append(cell)
+    nbformat.write(nb, path)
+    return path
+
+
+CELLS = [
+    ("markdown", "# Forward noising\nSome maths."),
+    ("code", "import torch\nx = torch.ones(3)\nx"),
+    ("code", "def double(x):\n    # BEGIN SOLUTION\n    return 2 * x\n    # END SOLUTION"),
+    ("code", "check_double(double)"),
+    ("code", "print('after the exercise')"),
+]
+
+
+@pytest.mark.parametrize("minor", [4, 5])
+def test_make_student_copy_clears_outputs_stubs_solutions_and_tags_exercises(tmp_path, minor):
+    src = _notebook(tmp_path / "01_demo.ipynb", CELLS, minor)
+    dst = make_student_copy(src, tmp_path / "student.ipynb")
+    nb = nbformat.read(dst, as_version=4)
+    nbformat.validate(nb)
+    text = dst.read_text()
+    assert "secret output 42" not in text and "return 2 * x" not in text
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert all(c.outputs == [] and c.execution_count is None for c in code)
+    assert [c.source for c in code] == [
+        "import torch\nx = torch.ones(3)\nx",
+        f"def double(x):\n    {STUB_COMMENT}\n    {STUB}",
+        "check_double(double)",
+        "print('after the exercise')",
+    ]
+    tags = [c.metadata.get("tags", []) for c in code]
+    assert tags == [[], ["raises-exception"], ["raises-exception"], []]
+    # guidance inserted right before the first exercise, since the notebook had none
+    kinds = [c.cell_type for c in nb.cells]
+    assert kinds == ["markdown", "code", "markdown", "code", "code", "code"]
+    assert "How to check your answer" in nb.cells[2].source
+    # the source notebook is untouched
+    assert "return 2 * x" in src.read_text() and "secret output 42" in src.read_text()
+
+
+def test_only_exercise_and_checker_cells_are_tagged(tmp_path):
+    cells = [("code", "def check_mine(fn):\n    return fn(2) == 4"), ("code", "x = 1\nexercises.check_snr(my_snr)"),
+             ("code", "print('checking')")]
+    nb = nbformat.read(make_student_copy(_notebook(tmp_path / "03_demo.ipynb", cells), tmp_path / "s.ipynb"), as_version=4)
+    assert [c.metadata.get("tags", []) for c in nb.cells] == [[], ["raises-exception"], []]
+    assert len(nb.cells) == 3  # no exercise, so no guidance cell
+
+
+def test_existing_guidance_is_kept_not_duplicated(tmp_path):
+    cells = [("markdown", "## How to check your answer\nRun the check cell.")] + CELLS[1:]
+    dst = make_student_copy(_notebook(tmp_path / "02_demo.ipynb", cells), tmp_path / "s.ipynb")
+    nb = nbformat.read(dst, as_version=4)
+    assert sum("how to check your answer" in c.source.lower() for c in nb.cells) == 1
+
+
+def test_make_student_copy_refuses_to_overwrite_its_source(tmp_path):
+    src = _notebook(tmp_path / "01_demo.ipynb", CELLS)
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        make_student_copy(src, tmp_path / "." / "01_demo.ipynb")
+
+
+def test_broken_markers_in_a_notebook_name_the_notebook_and_cell(tmp_path):
+    course = tmp_path / "course"
+    course.mkdir()
+    _notebook(course / "01_a.ipynb", CELLS)
+    _notebook(course / "02_b.ipynb", CELLS[:2] + [("code", "# BEGIN SOLUTION\nx = 1")])
+    with pytest.raises(ValueError, match=r"02_b\.ipynb, cell 3, line 1"):
+        write_student_copies(tmp_path / "out", notebooks_dir=course)
+    assert not (tmp_path / "out").exists()  # nothing half-written
+
+
+@pytest.fixture
+def course(tmp_path):
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _notebook(folder / "01_first.ipynb", CELLS)
+    _notebook(folder / "02_second.ipynb", CELLS)
+    _notebook(folder / "scratch.ipynb", CELLS)  # not a course notebook (no NN_ prefix)
+    (folder / "notes.txt").write_text("not a notebook")
+    return folder
+
+
+def test_write_student_copies_writes_only_course_notebooks_in_order(tmp_path, course):
+    written = write_student_copies(tmp_path / "class", notebooks_dir=course)
+    assert [p.name for p in written] == ["01_first.ipynb", "02_second.ipynb"]
+    assert sorted(p.name for p in (tmp_path / "class").iterdir()) == ["01_first.ipynb", "02_second.ipynb"]
+    for path in written:
+        sources = [c.source for c in nbformat.read(path, as_version=4).cells]
+        assert any(STUB in s for s in sources) and not any("return 2 * x" in s for s in sources)
+
+
+def test_write_student_copies_refuses_a_non_empty_folder_unless_forced(tmp_path, course):
+    out = tmp_path / "class"
+    out.mkdir()
+    (out / "homework.txt").write_text("mine")
+    (out / "01_first.ipynb").write_text("old copy")
+    with pytest.raises(FileExistsError, match="not empty.*--force"):
+        write_student_copies(out, notebooks_dir=course)
+    assert (out / "01_first.ipynb").read_text() == "old copy"
+    written = write_student_copies(out, notebooks_dir=course, force=True)
+    assert len(written) == 2 and "NotImplementedError" in (out / "01_first.ipynb").read_text()
+    assert (out / "homework.txt").read_text() == "mine"  # other files are left alone
+    write_student_copies(tmp_path / "empty_is_fine", notebooks_dir=course)
+
+
+@pytest.mark.parametrize("inside", [".", "students", "students/deeper"])
+def test_write_student_copies_never_writes_into_the_course_folder(course, inside):
+    before = {p.name: p.read_bytes() for p in course.iterdir() if p.is_file()}
+    with pytest.raises(ValueError, match="course's own notebooks folder"):
+        write_student_copies(course / inside, notebooks_dir=course, force=True)
+    assert {p.name: p.read_bytes() for p in course.iterdir() if p.is_file()} == before
+    assert not (course / "students").exists()
+
+
+def test_write_student_copies_explains_missing_notebooks(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no notebooks folder"):
+        write_student_copies(tmp_path / "out", notebooks_dir=tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no NN_\*\.ipynb"):
+        write_student_copies(tmp_path / "out", notebooks_dir=tmp_path / "empty")
+
+
+def test_default_notebooks_dir_is_the_repositorys():
+    assert exercises.default_notebooks_dir().name == "notebooks"
+    assert (exercises.default_notebooks_dir().parent / "sdlearn" / "exercises.py").is_file()
+
+
+# -- the checker framework ----------------------------------------------------------------------------
+def _cases():
+    return [Case("x = [1, 2, 3]", (torch.tensor([1.0, 2.0, 3.0]),)), Case("x = [[0, 1], [2, 3]]", (torch.arange(4.0).reshape(2, 2),))]
+
+
+def _square(x):
+    return x**2
+
+
+def test_check_prints_success_and_returns_true(capsys):
+    assert check(lambda x: x * x, _square, _cases(), name="check_square") is True
+    assert "✓ Correct! check_square passed 2 cases." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("fn, case, words", [
+    (lambda x: None, 1, "is None: did you forget to `return`"),
+    (lambda x: (x**2).flatten(), 2, "expected shape [2, 2], your result has shape [4]"),
+    (lambda x: (x**2).long(), 1, "expected dtype torch.float32"),
+    (lambda x: (x**2).numpy(), 1, "expected a torch.Tensor, your result is a ndarray"),
+    (lambda x: x**2 / (x - 2) * (x - 2), 1, "1 NaN value(s) where the answer has none (the first at index (1), where 4 was expected)"),
+    (lambda x: x**2 + (x == 3), 1, "1 of 3 values differ; the largest difference is 1 at index (2): expected 9, got 10"),
+    (lambda x: x**2 + (x == 0), 2, "1 of 4 values differ; the largest difference is 1 at index (0, 0): expected 0, got 1"),
+    (lambda x: x.add_(0).pow_(2), 1, "changed its input number 1 in place"),
+])
+def test_check_explains_the_first_failing_case(fn, case, words):
+    with pytest.raises(ExerciseFailed) as info:
+        check(fn, _square, _cases(), name="check_square", hint="multiply x by itself")
+    message = str(info.value)
+    assert words in message
+    assert f"check_square: case {case} of 2 failed." in message
+    assert f"Inputs: {_cases()[case - 1].description}" in message and "Hint: multiply x by itself" in message
+
+
+def test_check_reports_the_learners_exception_and_chains_it():
+    def broken(x):
+        return x @ torch.ones(5)
+
+    with pytest.raises(ExerciseFailed, match=r"case 1 of 2 failed.*\n.*x = \[1, 2, 3\].*\n.*raised RuntimeError: ") as info:
+        check(broken, _square, _cases(), name="check_square")
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_an_unfinished_exercise_is_both_exercise_failed_and_not_implemented():
+    def stub(x):
+        raise NotImplementedError("Exercise: fill this in")
+
+    with pytest.raises(ExerciseNotDone, match="Replace the `raise NotImplementedError") as info:
+        check(stub, _square, _cases(), name="check_square")
+    assert isinstance(info.value, NotImplementedError) and isinstance(info.value, AssertionError)
+
+
+def test_check_explains_a_function_passed_by_its_result():
+    with pytest.raises(ExerciseFailed, match="Pass the function itself"):
+        check(torch.ones(3), _square, _cases(), name="check_square")
+
+
+def test_numbers_and_infinities_compare_sensibly(capsys):
+    cases = [Case("x = 0.5", (0.5,)), Case("x = 0", (0.0,))]
+    log_ref = lambda x: torch.log(torch.tensor([x]))  # −inf at 0
+    assert check(lambda x: torch.log(torch.tensor([x], dtype=torch.float64)), log_ref, cases, name="c")
+    with pytest.raises(ExerciseFailed, match="case 2 of 2.*\n.*\n.*largest difference is inf"):
+        check(lambda x: torch.log(torch.tensor([x + 1e-8])), log_ref, cases, name="c")
+    assert check(lambda x: math.sqrt(x), math.sqrt, cases, name="c")
+    with pytest.raises(ExerciseFailed, match="expected 0.707107, your result is 0.5"):
+        check(lambda x: x, math.sqrt, cases, name="c")
+
+
+# -- every registered checker ---------------------------------------------------------------------
+def test_the_checkers_of_notebooks_01_and_02_are_registered():
+    expected = {"check_forward_step", "check_alphas_cumprod", "check_add_noise", "check_x0_from_noise",
+                "check_linear_betas", "check_scaled_linear_betas", "check_cosine_betas", "check_snr",
+                "check_log_snr", "check_zero_terminal_snr"}
+    assert expected <= set(CHECKERS)
+    for name in CHECKERS:
+        assert getattr(exercises, name) is CHECKERS[name]
+        assert CHECKERS[name].signature in CHECKERS[name].__doc__
+
+
+@pytest.mark.parametrize("name", sorted(CHECKERS))
+def test_checker_passes_its_reference(name, capsys):
+    assert CHECKERS[name](CHECKERS[name].reference) is True
+    assert f"✓ Correct! {name} passed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name", sorted(CHECKERS))
+def test_checker_rejects_each_mistake_with_a_helpful_message(name):
+    checker = CHECKERS[name]
+    assert len(checker.mistakes) >= 2
+    descriptions = [case.description for case in checker.cases()]
+    for mistake in checker.mistakes:
+        with pytest.raises(ExerciseFailed) as info:
+            checker(mistake.fn)
+        message = str(info.value)
+        assert any(f"Inputs: {d}" in message for d in descriptions), message
+        assert "Problem: " in message and f"Hint: {checker.hint}" in message
+        assert f"It looks like {mistake.explanation}" in message
+
+
+@pytest.mark.parametrize("name", sorted(CHECKERS))
+def test_checker_rejects_a_function_that_returns_nothing(name):
+    with pytest.raises(ExerciseFailed, match="did you forget to `return`"):
+        CHECKERS[name](lambda *args: None)
+
+
+def _bcast(a, like):
+    return a.reshape(-1, *([1] * (like.dim() - 1)))
+
+
+# Correct answers written the way a learner might (other operations, float64, python floats),
+# which must pass: the tolerances must not reject honest floating-point differences.
+ALTERNATIVE_SOLUTIONS = {
+    "check_forward_step": lambda x, n, b: math.sqrt(1 - float(b)) * x + math.sqrt(float(b)) * n,
+    "check_alphas_cumprod": lambda betas: torch.exp(torch.cumsum(torch.log1p(-betas.double()), 0)),
+    "check_add_noise": lambda x0, n, t, ac: torch.sqrt(_bcast(ac[t], x0)) * x0 + torch.sqrt(1 - _bcast(ac[t], x0)) * n,
+    "check_x0_from_noise": lambda xt, n, t, ac: xt / _bcast(ac[t], xt).sqrt() - n * (1 / _bcast(ac[t], xt) - 1).sqrt(),
+    "check_linear_betas": lambda a, b, T: a + (b - a) * torch.arange(T) / (T - 1),
+    "check_scaled_linear_betas": lambda a, b, T: (a**0.5 + (b**0.5 - a**0.5) * torch.arange(T) / (T - 1)) ** 2,
+    "check_cosine_betas": lambda T: (1 - (lambda f: f[1:] / f[:-1])(
+        torch.cos((torch.arange(T + 1) / T + 0.008) / 1.008 * math.pi / 2) ** 2)).clamp(max=0.999),
+    "check_snr": lambda ac: 1 / (1 / ac - 1),
+    "check_log_snr": lambda ac: torch.log(ac / (1 - ac)),
+    "check_zero_terminal_snr": lambda betas: (lambda s: 1 - torch.cat([s[:1] ** 2, (s[1:] / s[:-1]) ** 2]))(
+        (lambda s: (s - s[-1]) / (s[0] - s[-1]) * s[0])(torch.cumprod(1 - betas.double(), 0).sqrt())),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ALTERNATIVE_SOLUTIONS))
+def test_checker_accepts_other_correct_ways_of_writing_it(name):
+    assert CHECKERS[name](ALTERNATIVE_SOLUTIONS[name])
+
+
+# -- a student copy, executed -----------------------------------------------------------------------
+def test_a_student_copy_runs_past_its_unfinished_exercises(tmp_path):
+    nbclient = pytest.importorskip("nbclient")
+    src = _notebook(tmp_path / "01_run.ipynb", [
+        ("code", "import torch\nfrom sdlearn.exercises import check_alphas_cumprod"),
+        ("code", "def my_alphas_cumprod(betas):\n    # BEGIN SOLUTION\n    return torch.cumprod(1 - betas, dim=0)\n    # END SOLUTION"),
+        ("code", "check_alphas_cumprod(my_alphas_cumprod)"),
+        ("code", "print('the rest of the notebook runs')"),
+    ])
+    dst = make_student_copy(src, tmp_path / "student.ipynb")
+
+    def run(path):
+        nb = nbformat.read(path, as_version=4)
+        nbclient.NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+        return [c for c in nb.cells if c.cell_type == "code"]
+
+    solved = run(src)
+    assert "✓ Correct! check_alphas_cumprod passed 4 cases." in solved[2].outputs[0]["text"]
+    assert not any(o.output_type == "error" for c in solved for o in c.outputs)
+
+    student = run(dst)  # would raise CellExecutionError without the raises-exception tag
+    errors = [(i, o.ename) for i, c in enumerate(student) for o in c.outputs if o.output_type == "error"]
+    assert errors == [(2, "ExerciseNotDone")]
+    assert "Replace the `raise NotImplementedError(...)` line" in student[2].outputs[0]["evalue"]
+    assert student[3].outputs[0]["text"] == "the rest of the notebook runs\n"

@@ -1,0 +1,97 @@
+"""The explorers: they build, respond to their controls, and show what the controls say."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import ipywidgets  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sdlearn.schedules import NoiseSchedule  # noqa: E402
+from sdlearn.widgets import forward_noising_explorer, schedule_explorer  # noqa: E402
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _image():
+    return torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+def test_forward_noising_explorer_follows_its_t_slider():
+    schedule = NoiseSchedule.from_name("linear", num_train_timesteps=200)
+    explorer = forward_noising_explorer(_image(), schedule, seed=1)
+    assert isinstance(explorer, ipywidgets.Widget)
+    assert explorer.t_slider.max == 199 and explorer.t_slider.value == 100
+    noise = torch.randn(3, 16, 16, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(explorer.x_t, schedule.add_noise(_image(), noise, 100))
+    first = bytes(explorer.picture.value)
+    assert first.startswith(PNG)
+
+    explorer.t_slider.value = 199
+    torch.testing.assert_close(explorer.x_t, schedule.add_noise(_image(), noise, 199))
+    assert bytes(explorer.picture.value).startswith(PNG) and bytes(explorer.picture.value) != first
+    a = schedule.alphas_cumprod[199].item()
+    assert "t = 199" in explorer.readout.value and f"{a:.4f}" in explorer.readout.value
+    assert f"{(1 - a) ** 0.5:.3f}" in explorer.readout.value
+
+    explorer.new_noise_button.click()
+    assert not torch.allclose(explorer.x_t, schedule.add_noise(_image(), noise, 199))
+    explorer.t_slider.value = 0
+    assert (explorer.x_t - _image()).abs().max() < 0.05  # t = 0 keeps the image
+
+
+def test_forward_noising_explorer_accepts_a_name_and_rejects_bad_input():
+    explorer = forward_noising_explorer(_image()[None], "cosine")
+    torch.testing.assert_close(explorer.schedule.betas, NoiseSchedule.from_name("cosine").betas)
+    with pytest.raises(ValueError, match=r"\[3, H, W\]"):
+        forward_noising_explorer(torch.zeros(2, 3, 8, 8))
+    with pytest.raises(ValueError, match="NoiseSchedule or a schedule name"):
+        forward_noising_explorer(_image(), schedule=[0.1, 0.2])
+    with pytest.raises(ValueError, match="unknown schedule"):
+        forward_noising_explorer(_image(), schedule="quadratic")
+
+
+def test_forward_noising_explorer_defaults_to_the_bundled_photo():
+    pytest.importorskip("sdlearn.data")
+    explorer = forward_noising_explorer()
+    assert explorer.x0.shape == (3, 96, 96) and bytes(explorer.picture.value).startswith(PNG)
+
+
+def test_schedule_explorer_rebuilds_the_schedule_from_its_controls():
+    explorer = schedule_explorer(_image())
+    assert isinstance(explorer, ipywidgets.Widget)
+    torch.testing.assert_close(explorer.schedule.betas, NoiseSchedule.from_name("scaled_linear").betas)
+    assert explorer.problems == [] and "No problems" in explorer.readout.value
+    first = bytes(explorer.picture.value)
+
+    explorer.name.value = "linear"  # resets the β range to the linear schedule's defaults
+    assert (explorer.beta_start.value, explorer.beta_end.value) == (1e-4, 0.02)
+    torch.testing.assert_close(explorer.schedule.betas, NoiseSchedule.from_name("linear").betas)
+    assert bytes(explorer.picture.value).startswith(PNG) and bytes(explorer.picture.value) != first
+
+    explorer.num_steps.value = 100
+    explorer.zero_terminal_snr.value = True
+    expected = NoiseSchedule.from_name("linear", num_train_timesteps=100, zero_terminal_snr=True)
+    torch.testing.assert_close(explorer.schedule.betas, expected.betas)
+    assert explorer.schedule.alphas_cumprod[-1] == 0
+    assert explorer.timesteps.tolist() == [0, 25, 50, 74, 99]
+    torch.testing.assert_close(explorer.x_t[-1], explorer.noise)  # zero terminal SNR: pure noise at t = T−1
+
+    explorer.name.value = "cosine"
+    assert explorer.beta_start.disabled and explorer.beta_end.disabled
+
+
+def test_schedule_explorer_explains_broken_schedules_instead_of_raising():
+    explorer = schedule_explorer(_image())
+    explorer.beta_start.value, explorer.beta_end.value = 0.5, 0.001  # starts large and runs backwards
+    assert any("β decreases" in p for p in explorer.problems)
+    assert any("first step already destroys" in p for p in explorer.problems)
+    assert "Problems:" in explorer.readout.value and "β decreases" in explorer.readout.value
+
+    explorer.beta_start.value = explorer.beta_end.value = 1.0  # pure noise from the first step
+    assert explorer.schedule is not None and explorer.schedule.alphas_cumprod[0] == 0
+    explorer.zero_terminal_snr.value = True  # cannot be rescaled: 0 / 0
+    assert explorer.schedule is None and "Cannot build this schedule" in explorer.readout.value
+    explorer.zero_terminal_snr.value = False
+    assert explorer.schedule is not None
