@@ -321,8 +321,10 @@ def check(
     and the ``hint``. ``compare(expected, got)`` may replace the default comparison, which allows
     ``atol + rtol·|expected|``; it returns a message when they differ and None when they agree.
     """
+    __tracebackhide__ = True  # IPython and pytest show the learner's frames, not the checker's
     if not callable(fn):
-        raise ExerciseFailed(f"{name}: expected your function, got {type(fn).__name__} {fn!r}. Pass the function itself, without calling it: {name}(my_function)")
+        raise ExerciseFailed(f"{name}: expected your function, got a {type(fn).__name__} ({repr(fn)[:60]}). "
+                             f"Pass the function itself, without calling it: {name}(my_function)")
     compare = compare or (lambda expected, got: _difference(expected, got, atol, rtol))
 
     def fail(k: int, case: Case, problem: str, extra: str = "", error_type=ExerciseFailed):
@@ -395,6 +397,7 @@ class Checker:
         return [m.fn for m in self.mistakes]
 
     def __call__(self, fn: Callable) -> bool:
+        __tracebackhide__ = True
         return check(fn, self.reference, self.cases(), name=self.name, hint=self.hint,
                      mistakes=self.mistakes, atol=self.atol, rtol=self.rtol)
 
@@ -501,8 +504,8 @@ check_add_noise = register(Checker(
         "[B, C, H, W], ``t`` a long tensor [B] of timesteps (one per image), ``alphas_cumprod`` the tensor [T].",
     reference=_add_noise_reference,
     make_cases=_add_noise_cases,
-    hint="take a = alphas_cumprod[t] (shape [B]), reshape it to [B, 1, 1, 1] so that it multiplies each image, "
-         "then return a.sqrt() * x0 + (1 - a).sqrt() * noise.",
+    hint="index alphas_cumprod with t to get one ᾱ_t per image (shape [B]), reshape it to [B, 1, 1, 1] so that "
+         "it multiplies whole images, and remember that both coefficients are square roots.",
     mistakes=(
         Mistake(lambda x0, noise, t, ac: _bcast(ac[t], x0) * x0 + (1 - _bcast(ac[t], x0)) * noise,
                 "you used ᾱ_t and 1 − ᾱ_t where their square roots belong"),
@@ -565,7 +568,7 @@ check_linear_betas = register(Checker(
         "included, as a float32 tensor [T] (Ho et al. 2020, §4).",
     reference=lambda a, b, T: make_betas("linear", T, beta_start=a, beta_end=b),
     make_cases=_beta_range_cases,
-    hint="torch.linspace(beta_start, beta_end, T) gives T evenly spaced values including both ends.",
+    hint="you need T evenly spaced values that include both ends: look at torch.linspace.",
     mistakes=(
         Mistake(lambda a, b, T: torch.linspace(b, a, T), "your schedule runs backwards: β must grow from beta_start to beta_end"),
         Mistake(lambda a, b, T: torch.linspace(a, b, T + 1)[1:], "your values are spaced for T + 1 points and the first one is dropped"),
@@ -581,7 +584,7 @@ check_scaled_linear_betas = register(Checker(
         "squared, as a float32 tensor [T].",
     reference=lambda a, b, T: make_betas("scaled_linear", T, beta_start=a, beta_end=b),
     make_cases=_beta_range_cases,
-    hint="space the square roots evenly, torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T), then square them.",
+    hint="space the square roots evenly from √beta_start to √beta_end (T values, both ends included), then square them.",
     mistakes=(
         Mistake(lambda a, b, T: torch.linspace(a, b, T), "you built the linear schedule: here it is √β that is evenly spaced"),
         Mistake(lambda a, b, T: torch.linspace(a, b, T).sqrt(), "you took the square root of evenly spaced betas instead of squaring evenly spaced square roots"),
