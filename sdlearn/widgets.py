@@ -277,3 +277,163 @@ def schedule_explorer(image=None, seed: int = 0) -> ScheduleExplorer:
     """Explore noise schedules: name, T, β range and zero-terminal SNR → ᾱ_t, log-SNR and ``image``
     (default: the bundled photo) noised at five timesteps."""
     return ScheduleExplorer(image, seed)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The sampler-step scrubber (notebooks 06 and 08)
+# ---------------------------------------------------------------------------------------------------
+class SamplerScrubber(widgets.VBox):
+    """Run a sampler once and scrub through its model evaluations with a slider: at each one, the
+    model's input x_t and the clean image x̂₀ it predicts there, and where the step sits on the noise
+    level curve √(1 − ᾱ_t). The last position shows the finished sample.
+
+    ``model_fn(x_t, t)`` is any model function that :func:`sdlearn.samplers.sample` accepts (a trained
+    denoiser, or an exact analytic one). All samplers start from the same noise (drawn from ``seed``,
+    or ``noise`` if given), so switching the ``sampler`` dropdown compares them on the same x_T; a
+    stochastic sampler's extra noise comes from a generator seeded with ``seed`` too. ``decode`` maps a
+    batch of states to images ``[B, 3, H, W]`` in [-1, 1] (a VAE's decoder for latents); without it the
+    states must be images themselves. At most ``max_images`` of the batch are shown.
+
+    Controls: ``sampler`` (dropdown of :data:`sdlearn.samplers.SAMPLER_NAMES`), ``steps`` (number of
+    inference steps; changing either re-runs the sampler), ``step`` (the evaluation shown). After a
+    run, ``frames`` holds one dict per model evaluation ``{"t", "x_t", "x0"}`` (float timestep, model
+    input, predicted x̂₀; all of the batch) plus a final one with ``t`` None and the sample as both
+    ``x_t`` and ``x0``; ``sample`` is the sampler's output, and ``x_t``/``x0`` are the frame on show.
+    """
+
+    def __init__(self, model_fn, schedule: NoiseSchedule, shape=None, *, noise: torch.Tensor | None = None,
+                 sampler: str = "ddim", num_inference_steps: int = 20, seed: int = 0, spacing: str = "leading",
+                 decode=None, max_images: int = 4):
+        from sdlearn import samplers as S  # the samplers module is only needed here
+
+        self._samplers = S
+        if not callable(model_fn):
+            raise ValueError(f"model_fn must be a function model_fn(x_t, t) -> prediction, got {type(model_fn).__name__}")
+        if not isinstance(schedule, NoiseSchedule):
+            raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+        if sampler not in S.SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(S.SAMPLER_NAMES)}")
+        if noise is None:
+            if shape is None:
+                raise ValueError("give the shape of the batch to sample, e.g. shape=(4, 3, 32, 32), or the starting noise")
+            noise = torch.randn(tuple(shape), generator=torch.Generator().manual_seed(seed))
+        elif shape is not None and tuple(shape) != tuple(noise.shape):
+            raise ValueError(f"noise has shape {tuple(noise.shape)} but shape={tuple(shape)}; give one or make them agree")
+        if not isinstance(max_images, int) or max_images < 1:
+            raise ValueError(f"max_images must be a positive whole number, got {max_images!r}")
+        self.model_fn, self.schedule, self.seed, self.spacing = model_fn, schedule, seed, spacing
+        self.noise = noise.detach().to("cpu", torch.float32)  # [B, ...], the shared x_T
+        self.decode = decode if decode is not None else (lambda x: x)
+        self.max_images = max_images
+
+        self.sampler = widgets.Dropdown(options=list(S.SAMPLER_NAMES), value=sampler, description="sampler")
+        self.steps = widgets.BoundedIntText(value=num_inference_steps, min=1, max=schedule.num_train_timesteps,
+                                            description="steps")
+        self.step = widgets.IntSlider(value=0, min=0, max=1, description="evaluation", continuous_update=True,
+                                      layout=widgets.Layout(width="60%"))
+        self.readout = widgets.HTML()
+        self.picture = widgets.Image(format="png")
+        super().__init__([widgets.HBox([self.sampler, self.steps]), self.step, self.readout, self.picture])
+        self.figure: Figure | None = None
+        self._quiet = False
+        self.sampler.observe(lambda change: self.run(), names="value")
+        self.steps.observe(lambda change: self.run(), names="value")
+        self.step.observe(lambda change: self._quiet or self.update(), names="value")
+        self.run()
+
+    def run(self) -> None:
+        """Sample anew with the chosen sampler and number of steps, recording every model evaluation."""
+        S = self._samplers
+        sampler = S.get_sampler(self.sampler.value, self.schedule)
+        frames: list[dict] = []
+
+        def recording_model(x_t, t):
+            frames.append({"t": float(t), "x_t": x_t.detach().clone()})
+            return self.model_fn(x_t, t)
+
+        def record_x0(i, t, x, x0):
+            frames[-1]["x0"] = x0.detach().clone()
+
+        with torch.no_grad():
+            self.sample = S.sample(recording_model, sampler, self.noise.shape, int(self.steps.value),
+                                   generator=torch.Generator().manual_seed(self.seed), progress=False,
+                                   callback=record_x0, spacing=self.spacing, noise=self.noise)
+        frames.append({"t": None, "x_t": self.sample, "x0": self.sample})
+        self.frames = frames
+        self._images = {}  # frame index → (x_t images, x̂₀ images), decoded once
+        alpha_bars = S.alpha_bar_at(self.schedule, torch.tensor([f["t"] for f in frames[:-1]]))  # [n] float64
+        self._noise_levels = np.append((1 - alpha_bars).sqrt().numpy(), 0.0)  # [n + 1]
+        self._build_figure()
+        at_end = self.step.value == self.step.max
+        self._quiet = True  # the slider changes below redraw nothing: update() follows once
+        try:
+            self.step.max = len(frames) - 1  # also clamps the value
+            if at_end:
+                self.step.value = self.step.max
+        finally:
+            self._quiet = False
+        self.update()
+
+    def _decoded(self, k: int):
+        if k not in self._images:
+            frame = self.frames[k]
+            with torch.no_grad():
+                pair = tuple(self.decode(frame[key][: self.max_images]) for key in ("x_t", "x0"))
+            for images in pair:
+                if images.dim() != 4 or images.shape[1] not in (1, 3):
+                    raise ValueError(f"expected images of shape [B, 3, H, W] to show, got {list(images.shape)}; "
+                                     "pass decode= to turn states (e.g. latents) into images")
+            self._images[k] = pair
+        return self._images[k]
+
+    def _build_figure(self) -> None:
+        n = min(self.max_images, self.noise.shape[0])
+        self.figure = fig = Figure(figsize=(1.6 * n + 3.6, 3.6))
+        grid = fig.add_gridspec(2, n + 1, width_ratios=[1] * n + [2.2])
+        self._x_t_artists, self._x0_artists = [], []
+        for row, artists, label in ((0, self._x_t_artists, "x_t (model input)"), (1, self._x0_artists, "predicted x̂₀")):
+            for j in range(n):
+                ax = fig.add_subplot(grid[row, j])
+                artists.append(ax.imshow(np.zeros((2, 2, 3)), interpolation="nearest"))
+                ax.set_xticks([])
+                ax.set_yticks([])
+                if j == 0:
+                    ax.set_ylabel(label, fontsize=8)
+        ax = fig.add_subplot(grid[:, n])
+        ax.plot(np.arange(len(self._noise_levels)), self._noise_levels, marker=".", color="C0")
+        self._marker = ax.axvline(0, color="C3")
+        ax.set_xlabel("model evaluation", fontsize=8)
+        ax.set_title("noise level √(1−ᾱ_t)", fontsize=9)
+        ax.set_ylim(-0.03, 1.03)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+
+    def update(self) -> None:
+        """Show the frame the ``step`` slider points at."""
+        k = min(self.step.value, len(self.frames) - 1)
+        frame = self.frames[k]
+        self.x_t, self.x0 = frame["x_t"], frame["x0"]
+        x_t_images, x0_images = self._decoded(k)
+        for artist, image in zip(self._x_t_artists, x_t_images):
+            artist.set_data(to_image(image))
+        for artist, image in zip(self._x0_artists, x0_images):
+            artist.set_data(to_image(image))
+        self._marker.set_xdata([k, k])
+        n = len(self.frames) - 1
+        if frame["t"] is None:
+            self.readout.value = f"<b>{self.sampler.value}</b>, {self.steps.value} steps: the finished sample after {n} model evaluations"
+        else:
+            a = self._samplers.alpha_bar_at(self.schedule, frame["t"]).item()
+            self.readout.value = (f"<b>{self.sampler.value}</b>, {self.steps.value} steps: model evaluation {k + 1} of {n}"
+                                  f" &nbsp;·&nbsp; t = {frame['t']:.4g} &nbsp;·&nbsp; ᾱ<sub>t</sub> = {a:.4f}"
+                                  f" &nbsp;·&nbsp; noise √(1−ᾱ<sub>t</sub>) = {(1 - a) ** 0.5:.3f}")
+        self.picture.value = _png(self.figure)
+
+
+def sampler_scrubber(model_fn, schedule: NoiseSchedule, shape=None, *, noise: torch.Tensor | None = None,
+                     sampler: str = "ddim", num_inference_steps: int = 20, seed: int = 0, spacing: str = "leading",
+                     decode=None, max_images: int = 4) -> SamplerScrubber:
+    """A slider over one sampling run of ``model_fn``: x_t and the predicted x̂₀ at every model evaluation
+    (see :class:`SamplerScrubber`). ``shape`` (e.g. ``(4, 3, 32, 32)``) or ``noise`` gives the batch."""
+    return SamplerScrubber(model_fn, schedule, shape, noise=noise, sampler=sampler, num_inference_steps=num_inference_steps,
+                           seed=seed, spacing=spacing, decode=decode, max_images=max_images)

@@ -95,3 +95,56 @@ def test_schedule_explorer_explains_broken_schedules_instead_of_raising():
     assert explorer.schedule is None and "Cannot build this schedule" in explorer.readout.value
     explorer.zero_terminal_snr.value = False
     assert explorer.schedule is not None
+
+
+# -- the sampler scrubber ------------------------------------------------------------------------------
+def test_sampler_scrubber_records_every_model_evaluation_and_follows_its_controls():
+    from sdlearn.samplers import DDIMSampler, GaussianDataModel, sample
+    from sdlearn.widgets import sampler_scrubber
+
+    schedule = NoiseSchedule.from_name("scaled_linear")
+    model = GaussianDataModel(schedule, mean=_image()[:, :8, :8], std=0.05)  # data: one 8×8 image, slightly blurred
+    noise = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    scrubber = sampler_scrubber(model, schedule, noise=noise, sampler="ddim", num_inference_steps=10, max_images=2)
+    assert isinstance(scrubber, ipywidgets.Widget)
+    assert len(scrubber.frames) == 11 and scrubber.step.max == 10 and scrubber.step.value == 0
+    torch.testing.assert_close(scrubber.x_t, noise)  # the first model input is x_T itself
+    expected = sample(model, DDIMSampler(schedule), noise.shape, 10, progress=False, noise=noise)
+    torch.testing.assert_close(scrubber.sample, expected)
+    assert [f["t"] for f in scrubber.frames[:-1]] == [float(t) for t in range(900, -1, -100)]
+    first = bytes(scrubber.picture.value)
+    assert first.startswith(PNG) and "model evaluation 1 of 10" in scrubber.readout.value and "t = 900" in scrubber.readout.value
+
+    scrubber.step.value = 5  # x_t and the x̂₀ predicted from it, at the 6th evaluation (t = 400)
+    torch.testing.assert_close(scrubber.x0, model.x0(scrubber.x_t, 400))
+    assert "t = 400" in scrubber.readout.value and bytes(scrubber.picture.value) != first
+    scrubber.step.value = 10
+    torch.testing.assert_close(scrubber.x0, expected)
+    assert "finished sample" in scrubber.readout.value
+    assert (scrubber.x0 - model.mean.float()).abs().max() < 0.3  # 10 DDIM steps land near the image
+
+    scrubber.sampler.value = "heun"  # 2N − 1 evaluations, same starting noise, slider kept at the end
+    assert len(scrubber.frames) == 20 and scrubber.step.max == 19 and scrubber.step.value == 19
+    scrubber.step.value = 0
+    torch.testing.assert_close(scrubber.x_t, noise)  # Heun's model input x/√(σ²+1) is the same x_T
+    scrubber.steps.value = 3
+    assert len(scrubber.frames) == 6 and scrubber.step.value == 0
+
+
+def test_sampler_scrubber_rejects_bad_input():
+    from sdlearn.samplers import GaussianDataModel
+    from sdlearn.widgets import sampler_scrubber
+
+    schedule = NoiseSchedule.from_name("scaled_linear")
+    model = GaussianDataModel(schedule)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        sampler_scrubber(model, schedule, (1, 3, 4, 4), sampler="plms")
+    with pytest.raises(ValueError, match="give the shape"):
+        sampler_scrubber(model, schedule)
+    with pytest.raises(ValueError, match="model_fn must be a function"):
+        sampler_scrubber(None, schedule, (1, 3, 4, 4))
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        sampler_scrubber(model, schedule, (2, 16), num_inference_steps=2)  # not images, and no decode
+    scrubber = sampler_scrubber(model, schedule, (2, 16), num_inference_steps=2,
+                                decode=lambda x: x.reshape(-1, 1, 4, 4))  # decode turns states into images
+    assert len(scrubber.frames) == 3
