@@ -312,8 +312,12 @@ def check(
     atol: float = 1e-5,
     rtol: float = 1e-4,
     compare: Callable[[Any, Any], str | None] | None = None,
-) -> bool:
-    """Run ``fn`` and ``reference`` on every case; print ``✓ Correct!`` and return True if all agree.
+) -> None:
+    """Run ``fn`` and ``reference`` on every case; print ``✓ Correct!`` if all agree.
+
+    It returns None, so that a checker call as the last line of a notebook cell shows only the
+    printed line (a returned True would be displayed too, and a trailing ``;`` does not hide it
+    under nbval).
 
     On the first disagreement raise :class:`ExerciseFailed` saying which case (its description),
     what went wrong (an exception and its message, a missing ``return``, a shape or dtype, NaNs, the
@@ -363,7 +367,7 @@ def check(
                 continue
         raise fail(k, case, problem, extra) from None
     print(f"✓ Correct! {name} passed {len(cases)} cases.")
-    return True
+    return None
 
 
 @dataclass
@@ -396,7 +400,7 @@ class Checker:
     def wrong_examples(self) -> list[Callable]:
         return [m.fn for m in self.mistakes]
 
-    def __call__(self, fn: Callable) -> bool:
+    def __call__(self, fn: Callable) -> None:
         __tracebackhide__ = True
         return check(fn, self.reference, self.cases(), name=self.name, hint=self.hint,
                      mistakes=self.mistakes, atol=self.atol, rtol=self.rtol)
