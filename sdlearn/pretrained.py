@@ -1,0 +1,64 @@
+"""Loading the shipped weights (``sdlearn/weights/``): safetensors + JSON, no network, no pickle.
+
+Each model is a pair ``NAME.safetensors`` (its tensors) + ``NAME.json`` (``"kind"``, its
+``"model_config"`` and notes on how it was trained), written by
+:func:`sdlearn.training.save_checkpoint`. ``sdlearn/weights/README.md`` says how each was trained.
+
+Adding a model is one line on top of :func:`load_module`:
+
+    def load_denoiser(path=None, device="cpu"):
+        return load_module(Denoiser, DenoiserConfig, "denoiser", path, device)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from sdlearn.training import CheckpointError, checkpoint_paths, load_checkpoint, load_module_state
+from sdlearn.vae import VAE, VAEConfig
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+
+
+def weights_path(name: str, path: str | os.PathLike | None = None) -> Path:
+    """Where ``NAME.safetensors`` is: ``path`` may be None (the shipped weights), a folder holding
+    ``NAME.safetensors``, or the file (``.safetensors`` / ``.json``) or its stem."""
+    if path is None:
+        return WEIGHTS_DIR / f"{name}.safetensors"
+    path = Path(path)
+    if path.is_dir():
+        return path / f"{name}.safetensors"
+    return checkpoint_paths(path)[0]
+
+
+def load_module(cls, config_cls, name: str, path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """Build ``cls(config_cls.from_dict(json["model_config"]))``, load its weights, move it to ``device``
+    and put it in eval mode; ``model.training_info`` holds the JSON's notes on its training. A missing, damaged or mismatched file raises :class:`CheckpointError`
+    (a ``ValueError``) naming the file and what is wrong."""
+    st_path = weights_path(name, path)
+    if not st_path.is_file() and path is None:
+        raise CheckpointError(
+            f"shipped weights {str(st_path)!r} not found; is sdlearn installed from a full checkout? "
+            f"Train them with `python -m sdlearn train {name}`"
+        )
+    tensors, info = load_checkpoint(st_path)
+    if info.get("kind") != name:
+        raise CheckpointError(f"{str(st_path)!r} holds a {info.get('kind')!r} model, not a {name!r}")
+    try:
+        config = config_cls.from_dict(info["model_config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{str(checkpoint_paths(st_path)[1])!r} has no valid model_config: {e}") from None
+    model = cls(config)
+    load_module_state(model, tensors, st_path)
+    model.training_info = info.get("training", {})  # how these weights were made (command, time, metrics)
+    return model.to(torch.device(device)).eval()
+
+
+def load_vae(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> VAE:
+    """The VAE, in eval mode: the shipped one (``sdlearn/weights/vae.*``), or one written by
+    ``python -m sdlearn train vae --out DIR`` when ``path`` is that folder or its ``vae.safetensors``."""
+    return load_module(VAE, VAEConfig, "vae", path, device)

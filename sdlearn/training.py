@@ -1,0 +1,771 @@
+"""One training loop for every model of the course, with EMA, checkpoints and a divergence guard.
+
+The VAE (notebook 03), the text encoder (07) and the denoiser (05) all train through :func:`train`:
+
+    result = train(model, loss_fn, batch_fn, lr=1e-3, max_steps=2000, checkpoint_dir="runs/x")
+
+- ``batch_fn(step) -> batch`` makes the batch of a given step (tensors, or tuples/dicts of them; they
+  are moved to the model's device). Making it a pure function of ``step`` — e.g. a generator seeded
+  by the step — is what lets a resumed run repeat an uninterrupted one exactly.
+- ``loss_fn(model, batch, step) -> loss`` or ``(loss, logs)`` with ``logs`` a dict of floats.
+
+Behaviour (decisions, written down):
+
+- **Budgets** ``max_steps`` and ``max_minutes`` count the whole run, across resumes: resuming a run
+  that was stopped after 4 of its 10 minutes trains 6 more. Whichever is reached first stops it.
+- **Learning rate**: AdamW by default; ``warmup_steps`` of linear warm-up, then ``lr_schedule``
+  ("constant" or "cosine", or a function of the run's progress in [0, 1] returning a factor).
+  Progress is ``step / max_steps``, or the elapsed fraction of ``max_minutes`` when only a time budget
+  is given (time-based progress is, of course, not exactly reproducible).
+- **EMA** (``ema_decay``): an exponential moving average of the weights, θ̄ ← d·θ̄ + (1 − d)·θ
+  (Polyak & Juditsky 1992), kept beside the raw weights; ``result.ema.copy_to(model)`` uses it.
+- **Checkpoints** every ``checkpoint_every`` steps and at the end, into ``checkpoint_dir``: model,
+  EMA, optimizer state, step, elapsed time, loss history and the torch RNG states, so that resuming
+  (``resume=True``, the default, when a checkpoint exists) continues bit-for-bit on the same machine.
+- **Divergence guard**: a non-finite loss or gradient norm stops training *before* the weights are
+  updated and raises :class:`NonFiniteLossError` naming the step and the last good checkpoint, which
+  is left untouched. We raise rather than return: a NaN run must not flow on into saved weights.
+
+Checkpoint files are a ``NAME.safetensors`` (every tensor) plus a ``NAME.json`` (config and scalars,
+the format version, and each tensor's name, dtype and shape), both written atomically: to a temporary
+file in the same folder, flushed and fsync'ed, then ``os.replace``d over the old one, so an
+interrupted save leaves the previous checkpoint whole. Loading never unpickles (no ``torch.load``):
+:func:`load_checkpoint` reads safetensors and JSON only, and reports damaged or mismatched files as
+:class:`CheckpointError` naming the file and what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shlex
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+FORMAT = "sdlearn"
+FORMAT_VERSION = 1
+_RESERVED_KEYS = ("format", "format_version", "save_id", "tensors")
+_EMBEDDED_KEY = "sdlearn_json"  # safetensors metadata entry holding a copy of the JSON document
+
+
+class CheckpointError(ValueError):
+    """A checkpoint or weights file is missing, damaged, or does not match the model."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training stopped because the loss (or the gradient norm) became inf or NaN.
+
+    Attributes: ``step`` (the step whose update was skipped), ``checkpoint`` (the last good checkpoint's
+    path, or None) and ``result`` (the :class:`TrainResult` up to that step)."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None, result: TrainResult):
+        super().__init__(message)
+        self.step, self.checkpoint, self.result = step, checkpoint, result
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"`` → cuda if available, else mps, else cpu; anything else is checked and returned."""
+    if isinstance(device, torch.device):
+        return device
+    if not isinstance(device, str):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'mps', got {device!r}")
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; expected 'auto', 'cpu', 'cuda' or 'mps'") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu or auto")
+    if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError(f"device {device!r} asked for, but MPS is not available here; use --device cpu or auto")
+    return resolved
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoint files: NAME.safetensors + NAME.json, written atomically, read without unpickling
+
+
+def checkpoint_paths(path: str | os.PathLike) -> tuple[Path, Path]:
+    """``"dir/name"``, ``"dir/name.safetensors"`` or ``"dir/name.json"`` → the two files of that checkpoint."""
+    path = Path(path)
+    stem = path.with_suffix("") if path.suffix in (".safetensors", ".json") else path
+    return stem.with_name(stem.name + ".safetensors"), stem.with_name(stem.name + ".json")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is always either the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (POSIX); not possible on every platform
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def save_checkpoint(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:
+    """Write ``tensors`` to ``PATH.safetensors`` and ``config`` (JSON-serialisable) to ``PATH.json``, atomically.
+
+    The JSON also records the format version, each tensor's dtype and shape, and a ``save_id`` shared with
+    the safetensors header, so that files from two different saves are never silently mixed. Returns the
+    safetensors path."""
+    from safetensors.torch import save as safetensors_bytes
+
+    st_path, json_path = checkpoint_paths(path)
+    clash = [k for k in _RESERVED_KEYS if k in config]
+    if clash:
+        raise ValueError(f"config keys {clash} are reserved by the checkpoint format")
+    st_path.parent.mkdir(parents=True, exist_ok=True)
+    save_id = uuid.uuid4().hex
+    tensors = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    document = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **config,
+        "save_id": save_id,
+        "tensors": {name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)} for name, t in tensors.items()},
+    }
+    text = json.dumps(document, indent=1, allow_nan=False) + "\n"  # fails early if config is not JSON
+    # The safetensors header carries a copy of the JSON, so the weights file alone is a complete checkpoint:
+    # if a save is interrupted between the two renames below, loading still finds one consistent pair.
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "save_id": save_id, _EMBEDDED_KEY: text}
+    _atomic_write_bytes(st_path, safetensors_bytes(tensors, metadata=metadata))
+    _atomic_write_bytes(json_path, text.encode("utf-8"))
+    return st_path
+
+
+def _parse_document(text: str, where: str) -> dict:
+    try:
+        document = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{where} is not valid JSON ({e}); the file is damaged") from None
+    if not isinstance(document, dict) or document.get("format") != FORMAT or not isinstance(document.get("tensors"), dict):
+        raise CheckpointError(f"{where} is not an sdlearn checkpoint config (it lacks 'format': 'sdlearn' and 'tensors')")
+    version = document.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{where} has format_version {version!r}; this sdlearn reads version {FORMAT_VERSION}")
+    return document
+
+
+def read_checkpoint_config(path: str | os.PathLike) -> dict:
+    """The JSON half of a checkpoint (format fields included), checked to be a readable sdlearn document."""
+    _, json_path = checkpoint_paths(path)
+    if not json_path.is_file():
+        raise CheckpointError(f"checkpoint config {str(json_path)!r} not found")
+    try:
+        text = json_path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{str(json_path)!r} is not text ({e}); the file is damaged") from None
+    return _parse_document(text, repr(str(json_path)))
+
+
+def _read_safetensors(st_path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata of a safetensors file, or a CheckpointError naming it."""
+    from safetensors.torch import load as safetensors_load
+
+    if not st_path.is_file():
+        raise CheckpointError(f"checkpoint weights {str(st_path)!r} not found")
+    data = st_path.read_bytes()
+    try:
+        if len(data) < 8:
+            raise ValueError(f"only {len(data)} bytes")
+        header_len = int.from_bytes(data[:8], "little")
+        if header_len > len(data) - 8:
+            raise ValueError(f"the header claims {header_len} bytes but the file has {len(data)}")
+        header = json.loads(data[8 : 8 + header_len])
+        tensors = safetensors_load(data)
+    except Exception as e:  # safetensors raises several types (SafetensorError, ValueError, ...) on bad bytes
+        raise CheckpointError(f"{str(st_path)!r} is not a readable safetensors file (truncated or damaged?): {e}") from None
+    return tensors, (header.get("__metadata__") or {})
+
+
+def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a checkpoint written by :func:`save_checkpoint` → ``(tensors, config)``.
+
+    Never unpickles. Raises :class:`CheckpointError` naming the file when the safetensors file is missing,
+    truncated or not safetensors at all, or holds other tensors than its config lists. When the ``.json`` is
+    missing, damaged or from another save (a save interrupted between its two renames), the copy of it
+    inside the safetensors header is used instead, with a warning."""
+    st_path, json_path = checkpoint_paths(path)
+    tensors, metadata = _read_safetensors(st_path)
+    problem = None
+    try:
+        document = read_checkpoint_config(path)
+        if document.get("save_id") != metadata.get("save_id"):
+            problem = f"{str(json_path)!r} comes from another save than {str(st_path)!r}"
+    except CheckpointError as e:
+        problem = str(e)
+    if problem is not None:
+        if _EMBEDDED_KEY not in metadata:
+            raise CheckpointError(problem)
+        document = _parse_document(metadata[_EMBEDDED_KEY], f"the config stored in {str(st_path)!r}")
+        warnings.warn(f"{problem}; using the copy of the config stored in {str(st_path)!r}", stacklevel=2)
+    listed = {name: tuple(spec["shape"]) for name, spec in document["tensors"].items()}
+    found = {name: tuple(t.shape) for name, t in tensors.items()}
+    if listed != found:
+        raise CheckpointError(
+            f"{str(st_path)!r} does not hold the tensors its config lists: {_describe_mismatch(listed, found)}"
+        )
+    config = {k: v for k, v in document.items() if k not in _RESERVED_KEYS}
+    device = torch.device(device)
+    return {name: t.to(device) for name, t in tensors.items()}, config
+
+
+def _describe_mismatch(expected: Mapping[str, tuple], found: Mapping[str, tuple]) -> str:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    shapes = [f"{k}: expected {list(expected[k])}, found {list(found[k])}" for k in sorted(set(expected) & set(found)) if tuple(expected[k]) != tuple(found[k])]
+    parts = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        if items:
+            shown = ", ".join(items[:6]) + (f", ... ({len(items)} in all)" if len(items) > 6 else "")
+            parts.append(f"{label}: {shown}")
+    return "; ".join(parts) or "no difference"
+
+
+def load_module_state(module: nn.Module, tensors: Mapping[str, torch.Tensor], source: str | os.PathLike) -> None:
+    """Copy ``tensors`` into ``module`` after checking names and shapes; a mismatch raises
+    :class:`CheckpointError` naming ``source`` and listing missing/unexpected keys and shape differences."""
+    expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in tensors.items()}
+    if expected != found:
+        raise CheckpointError(
+            f"{str(source)!r} does not match {type(module).__name__}'s configuration: {_describe_mismatch(expected, found)}"
+        )
+    module.load_state_dict(dict(tensors))
+
+
+# ------------------------------------------------------------------------------------------------
+# EMA of the weights
+
+
+class EMA:
+    """Exponential moving average of a model's floating-point parameters and buffers:
+
+        θ̄ ← d·θ̄ + (1 − d)·θ      after every optimizer step,
+
+    with the warm-up d_n = min(decay, (1 + n) / (10 + n)) so early averages are not dominated by the
+    random initialisation. The averaged weights usually sample better (Ho et al. 2020, Karras et al. 2024)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.999):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"EMA decay must lie in (0, 1), got {decay!r}")
+        self.decay = float(decay)
+        self.num_updates = 0
+        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    def current_decay(self) -> float:
+        return min(self.decay, (1 + self.num_updates) / (10 + self.num_updates))
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        d = self.current_decay()
+        self.num_updates += 1
+        state = model.state_dict()
+        for name, avg in self.shadow.items():
+            avg.lerp_(state[name].detach(), 1.0 - d)  # avg + (1 − d)(θ − avg)
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite ``model``'s weights with the averages."""
+        state = model.state_dict()
+        for name, avg in self.shadow.items():
+            state[name].copy_(avg)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "num_updates": self.num_updates, "shadow": dict(self.shadow)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        shadow = state["shadow"]
+        expected = {k: tuple(v.shape) for k, v in self.shadow.items()}
+        found = {k: tuple(v.shape) for k, v in shadow.items()}
+        if expected != found:
+            raise CheckpointError(f"EMA state does not match the model: {_describe_mismatch(expected, found)}")
+        for name, avg in self.shadow.items():
+            avg.copy_(shadow[name])
+        self.decay, self.num_updates = float(state["decay"]), int(state["num_updates"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Training state ↔ flat tensors + JSON
+
+
+def _optimizer_to_flat(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """Optimizer state → tensors named ``optim/<param index>/<key>`` and a JSON part (param groups, scalars)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, per_param in state["state"].items():
+        for key, value in per_param.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim/{index}/{key}"] = value
+            else:
+                scalars[f"{index}/{key}"] = value
+    return tensors, {"class": type(optimizer).__name__, "param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_from_flat(optimizer: torch.optim.Optimizer, tensors: Mapping[str, torch.Tensor], info: Mapping) -> None:
+    if info.get("class") != type(optimizer).__name__:
+        raise CheckpointError(f"the checkpoint's optimizer is {info.get('class')}, this run uses {type(optimizer).__name__}")
+    per_param: dict[int, dict] = {}
+    for name, value in tensors.items():
+        index, key = name.removeprefix("optim/").split("/", 1)
+        per_param.setdefault(int(index), {})[key] = value
+    for name, value in info.get("scalars", {}).items():
+        index, key = name.split("/", 1)
+        per_param.setdefault(int(index), {})[key] = value
+    groups = [{k: tuple(v) if isinstance(v, list) and k != "params" else v for k, v in g.items()} for g in info["param_groups"]]
+    optimizer.load_state_dict({"state": per_param, "param_groups": groups})
+
+
+def _rng_tensors() -> dict[str, torch.Tensor]:
+    tensors = {"rng/torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, state in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng/cuda/{i}"] = state
+    return tensors
+
+
+def _restore_rng(tensors: Mapping[str, torch.Tensor]) -> None:
+    if "rng/torch" in tensors:
+        torch.set_rng_state(tensors["rng/torch"].to("cpu", torch.uint8))
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng/cuda/")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([t.to("cpu", torch.uint8) for t in cuda])
+
+
+# ------------------------------------------------------------------------------------------------
+# The loop
+
+
+@dataclass
+class TrainResult:
+    """What a call to :func:`train` did. ``losses`` covers the whole run (resumed parts included)."""
+
+    losses: list[float] = field(default_factory=list)
+    logs: list[dict] = field(default_factory=list)  # every log_every steps: {"step", "loss", "lr", ...}
+    step: int = 0  # steps completed in the whole run
+    start_step: int = 0  # where this call started (> 0 after a resume)
+    seconds: float = 0.0  # training time of the whole run
+    stopped_reason: str = ""  # "max_steps", "max_minutes" or "non-finite loss"
+    checkpoint: Path | None = None
+    ema: EMA | None = None
+
+    @property
+    def final_loss(self) -> float:
+        """Mean loss over the last 50 steps (or fewer)."""
+        tail = self.losses[-50:]
+        return float(sum(tail) / len(tail)) if tail else math.nan
+
+
+def _to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, Mapping):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, tuple) and hasattr(batch, "_fields"):  # NamedTuple
+        return type(batch)(*(_to_device(v, device) for v in batch))
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(_to_device(v, device) for v in batch)
+    return batch
+
+
+def _schedule_factor(lr_schedule, progress: float) -> float:
+    if lr_schedule is None or lr_schedule == "constant":
+        return 1.0
+    if lr_schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
+    if callable(lr_schedule):
+        return float(lr_schedule(progress))
+    raise ValueError(f"lr_schedule must be 'constant', 'cosine', a function of progress, or None; got {lr_schedule!r}")
+
+
+def train(
+    model: nn.Module,
+    loss_fn: Callable,
+    batch_fn: Callable[[int], Any],
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    lr: float = 1e-3,
+    weight_decay: float = 0.0,
+    max_steps: int | None = None,
+    max_minutes: float | None = None,
+    warmup_steps: int = 0,
+    lr_schedule: str | Callable[[float], float] | None = "constant",
+    grad_clip: float | None = None,
+    ema_decay: float | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_name: str = "checkpoint",
+    checkpoint_every: int | None = 1000,
+    resume: bool = True,
+    seed: int | None = None,
+    config: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    log_every: int = 25,
+    desc: str = "training",
+) -> TrainResult:
+    """Train ``model`` by minimising ``loss_fn(model, batch_fn(step), step)`` until a budget is spent.
+
+    See the module docstring for the behaviour of budgets, schedules, EMA, checkpoints, resume and the
+    divergence guard. ``config`` (JSON-serialisable) is stored in every checkpoint; resuming with a
+    different config raises :class:`CheckpointError`. ``seed`` seeds torch's global generator at the start
+    of a fresh (not resumed) run. Returns a :class:`TrainResult`; the model is left in the mode it had.
+    """
+    if max_steps is None and max_minutes is None:
+        raise ValueError("give a budget: max_steps, max_minutes, or both")
+    if max_steps is not None and (not isinstance(max_steps, int) or max_steps < 0):
+        raise ValueError(f"max_steps must be a non-negative integer, got {max_steps!r}")
+    if max_minutes is not None and not (max_minutes >= 0 and math.isfinite(max_minutes)):
+        raise ValueError(f"max_minutes must be a non-negative number, got {max_minutes!r}")
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise ValueError(f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}")
+    config = dict(config or {})
+    json.dumps(config, allow_nan=False)  # fail now, not at the first checkpoint
+    device = next(model.parameters()).device
+    if optimizer is None:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])  # the schedule multiplies this (as torch's LR schedulers do)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    ema = EMA(model, ema_decay) if ema_decay is not None else None
+    result = TrainResult(ema=ema)
+    ckpt_path = Path(checkpoint_dir) / checkpoint_name if checkpoint_dir is not None else None
+
+    if ckpt_path is not None and resume and checkpoint_paths(ckpt_path)[0].exists():
+        _resume(ckpt_path, model, optimizer, ema, result, config)
+        result.checkpoint = checkpoint_paths(ckpt_path)[0]
+    elif seed is not None:
+        torch.manual_seed(seed)
+    result.start_step = result.step
+
+    def save() -> None:
+        tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
+        if ema is not None:
+            tensors.update({f"ema/{k}": v for k, v in ema.shadow.items()})
+        optim_tensors, optim_info = _optimizer_to_flat(optimizer)
+        tensors.update(optim_tensors)
+        tensors.update(_rng_tensors())
+        tensors["history/loss"] = torch.tensor(result.losses, dtype=torch.float64)
+        state = {
+            "kind": "training_checkpoint",
+            "config": config,
+            "step": result.step,
+            "seconds": result.seconds,
+            "optimizer": optim_info,
+            "ema": None if ema is None else {"decay": ema.decay, "num_updates": ema.num_updates},
+            "logs": result.logs,
+        }
+        result.checkpoint = save_checkpoint(ckpt_path, tensors, state)
+
+    def budget_progress() -> float:
+        fractions = []
+        if max_steps:
+            fractions.append(result.step / max_steps)
+        if max_minutes:
+            fractions.append(result.seconds / (60 * max_minutes))
+        return max(fractions, default=1.0)
+
+    def budget_spent() -> str:
+        if max_steps is not None and result.step >= max_steps:
+            return "max_steps"
+        if max_minutes is not None and result.seconds >= 60 * max_minutes:
+            return "max_minutes"
+        return ""
+
+    was_training = model.training
+    model.train()
+    bar = tqdm(total=max_steps, initial=result.step, desc=desc, disable=not progress, dynamic_ncols=True)
+    running = None
+    last_saved = result.step
+    clock = time.perf_counter()
+    try:  # an interrupt (Ctrl-C) leaves the last periodic checkpoint, always taken between two steps
+        while not (reason := budget_spent()):
+            step = result.step
+            factor = _schedule_factor(lr_schedule, budget_progress())
+            if warmup_steps:
+                factor *= min(1.0, (step + 1) / warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+
+            out = loss_fn(model, _to_device(batch_fn(step), device), step)
+            loss, logs = out if isinstance(out, tuple) else (out, {})
+            if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
+                raise ValueError(f"loss_fn must return a scalar tensor (or (loss, logs)), got {type(loss).__name__}")
+            loss_value = loss.item()
+            grad_norm = math.nan
+            if math.isfinite(loss_value):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip else math.inf))
+            if not (math.isfinite(loss_value) and math.isfinite(grad_norm)):
+                what = f"the loss is {loss_value}" if not math.isfinite(loss_value) else f"the gradient norm is {grad_norm}"
+                optimizer.zero_grad(set_to_none=True)
+                result.stopped_reason = "non-finite loss"
+                result.seconds += time.perf_counter() - clock
+                clock = time.perf_counter()
+                where = (
+                    f"The last good checkpoint, {str(result.checkpoint)!r} (step {last_saved}), is untouched: resume from it"
+                    if result.checkpoint is not None
+                    else "No checkpoint had been written"
+                )
+                raise NonFiniteLossError(
+                    f"training stopped at step {step}: {what}. The weights were not updated at this step. {where}. "
+                    f"Try a lower learning rate (now {optimizer.param_groups[0]['initial_lr']:g}) or set grad_clip.",
+                    step,
+                    result.checkpoint,
+                    result,
+                )
+            optimizer.step()
+            if ema is not None:
+                ema.update(model)
+
+            result.step += 1
+            result.losses.append(loss_value)
+            now = time.perf_counter()
+            result.seconds += now - clock
+            clock = now
+            running = loss_value if running is None else 0.95 * running + 0.05 * loss_value
+            if result.step % log_every == 0 or result.step == 1:
+                entry = {"step": result.step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
+                entry.update({k: float(v) for k, v in logs.items()})
+                result.logs.append(entry)
+                bar.set_postfix(loss=f"{running:.4g}", refresh=False)
+            bar.update(1)
+            if ckpt_path is not None and checkpoint_every and result.step % checkpoint_every == 0:
+                save()
+                last_saved = result.step
+                clock = time.perf_counter()  # checkpoint time does not count as training time
+        result.stopped_reason = reason
+        if ckpt_path is not None and (last_saved != result.step or result.checkpoint is None):
+            save()
+    finally:
+        bar.close()
+        model.train(was_training)
+    return result
+
+
+def _resume(path: Path, model, optimizer, ema, result: TrainResult, config: dict) -> None:
+    tensors, state = load_checkpoint(path, device=next(model.parameters()).device)
+    st_path = checkpoint_paths(path)[0]
+    if state.get("kind") != "training_checkpoint":
+        raise CheckpointError(f"{str(st_path)!r} is not a training checkpoint (kind {state.get('kind')!r})")
+    if state.get("config") != config:
+        raise CheckpointError(
+            f"{str(st_path)!r} was written by a run with a different config; delete it to start over, or pass "
+            f"resume=False.\n  checkpoint: {state.get('config')}\n  this run:   {config}"
+        )
+
+    def part(prefix: str) -> dict[str, torch.Tensor]:
+        return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
+
+    load_module_state(model, part("model/"), st_path)
+    if ema is not None:
+        if state.get("ema") is None:
+            raise CheckpointError(f"{str(st_path)!r} has no EMA weights, but this run asks for ema_decay")
+        ema.load_state_dict({"shadow": part("ema/"), **state["ema"]})
+    _optimizer_from_flat(optimizer, {k: v for k, v in tensors.items() if k.startswith("optim/")}, state["optimizer"])
+    _restore_rng({k: v for k, v in tensors.items() if k.startswith("rng/")})
+    result.step = int(state["step"])
+    result.seconds = float(state["seconds"])
+    result.losses = tensors["history/loss"].tolist()
+    result.logs = list(state.get("logs", []))
+
+
+# ------------------------------------------------------------------------------------------------
+# The VAE's training recipe: `python -m sdlearn train vae`
+
+
+def _command_line() -> str:
+    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+
+VAE_EVAL_SEED = 10_000  # fresh evaluation images: ShapesDataset(1024, split, seed=10_000), never trained on
+SCALING_SEED = 20_000  # images the scaling factor is measured on
+
+
+def _shapes_batch_fn(batch_size: int, seed: int) -> Callable[[int], torch.Tensor]:
+    """Fresh Shapes images (split "all") for each step, a pure function of (seed, step)."""
+    from sdlearn.data import sample_batch
+
+    def batch_fn(step: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        return sample_batch(batch_size, "all", generator).images  # [B, 3, 32, 32]
+
+    return batch_fn
+
+
+def _folder_batch_fn(root, image_size: int, batch_size: int, seed: int) -> Callable[[int], torch.Tensor]:
+    """Random images from a folder of the user's own (captions not needed for the VAE)."""
+    from sdlearn.data import ImageFolderDataset
+
+    dataset = ImageFolderDataset(root, size=image_size, captions=None)
+
+    def batch_fn(step: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        picks = torch.randint(len(dataset), (batch_size,), generator=generator).tolist()
+        return torch.stack([dataset[i]["image"] for i in picks])  # [B, 3, S, S]
+
+    return batch_fn
+
+
+def train_vae(
+    out_dir: str | os.PathLike | None = None,
+    minutes: float | None = None,
+    steps: int | None = None,
+    device: str | torch.device = "auto",
+    *,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    seed: int = 0,
+    config=None,
+    data: str | os.PathLike = "shapes",
+    progress: bool = True,
+    resume: bool = True,
+):
+    """Train the course's VAE → ``(vae, result)``; the recipe behind ``python -m sdlearn train vae``.
+
+    Data: fresh Shapes images every step from ``split="all"`` — the VAE never sees captions, so there is
+    nothing to hold out from it, and the denoiser will need it to encode the held-out pairs too; or, with
+    ``data=PATH``, random images from a folder of your own (:class:`sdlearn.data.ImageFolderDataset`).
+    Loss: :func:`sdlearn.vae.vae_loss`. Optimiser: AdamW, 100 warm-up steps then cosine decay over the
+    budget. Budget: ``minutes`` and/or ``steps``; neither means the shipped recipe's 10 minutes.
+
+    At the end the scaling factor is measured as 1 / std of the latents of 4,096 fresh training images,
+    and the reconstruction PSNR on 1,024 fresh evaluation images is computed. With ``out_dir``, the
+    checkpoint (``out_dir/vae_checkpoint.*``, resumed from when present) and the weights
+    (``out_dir/vae.safetensors`` + ``vae.json``, loadable by :func:`sdlearn.pretrained.load_vae`) are
+    written there.
+    """
+    from sdlearn.data import ShapesDataset
+    from sdlearn.vae import VAE, VAEConfig, compute_scaling_factor, psnr, vae_loss
+
+    if minutes is None and steps is None:
+        minutes = 10.0
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    device = resolve_device(device)
+    config = VAEConfig() if config is None else config
+    if not isinstance(config, VAEConfig):
+        raise ValueError(f"config must be a VAEConfig, got {type(config).__name__}")
+    if str(data) == "shapes":
+        if config.image_size != 32 or config.in_channels != 3:
+            raise ValueError("Shapes images are 3×32×32: use image_size=32 and in_channels=3, or data=PATH")
+        batch_fn = _shapes_batch_fn(batch_size, seed)
+    else:
+        batch_fn = _folder_batch_fn(data, config.image_size, batch_size, seed)
+    out_dir = Path(out_dir) if out_dir is not None else None
+
+    torch.manual_seed(seed)
+    vae = VAE(config).to(device)
+    # What a resumed run must share with the checkpoint (budgets may grow; the scaling factor is measured after).
+    vae_config = {k: v for k, v in config.to_dict().items() if k != "scaling_factor"}
+    run_config = {"model": "vae", "vae_config": vae_config, "data": str(data), "batch_size": batch_size, "lr": lr, "seed": seed}
+    result = train(
+        vae,
+        lambda model, images, step: vae_loss(model, images),
+        batch_fn,
+        lr=lr,
+        max_steps=steps,
+        max_minutes=minutes,
+        warmup_steps=100,
+        lr_schedule="cosine",
+        checkpoint_dir=out_dir,
+        checkpoint_name="vae_checkpoint",
+        checkpoint_every=500,
+        resume=resume,
+        seed=seed,
+        config=run_config,
+        progress=progress,
+        desc="train vae",
+    )
+
+    vae.eval()
+    with torch.inference_mode():
+        if str(data) == "shapes":
+            scale_images = ShapesDataset(4096, "all", seed=SCALING_SEED).batch(range(4096)).images
+            eval_images = ShapesDataset(1024, "all", seed=VAE_EVAL_SEED).batch(range(1024)).images
+        else:
+            scale_images = torch.cat([batch_fn(-1 - i) for i in range(max(1, 4096 // batch_size))])
+            eval_images = scale_images[:1024]
+        vae.scaling_factor = compute_scaling_factor(vae, scale_images.to(device))
+        eval_images = eval_images.to(device)
+        recon = torch.cat([vae.decode(vae.encode(eval_images[i : i + 256]).mode()) for i in range(0, len(eval_images), 256)])
+        recon_mse = (recon.clamp(-1, 1) - eval_images).pow(2).mean().item()
+    psnr_db = 10 * math.log10(4.0 / recon_mse)
+    mean_psnr = psnr(recon.clamp(-1, 1), eval_images).mean().item()
+
+    training = {
+        "command": _command_line(),
+        "steps": result.step,
+        "minutes": round(result.seconds / 60, 3),
+        "stopped_reason": result.stopped_reason,
+        "final_loss": result.final_loss,
+        "eval_psnr_db": round(psnr_db, 3),
+        "eval_mean_psnr_db": round(mean_psnr, 3),
+        "eval_images": "ShapesDataset(1024, 'all', seed=10000)" if str(data) == "shapes" else f"1024 images of {data}",
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **{k: run_config[k] for k in ("data", "batch_size", "lr", "seed")},
+        "max_steps": steps,
+        "max_minutes": minutes,
+    }
+    if out_dir is not None:
+        save_vae(vae, out_dir / "vae", training=training)
+    if progress:
+        where = f"; wrote {out_dir / 'vae.safetensors'}" if out_dir is not None else ""
+        print(
+            f"vae: {result.step} steps in {result.seconds / 60:.1f} min, loss {result.final_loss:.3g}, "
+            f"PSNR {psnr_db:.2f} dB on 1,024 fresh images, scaling_factor {vae.scaling_factor:.4f}{where}"
+        )
+    vae.training_info = training
+    return vae, result
+
+
+def save_vae(vae, path: str | os.PathLike, training: Mapping[str, Any] | None = None) -> Path:
+    """Write a VAE as ``PATH.safetensors`` + ``PATH.json`` (its config, scaling factor included, and
+    ``training`` notes), the format :func:`sdlearn.pretrained.load_vae` reads."""
+    return save_checkpoint(
+        path,
+        vae.state_dict(),
+        {"kind": "vae", "model_config": vae.config.to_dict(), "training": dict(training or {})},
+    )
