@@ -263,6 +263,7 @@ def _bad_calls():
         ("t too large", (x, 1000), {}, r"\[0, 1000\)"),
         ("tokens wrong width", (x, t, torch.randn(3, 6, 8)), {}, "text_dim=16"),
         ("tokens wrong batch", (x, t, tokens[:2]), {}, "B=3"),
+        ("no tokens", (x, t, tokens[:, :0]), {}, "at least one token"),
         ("mask wrong shape", (x, t, tokens, mask[:, :4]), {}, r"\[B=3, L=6\]"),
         ("float mask", (x, t, tokens, mask.float()), {}, "must be bool"),
         ("mask without tokens", (x, t, None, mask), {}, "need text_tokens"),
