@@ -60,8 +60,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
-
+from sdlearn.schedules import PREDICTION_TYPES  # ("epsilon", "v_prediction", "sample")
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
@@ -103,8 +102,9 @@ class DenoiserConfig:
             raise ValueError(f"width must be a multiple of 4 for the 2D sin-cos embedding; got {self.width}")
         if self.frequency_dim % 2:
             raise ValueError(f"frequency_dim must be even; got {self.frequency_dim}")
-        if not self.mlp_ratio > 0:
-            raise ValueError(f"mlp_ratio must be positive; got {self.mlp_ratio!r}")
+        if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, (int, float)) \
+                or not int(self.mlp_ratio * self.width) >= 1:
+            raise ValueError(f"mlp_ratio must be a positive number; got {self.mlp_ratio!r}")
 
     @property
     def num_tokens(self) -> int:
