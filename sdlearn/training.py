@@ -615,7 +615,13 @@ def _resume(path: Path, model, optimizer, ema, result: TrainResult, config: dict
 
 
 def _command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [Path(sys.executable).name, *sys.argv])
+    """How this process was started, for the weights' JSON: ``python -m sdlearn train vae ...`` (with the
+    thread-count environment variables, which change how fast a time budget goes)."""
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).name == "__main__.py" and Path(argv[0]).parent.name == "sdlearn":
+        argv = ["-m", "sdlearn", *argv[1:]]
+    env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ]
+    return " ".join([*env, "python", *(shlex.quote(a) for a in argv)])
 
 VAE_EVAL_SEED = 10_000  # fresh evaluation images: ShapesDataset(1024, split, seed=10_000), never trained on
 SCALING_SEED = 20_000  # images the scaling factor is measured on
@@ -632,11 +638,8 @@ def _shapes_batch_fn(batch_size: int, seed: int) -> Callable[[int], torch.Tensor
     return batch_fn
 
 
-def _folder_batch_fn(root, image_size: int, batch_size: int, seed: int) -> Callable[[int], torch.Tensor]:
-    """Random images from a folder of the user's own (captions not needed for the VAE)."""
-    from sdlearn.data import ImageFolderDataset
-
-    dataset = ImageFolderDataset(root, size=image_size, captions=None)
+def _folder_batch_fn(dataset, batch_size: int, seed: int) -> Callable[[int], torch.Tensor]:
+    """Random images from a folder of the user's own (captions are not needed for the VAE)."""
 
     def batch_fn(step: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -674,7 +677,7 @@ def train_vae(
     (``out_dir/vae.safetensors`` + ``vae.json``, loadable by :func:`sdlearn.pretrained.load_vae`) are
     written there.
     """
-    from sdlearn.data import ShapesDataset
+    from sdlearn.data import ImageFolderDataset, ShapesDataset
     from sdlearn.vae import VAE, VAEConfig, compute_scaling_factor, psnr, vae_loss
 
     if minutes is None and steps is None:
@@ -690,7 +693,8 @@ def train_vae(
             raise ValueError("Shapes images are 3×32×32: use image_size=32 and in_channels=3, or data=PATH")
         batch_fn = _shapes_batch_fn(batch_size, seed)
     else:
-        batch_fn = _folder_batch_fn(data, config.image_size, batch_size, seed)
+        folder = ImageFolderDataset(data, size=config.image_size, captions=None)
+        batch_fn = _folder_batch_fn(folder, batch_size, seed)
     out_dir = Path(out_dir) if out_dir is not None else None
 
     torch.manual_seed(seed)
@@ -722,8 +726,8 @@ def train_vae(
         if str(data) == "shapes":
             scale_images = ShapesDataset(4096, "all", seed=SCALING_SEED).batch(range(4096)).images
             eval_images = ShapesDataset(1024, "all", seed=VAE_EVAL_SEED).batch(range(1024)).images
-        else:
-            scale_images = torch.cat([batch_fn(-1 - i) for i in range(max(1, 4096 // batch_size))])
+        else:  # a folder has no fresh images: measure on (up to 4,096 of) the training images themselves
+            scale_images = torch.stack([folder[i]["image"] for i in range(min(len(folder), 4096))])
             eval_images = scale_images[:1024]
         vae.scaling_factor = compute_scaling_factor(vae, scale_images.to(device))
         eval_images = eval_images.to(device)
@@ -740,7 +744,9 @@ def train_vae(
         "final_loss": result.final_loss,
         "eval_psnr_db": round(psnr_db, 3),
         "eval_mean_psnr_db": round(mean_psnr, 3),
-        "eval_images": "ShapesDataset(1024, 'all', seed=10000)" if str(data) == "shapes" else f"1024 images of {data}",
+        "eval_images": "ShapesDataset(1024, 'all', seed=10000)"
+        if str(data) == "shapes"
+        else f"{len(eval_images)} training images of {data}",
         "device": str(device),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,

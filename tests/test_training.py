@@ -325,3 +325,18 @@ def test_load_vae_errors_name_the_file(tmp_path):
     save_checkpoint(tmp_path / "vae", small.state_dict(), {"kind": "vae", "model_config": config})
     with pytest.raises(CheckpointError, match=r"vae\.safetensors.*does not match VAE's configuration: wrong shape"):
         load_vae(tmp_path)
+
+
+def test_train_vae_on_a_folder_of_images(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = torch.Generator().manual_seed(0)
+    for i in range(3):
+        pixels = torch.randint(0, 256, (40, 48, 3), generator=rng, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    vae, result = train_vae(tmp_path / "out", steps=2, data=folder, batch_size=2, config=TINY_VAE, progress=False)
+    assert result.step == 2 and vae.training_info["eval_images"].startswith("3 training images")
+    with pytest.raises(FileNotFoundError):
+        train_vae(None, steps=1, data=tmp_path / "no such folder", config=TINY_VAE, progress=False)
