@@ -567,6 +567,7 @@ def train(
             if result.step % log_every == 0 or result.step == 1:
                 entry = {"step": result.step, "loss": loss_value, "lr": optimizer.param_groups[0]["lr"], "grad_norm": grad_norm}
                 entry.update({k: float(v) for k, v in logs.items()})
+                entry = {k: v if math.isfinite(v) else str(v) for k, v in entry.items()}  # JSON has no nan/inf
                 result.logs.append(entry)
                 bar.set_postfix(loss=f"{running:.4g}", refresh=False)
             bar.update(1)
@@ -741,7 +742,7 @@ def train_vae(
         "steps": result.step,
         "minutes": round(result.seconds / 60, 3),
         "stopped_reason": result.stopped_reason,
-        "final_loss": result.final_loss,
+        "final_loss": result.final_loss if result.losses else None,
         "eval_psnr_db": round(psnr_db, 3),
         "eval_mean_psnr_db": round(mean_psnr, 3),
         "eval_images": "ShapesDataset(1024, 'all', seed=10000)"

@@ -340,3 +340,12 @@ def test_train_vae_on_a_folder_of_images(tmp_path):
     assert result.step == 2 and vae.training_info["eval_images"].startswith("3 training images")
     with pytest.raises(FileNotFoundError):
         train_vae(None, steps=1, data=tmp_path / "no such folder", config=TINY_VAE, progress=False)
+
+
+def test_non_finite_logged_metrics_do_not_break_checkpoints(tmp_path):
+    def loss_with_odd_metric(model, batch, step):
+        loss, _ = loss_fn(model, batch, step)
+        return loss, {"ratio": float("inf")}
+
+    result = train(make_model(), loss_with_odd_metric, batch_fn, max_steps=2, checkpoint_dir=tmp_path, progress=False)
+    assert result.logs[0]["ratio"] == "inf" and load_checkpoint(tmp_path / "checkpoint")[1]["step"] == 2
