@@ -62,3 +62,11 @@ def load_vae(path: str | os.PathLike | None = None, device: str | torch.device =
     """The VAE, in eval mode: the shipped one (``sdlearn/weights/vae.*``), or one written by
     ``python -m sdlearn train vae --out DIR`` when ``path`` is that folder or its ``vae.safetensors``."""
     return load_module(VAE, VAEConfig, "vae", path, device)
+
+
+def load_classifier(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    """The attribute classifier (:class:`sdlearn.metrics.AttributeClassifier`), in eval mode: the shipped one
+    (``sdlearn/weights/classifier.*``), or one written by ``python -m sdlearn train classifier --out DIR``."""
+    from sdlearn.metrics import AttributeClassifier, ClassifierConfig
+
+    return load_module(AttributeClassifier, ClassifierConfig, "classifier", path, device)
