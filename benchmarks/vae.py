@@ -68,8 +68,8 @@ def throughput(vae, batch_size: int, repeats: int) -> tuple[float, float]:
 
 @torch.inference_mode()
 def cpu_time_throughput(vae, batch_size: int, repeats: int) -> float:
-    """Images per CPU-second on ONE thread, timed by the thread's own CPU clock: unlike wall-clock figures,
-    this barely moves when other processes share the cores, so it tells load from regressions."""
+    """Images per CPU-second on ONE thread, timed by the thread's own CPU clock: far less sensitive than
+    wall-clock figures to other processes sharing the cores (they still compete for caches and memory)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     x = ShapesDataset(batch_size, "all", seed=EVAL_SEED).batch(range(batch_size)).images
@@ -123,7 +123,7 @@ def main(argv=None) -> None:
     per_cpu_second = cpu_time_throughput(vae, args.batch_size, max(3, args.repeats // 4))
     print(
         f"encode+decode on one thread, by its CPU clock: {per_cpu_second:,.0f} images per CPU-second "
-        f"(load-independent; two idle cores give at most twice this)"
+        f"(less load-sensitive; two idle cores give at most twice this)"
     )
     print(f"peak RSS: {peak_rss_mb():.0f} MB")
 
