@@ -7,7 +7,13 @@ with a one-line message on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# python -m sdlearn train NAME → (module, function); each function takes out_dir, minutes, steps, device, seed.
+TRAINERS = {
+    "vae": ("sdlearn.training", "train_vae"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -36,12 +42,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = commands.add_parser("train", help="train a model of the course from scratch")
-    train.add_argument("model", choices=["vae"], help="which model to train")
+    train.add_argument("model", choices=sorted(TRAINERS), help="which model to train")
     train.add_argument("--minutes", type=_positive_float, default=None, help="stop after this many minutes")
     train.add_argument("--steps", type=_positive_int, default=None, help="stop after this many optimiser steps")
     train.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
-    train.add_argument("--out", default="runs/vae", help="folder for the checkpoint and weights (default: runs/vae)")
+    train.add_argument("--out", default=None, help="folder for the checkpoint and weights (default: runs/MODEL)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument("--data", default="shapes", help="'shapes' (default) or a folder of your own images (vae only)")
+    train.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
 
     exercises = commands.add_parser("exercises", help="write student copies of the notebooks, solutions removed")
     exercises.add_argument("out_dir", help="folder to write the student notebooks into")
@@ -60,9 +68,18 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "train":
-        from sdlearn.training import train_vae
+        if args.threads is not None:
+            import torch
 
-        train_vae(out_dir=args.out, minutes=args.minutes, steps=args.steps, device=args.device, seed=args.seed)
+            torch.set_num_threads(args.threads)
+        module_name, function_name = TRAINERS[args.model]
+        train_fn = getattr(importlib.import_module(module_name), function_name)
+        kwargs = dict(out_dir=args.out or f"runs/{args.model}", minutes=args.minutes, steps=args.steps, device=args.device, seed=args.seed)
+        if args.data != "shapes":
+            if args.model != "vae":
+                raise ValueError(f"--data PATH is supported by 'train vae' only, not by 'train {args.model}'")
+            kwargs["data"] = args.data
+        train_fn(**kwargs)
         return 0
     raise AssertionError(args.command)
 
