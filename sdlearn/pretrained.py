@@ -70,3 +70,24 @@ def load_classifier(path: str | os.PathLike | None = None, device: str | torch.d
     from sdlearn.metrics import AttributeClassifier, ClassifierConfig
 
     return load_module(AttributeClassifier, ClassifierConfig, "classifier", path, device)
+
+
+# The denoiser (sdlearn.denoiser, notebooks 04, 05 and 07).
+
+
+def load_denoiser(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    """The text-conditioned :class:`sdlearn.denoiser.Denoiser` (EMA weights, eval mode): the shipped one
+    (``sdlearn/weights/denoiser.*``), or one written by ``python -m sdlearn train denoiser --out DIR``.
+
+    The weights are stored as float16 and cast to the model's float32 on loading. ``denoiser.schedule_name``
+    is the noise schedule it was trained for (a :func:`sdlearn.schedules.make_betas` name) and
+    ``denoiser.text_encoder_info`` the text tower it reads (source, sha256 of its file, config; None when it
+    was trained unconditionally); ``config.prediction_type`` says what it predicts."""
+    from sdlearn.denoiser import Denoiser, DenoiserConfig
+    from sdlearn.training import read_checkpoint_config
+
+    denoiser = load_module(Denoiser, DenoiserConfig, "denoiser", path, device)
+    info = read_checkpoint_config(weights_path("denoiser", path))
+    denoiser.schedule_name = info.get("schedule", "scaled_linear")
+    denoiser.text_encoder_info = info.get("text_encoder")
+    return denoiser
