@@ -1,0 +1,260 @@
+"""Training the denoiser on VAE latents of Shapes: the batches, caption dropout, resume, the float16 weights."""
+
+import hashlib
+import warnings
+
+import pytest
+import torch
+
+from sdlearn import training
+from sdlearn.data import COLORS, HELDOUT_PAIRS, SHAPES, parse_caption
+from sdlearn.denoiser import Denoiser, DenoiserConfig
+from sdlearn.pretrained import WEIGHTS_DIR, load_denoiser
+from sdlearn.schedules import NoiseSchedule
+from sdlearn.text import TextEncoder, TextEncoderConfig, Tokenizer
+from sdlearn.training import (
+    _generate_for_eval,
+    _latent_batch_fn,
+    denoiser_loss,
+    load_checkpoint,
+    save_denoiser,
+    train,
+    train_denoiser,
+)
+from sdlearn.vae import VAE, VAEConfig
+
+TINY_VAE = VAEConfig(base_channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=(0, 1, 1), norm_groups=4)
+TINY_TEXT = TextEncoderConfig(width=16, depth=1, heads=2)
+SCHEDULE = NoiseSchedule.from_name("scaled_linear")
+
+
+def tiny_config(**kwargs):
+    return DenoiserConfig(**{"width": 32, "depth": 1, "heads": 2, "text_dim": 16, "frequency_dim": 32, **kwargs})
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def vae():
+    torch.manual_seed(0)
+    return VAE(TINY_VAE).eval()
+
+
+@pytest.fixture(scope="module")
+def text_encoder():
+    torch.manual_seed(1)
+    return TextEncoder(TINY_TEXT).eval()
+
+
+def tiny_run(out_dir, steps, vae, text_encoder=None, **kwargs):
+    config = tiny_config(text_dim=text_encoder.width if text_encoder is not None else 16)
+    kwargs = {"batch_size": 8, "lr": 1e-3, "progress": False, "eval_images": 0, "latent_window": 64,
+              "latent_refresh": 4, "config": config, "device": "cpu", **kwargs}
+    return train_denoiser(out_dir, steps=steps, vae=vae, text_encoder=text_encoder, **kwargs)
+
+
+# -- the batches ------------------------------------------------------------------------------------------------
+
+
+def test_batches_are_scaled_latents_with_matching_captions(vae, text_encoder):
+    batch_fn = _latent_batch_fn(vae, SCHEDULE, 64, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
+                                caption_dropout=0.0, window=128, refresh=8)
+    batch = batch_fn(0)
+    assert batch["x0"].shape == batch["noise"].shape == (64, 4, 8, 8)
+    assert batch["t"].shape == (64,) and 0 <= batch["t"].min() and batch["t"].max() < 1000
+    assert batch["tokens"].shape[0] == 64 and batch["tokens"].shape[2] == 16
+    # each caption describes the image whose latent sits beside it (fresh wording, same attributes)
+    window = batch_fn.window
+    picks = torch.randint(128, (64,), generator=torch.Generator().manual_seed(0))  # the batch function's first draw
+    scaled_mean = window.mean[picks] * vae.scaling_factor
+    assert torch.allclose(batch["x0"], scaled_mean, atol=5 * vae.scaling_factor * window.std[picks].max().item())
+    names = [parse_caption(c) for c in batch["captions"]]
+    colors = list(COLORS)
+    for row, attrs in zip(window.attributes[picks].tolist(), names):
+        assert colors[row[0]] == attrs["color"] and SHAPES[row[1]] == attrs["shape"]
+    # the training split never shows a held-out (colour, shape) pair
+    seen = {(colors[c], SHAPES[s]) for c, s, *_ in window.attributes.tolist()}
+    assert not seen & set(HELDOUT_PAIRS)
+
+
+def test_batches_are_a_function_of_the_step_so_a_resumed_window_matches(vae):
+    stepped = _latent_batch_fn(vae, SCHEDULE, 16, seed=3, window=32, refresh=4)
+    for step in range(6):
+        last = stepped(step)  # slides the window 4 images per step
+    fresh = _latent_batch_fn(vae, SCHEDULE, 16, seed=3, window=32, refresh=4)(5)  # builds step 5's window at once
+    for key in ("x0", "noise", "t"):
+        assert torch.equal(last[key], fresh[key])
+    assert not torch.equal(stepped(6)["x0"], last["x0"])
+
+
+def test_caption_dropout_replaces_about_ten_percent_by_the_empty_prompt(vae, text_encoder):
+    batch_fn = _latent_batch_fn(vae, SCHEDULE, 512, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
+                                caption_dropout=0.1, window=64, refresh=4)
+    empty = 0
+    for step in range(4):
+        batch = batch_fn(step)
+        dropped = [c == "" for c in batch["captions"]]
+        empty += sum(dropped)
+        real_tokens = batch["mask"].sum(dim=1)
+        assert (real_tokens[torch.tensor(dropped)] == 2).all()  # "" is <bos> <eos>
+        assert (real_tokens[~torch.tensor(dropped)] > 4).all()
+    assert 150 <= empty <= 260  # 2,048 draws at p = 0.1: 205 ± 14
+    none_dropped = _latent_batch_fn(vae, SCHEDULE, 512, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
+                                    caption_dropout=0.0, window=64, refresh=4)(0)
+    assert "" not in none_dropped["captions"]
+
+
+# -- the loss and the loop ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_loss_falls_on_a_fixed_batch(vae, text_encoder, prediction_type):
+    batch = _latent_batch_fn(vae, SCHEDULE, 32, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
+                             window=64, refresh=4)(0)
+    torch.manual_seed(0)
+    model = Denoiser(tiny_config(prediction_type=prediction_type))
+    with torch.no_grad():
+        first = denoiser_loss(model, batch, SCHEDULE).item()
+    result = train(model, lambda m, b, s: denoiser_loss(m, b, SCHEDULE), lambda step: batch,
+                   lr=3e-3, max_steps=150, progress=False)
+    assert result.losses[0] == pytest.approx(first)
+    assert result.final_loss < 0.3 * first
+
+
+def test_train_denoiser_returns_ema_weights_and_writes_loadable_files(tmp_path, vae, text_encoder):
+    denoiser, result = tiny_run(tmp_path, 12, vae, text_encoder)
+    assert result.step == 12 and all(map(torch.isfinite, torch.tensor(result.losses)))
+    ema = result.ema.shadow
+    assert all(torch.equal(v, ema[k]) for k, v in denoiser.state_dict().items() if k in ema)
+    assert any(not torch.equal(v, ema[k]) for k, v in denoiser.raw_state_dict.items() if k in ema)
+    loaded = load_denoiser(tmp_path)
+    assert loaded.config == denoiser.config and loaded.text_encoder_info["source"].startswith("a TextEncoder")
+    assert loaded.schedule_name == "scaled_linear"
+    assert loaded.training_info["steps"] == 12 and loaded.training_info["caption_dropout"] == 0.1
+    tensors, info = load_checkpoint(tmp_path / "denoiser_checkpoint")
+    assert {k.split("/")[0] for k in tensors} >= {"model", "ema", "optim"}  # raw and EMA weights both kept
+
+
+def test_resuming_an_interrupted_run_repeats_an_uninterrupted_one(tmp_path, vae, text_encoder, monkeypatch):
+    whole, whole_result = tiny_run(tmp_path / "whole", 6, vae, text_encoder, checkpoint_every=3)
+    make_batch_fn = training._latent_batch_fn
+
+    def interrupted(*args, **kwargs):  # Ctrl-C while step 4's batch is being made
+        batch_fn = make_batch_fn(*args, **kwargs)
+
+        def wrapped(step):
+            if step == 4:
+                raise KeyboardInterrupt
+            return batch_fn(step)
+
+        return wrapped
+
+    monkeypatch.setattr(training, "_latent_batch_fn", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tmp_path / "parts", 6, vae, text_encoder, checkpoint_every=3)
+    monkeypatch.setattr(training, "_latent_batch_fn", make_batch_fn)
+    resumed, resumed_result = tiny_run(tmp_path / "parts", 6, vae, text_encoder, checkpoint_every=3)
+    assert resumed_result.start_step == 3
+    assert resumed_result.losses == whole_result.losses
+    for k, v in whole.state_dict().items():
+        assert torch.equal(v, resumed.state_dict()[k]), k
+
+
+def test_unconditional_training_needs_no_text(tmp_path, vae):
+    denoiser, result = tiny_run(None, 4, vae, None)
+    assert result.step == 4
+    images = _generate_for_eval(denoiser, vae, None, None, ["", ""], steps=3)
+    assert images.shape == (2, 3, 32, 32)
+
+
+# -- the float16 weights ------------------------------------------------------------------------------------------
+
+
+def randomised(config, seed=0):
+    torch.manual_seed(seed)
+    model = Denoiser(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.1)  # zero-initialised layers would make every output 0
+    return model.eval()
+
+
+def test_float16_weights_round_trip(tmp_path):
+    model = randomised(tiny_config())
+    save_denoiser(model, tmp_path / "denoiser")
+    half = load_denoiser(tmp_path / "denoiser.safetensors")
+    assert all(p.dtype == torch.float32 for p in half.parameters())
+    for k, v in model.state_dict().items():
+        assert torch.allclose(half.state_dict()[k], v, rtol=2**-10, atol=1e-7), k
+    x = torch.randn(8, 4, 8, 8)
+    tokens = torch.randn(8, 5, 16)
+    with torch.no_grad():
+        full_out, half_out = model(x, 500, tokens), half(x, 500, tokens)
+    assert (half_out - full_out).norm() / full_out.norm() < 1e-2
+    save_denoiser(model, tmp_path / "full", dtype=torch.float32)
+    sizes = [(tmp_path / f"{name}.safetensors").stat().st_size for name in ("denoiser", "full")]
+    assert sizes[0] < 0.6 * sizes[1]
+
+
+def test_generate_for_eval_guides_with_the_unconditional_pass_first(vae, text_encoder):
+    model = randomised(tiny_config())
+    prompts = ["a small red circle in the top left", "a large blue square in the center"]
+    common = {"steps": 4, "seed": 7}
+    scale0 = _generate_for_eval(model, vae, text_encoder, Tokenizer(), prompts, ["", "red"], guidance_scale=0.0, **common)
+    uncond = _generate_for_eval(model, vae, text_encoder, Tokenizer(), ["", "red"], prompts, guidance_scale=1.0, **common)
+    assert torch.allclose(scale0, uncond, atol=1e-5)
+    assert scale0.shape == (2, 3, 32, 32) and scale0.abs().max() <= 1
+    guided = _generate_for_eval(model, vae, text_encoder, Tokenizer(), prompts, guidance_scale=4.0, **common)
+    assert not torch.allclose(guided, scale0, atol=1e-3)
+    with pytest.raises(ValueError, match="negative prompts"):
+        _generate_for_eval(model, vae, text_encoder, Tokenizer(), prompts, [""], **common)
+
+
+# -- bad arguments ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"batch_size": 0}, "batch_size"),
+        ({"prediction_type": "noise"}, "prediction_type"),
+        ({"caption_dropout": 1.5}, "caption_dropout"),
+        ({"lr": -1.0}, "lr"),
+        ({"threads": 0}, "threads"),
+        ({"text_encoder": 42}, "text_encoder"),
+        ({"vae": 3}, "vae"),
+        ({"config": "big"}, "DenoiserConfig"),
+        ({"config": tiny_config(text_dim=64)}, "text_dim"),
+        ({"config": tiny_config(prediction_type="v_prediction")}, "prediction_type"),
+        ({"latent_window": 0}, "latent_window"),
+        ({"eval_images": -1}, "eval_images"),
+    ],
+)
+def test_bad_arguments_raise_value_error(vae, text_encoder, kwargs, message):
+    kwargs = {"config": tiny_config(), "text_encoder": text_encoder, "vae": vae, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        train_denoiser(None, steps=1, device="cpu", progress=False, **kwargs)
+
+
+# -- the shipped weights ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not (WEIGHTS_DIR / "denoiser.safetensors").exists(), reason="no shipped denoiser weights")
+def test_shipped_denoiser_loads_and_names_its_text_encoder():
+    denoiser = load_denoiser()
+    assert not denoiser.training and all(p.dtype == torch.float32 for p in denoiser.parameters())
+    assert denoiser.schedule_name == "scaled_linear"
+    info = denoiser.text_encoder_info
+    assert info is not None and info["config"]["width"] == denoiser.config.text_dim
+    clip_file = WEIGHTS_DIR / "clip.safetensors"
+    if clip_file.exists():
+        assert info["sha256"] == hashlib.sha256(clip_file.read_bytes()).hexdigest(), "trained on another text tower"
+    with torch.no_grad(), warnings.catch_warnings():
+        out = denoiser(torch.randn(2, 4, 8, 8), 999, torch.randn(2, 3, denoiser.config.text_dim))
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all() and out.abs().max() > 0
