@@ -145,7 +145,7 @@ def test_partial_prompts_judge_only_named_attributes(shipped):
     assert result.counts == {"color": 6, "shape": 6, "size": 0, "position": 0}
     wrong_colour = prompt_accuracy(images, ["a blue circle"] * 6, shipped)
     assert wrong_colour.overall == 0.0 and wrong_colour.per_attribute == {"color": 0.0, "shape": 1.0}
-    sizes = prompt_accuracy(images, ["something small"] * 3 + ["a big one"] * 3, shipped)
+    sizes = prompt_accuracy(images, ["small"] * 3 + ["big"] * 3, shipped)
     assert sizes.overall == 1.0 and set(sizes.per_attribute) == {"size"}
     assert sizes.correct.tolist() == [True] * 6
 
@@ -224,8 +224,9 @@ def test_fid_real_vs_real_small_real_vs_noise_large(shipped, real):
     blank = torch.full((512, 3, 32, 32), -1.0)  # black images: right background, no object
     real_real = fid(real.images, other, shipped)
     assert real_real == pytest.approx(fid_baseline(512, seed=123, classifier=shipped))
-    assert fid(real.images, noise, shipped) > 50 * real_real
-    assert fid(real.images, blank, shipped) > 50 * real_real
+    # (the real-vs-real FID of 512-image sets varies by about ±20% with the seed; these margins are ≥ 2× that)
+    assert fid(real.images, noise, shipped) > 20 * real_real
+    assert fid(real.images, blank, shipped) > 20 * real_real
     # Images of one (colour, shape) pair only: real, but a collapsed distribution, which FID must see.
     one_pair = torch.stack([render_shape("red", "circle", "large", "center", rng=i) for i in range(256)])
-    assert fid(real.images, one_pair, shipped) > 10 * real_real
+    assert fid(real.images, one_pair, shipped) > 20 * real_real
