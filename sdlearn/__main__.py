@@ -13,6 +13,9 @@ import sys
 # python -m sdlearn train NAME → (module, function); each function takes out_dir, minutes, steps, device, seed.
 TRAINERS = {
     "vae": ("sdlearn.training", "train_vae"),
+    "clip": ("sdlearn.text", "train_clip"),
+    "classifier": ("sdlearn.metrics", "train_classifier"),
+    "denoiser": ("sdlearn.training", "train_denoiser"),
 }
 
 
@@ -50,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     train.add_argument("--data", default="shapes", help="'shapes' (default) or a folder of your own images (vae only)")
     train.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    train.add_argument(
+        "--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
+        help="what the denoiser predicts (denoiser only; default epsilon)",
+    )
 
     exercises = commands.add_parser("exercises", help="write student copies of the notebooks, solutions removed")
     exercises.add_argument("out_dir", help="folder to write the student notebooks into")
@@ -79,6 +86,10 @@ def _run(args: argparse.Namespace) -> int:
             if args.model != "vae":
                 raise ValueError(f"--data PATH is supported by 'train vae' only, not by 'train {args.model}'")
             kwargs["data"] = args.data
+        if args.prediction_type is not None:
+            if args.model != "denoiser":
+                raise ValueError(f"--prediction-type is for 'train denoiser' only, not 'train {args.model}'")
+            kwargs["prediction_type"] = args.prediction_type
         train_fn(**kwargs)
         return 0
     raise AssertionError(args.command)
