@@ -1,0 +1,513 @@
+"""Stable Diffusion end to end: text → image, image → image (SDEdit), and inpainting.
+
+Every piece of the course meets here (Rombach et al. 2022, Fig. 3). A prompt is read by the frozen text
+tower; noise x_T in the VAE's latent space is denoised step by step by the transformer under
+classifier-free guidance; the VAE decodes the result. A different seed gives a different x_T, so a
+different image::
+
+    >>> from sdlearn.pretrained import load_pipeline
+    >>> pipe = load_pipeline()
+    >>> images = pipe("a large red circle in the top left", seed=0)        # [1, 3, 32, 32] in [-1, 1]
+    >>> pipe.to_pil(images)[0].resize((128, 128), 0).show()
+
+What one call does, with N images of P prompts (N = P · ``num_images_per_prompt``):
+
+1. **Text**: the unconditional prompts (the empty prompt "", or ``negative_prompt``) and the prompts are
+   tokenized together and the text encoder runs *once* → tokens ``[2P, L, D]`` and mask ``[2P, L]``
+   (padding beyond the longest prompt is dropped, as in training: masked tokens change nothing).
+2. **Noise**: x_T = ``sampler.init_noise_sigma`` · N(0, I), ``[N, 4, 8, 8]``, drawn from ``generator`` (or
+   ``torch.Generator().manual_seed(seed)``) on the CPU, so a seed gives the same image on every device.
+3. **Denoising**: for each of ``num_inference_steps`` timesteps the denoiser sees the unconditional and the
+   conditional batch as *one* batch of 2N (``torch.cat([x, x])``), and the two predictions are combined by
+   classifier-free guidance, ε̃ = ε_u + w (ε_c − ε_u) (Ho & Salimans 2022, eq. 6). With w = 1 ε̃ = ε_c,
+   so the unconditional half is skipped (half the work).
+4. **Decoding**: images = VAE.decode(z₀ / scaling_factor), clamped to [-1, 1] (the latents were scaled by
+   the scaling factor for diffusion, as Stable Diffusion's 0.18215).
+
+Image-to-image (:meth:`LatentDiffusionPipeline.img2img`, SDEdit, Meng et al. 2022): the image is encoded
+(posterior mode), noised to the timestep ``strength`` of the way up the sampler's schedule, and denoised from
+there: ``strength`` 0 returns the VAE's reconstruction of the input, 1 nearly ignores it.
+
+Inpainting (:meth:`LatentDiffusionPipeline.inpaint`): the mask (1 = repaint, 0 = keep, diffusers'
+convention) is max-pooled to the latent grid, so a latent cell is repainted when *any* of its 4×4 pixels is.
+After every step the kept cells of x are replaced by the encoded image noised to the noise level x has
+just reached (with the same noise as x_T, as diffusers' SD inpainting does); after the last step they are the
+encoded image itself. This "blend" is the simplest form of RePaint (Lugmayr et al. 2022, without its
+resampling). Finally the kept *pixels* are pasted back from the input (``paste_unmasked=True``), because the
+decoder's reconstruction of them is close but not exact, and a cell freed by the max-pool may hold pixels that
+were to be kept.
+
+The pipeline runs the modules it is given as they are (it does not switch them to eval mode);
+:func:`sdlearn.pretrained.load_pipeline` gives them in eval mode. All work runs under ``torch.no_grad()``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sdlearn.samplers import SAMPLER_NAMES, Sampler, classifier_free_guidance, get_sampler, sample
+from sdlearn.schedules import NoiseSchedule
+
+# ----------------------------------------------------------------------------------------------------------
+# Images out: numpy and PIL
+
+
+def _as_batch(images) -> torch.Tensor:
+    if not isinstance(images, torch.Tensor) or images.dim() not in (3, 4) or images.shape[-3] != 3:
+        got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected images as a tensor [N, 3, H, W] (or [3, H, W]) in [-1, 1], got {got}")
+    return images[None] if images.dim() == 3 else images
+
+
+def to_numpy(images: torch.Tensor) -> np.ndarray:
+    """Images ``[N, 3, H, W]`` (or ``[3, H, W]``) in [-1, 1] → uint8 array ``[N, H, W, 3]`` (values clamped,
+    x ↦ round((x + 1) · 127.5))."""
+    images = _as_batch(images).detach().to("cpu", torch.float32).clamp(-1, 1)
+    return ((images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()  # [N, H, W, 3]
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """Images ``[N, 3, H, W]`` (or ``[3, H, W]``) in [-1, 1] → a list of N RGB ``PIL.Image``s."""
+    from PIL import Image
+
+    return [Image.fromarray(array) for array in to_numpy(images)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checking the arguments
+
+
+def _check_steps(num_inference_steps) -> int:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be a whole number ≥ 1 (20 is a good choice), got {num_inference_steps!r}")
+    return int(num_inference_steps)
+
+
+def _check_guidance(guidance_scale) -> float:
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a number ≥ 0 (1 = no guidance, 0 = unconditional, "
+                         f"4 the course's default), got {guidance_scale!r}")
+    return float(guidance_scale)
+
+
+def _check_strength(strength) -> float:
+    if isinstance(strength, bool) or not isinstance(strength, (int, float, np.integer, np.floating)) \
+            or not 0 <= strength <= 1:
+        raise ValueError(f"strength must be a number in [0, 1] (0 keeps the image, 1 repaints it all), got {strength!r}")
+    return float(strength)
+
+
+def _prompt_list(prompt, name: str = "prompt") -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else prompt
+    if not isinstance(prompts, (list, tuple)) or not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError(f"{name} must be a string or a non-empty list of strings, got {prompt!r}")
+    return list(prompts)
+
+
+def _negative_list(negative_prompt, n: int) -> list[str]:
+    if negative_prompt is None:
+        return [""] * n
+    negatives = _prompt_list(negative_prompt, "negative_prompt")
+    if isinstance(negative_prompt, str):
+        return negatives * n
+    if len(negatives) != n:
+        raise ValueError(f"got {len(negatives)} negative prompts for {n} prompts; give one negative prompt "
+                         f"(a string) for all, or a list of {n}")
+    return negatives
+
+
+def _make_generator(generator, seed):
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("give either seed or generator, not both")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+            raise ValueError(f"seed must be a whole number, got {seed!r}")
+        return torch.Generator().manual_seed(int(seed))
+    if generator is not None and not isinstance(generator, torch.Generator) and not (
+            isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator)):
+        raise ValueError(f"generator must be a torch.Generator or a list of them (one per image), got {type(generator).__name__}")
+    return generator
+
+
+def _draw_noise(shape: tuple[int, ...], generator, device: torch.device) -> torch.Tensor:
+    """N(0, I) of ``shape``, drawn on the generator's device (the CPU for a seed) and moved to ``device``.
+    A list of generators draws one image each: image i depends on generator i only."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for {shape[0]} images; give one per image")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, device=g.device) for g in generator]).to(device)
+    draw_device = generator.device if generator is not None else "cpu"
+    return torch.randn(shape, generator=generator, device=draw_device).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The pipeline
+
+
+class LatentDiffusionPipeline:
+    """Text-to-image with a VAE, a text encoder (+ its tokenizer), a denoiser and a noise schedule.
+
+    ``schedule``: the :class:`~sdlearn.schedules.NoiseSchedule` the denoiser was trained with (or its name,
+    e.g. "scaled_linear"). ``text_encoder`` and ``tokenizer`` may both be None for an *unconditional*
+    denoiser; its prompts must then be "" (they only count the images).
+
+    Call it (``pipe(prompt, ...)``), or :meth:`img2img` / :meth:`inpaint`; all three take the same keyword
+    arguments and return images ``[N, 3, 32, 32]`` in [-1, 1], on the CPU.
+    """
+
+    def __init__(self, vae, text_encoder, tokenizer, denoiser, schedule: NoiseSchedule | str = "scaled_linear"):
+        if isinstance(schedule, str):
+            schedule = NoiseSchedule.from_name(schedule)
+        if not isinstance(schedule, NoiseSchedule):
+            raise ValueError(f"schedule must be a NoiseSchedule or a schedule name, got {type(schedule).__name__}")
+        cfg = denoiser.config
+        latent = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        if tuple(vae.latent_shape) != latent:
+            raise ValueError(f"the VAE makes latents {list(vae.latent_shape)} but the denoiser expects {list(latent)}")
+        if cfg.num_train_timesteps != schedule.num_train_timesteps:
+            raise ValueError(f"the denoiser was built for T = {cfg.num_train_timesteps} timesteps, the schedule has "
+                             f"{schedule.num_train_timesteps}")
+        if (text_encoder is None) != (tokenizer is None):
+            raise ValueError("give both a text encoder and its tokenizer, or neither (an unconditional denoiser)")
+        if text_encoder is not None:
+            if text_encoder.config.width != cfg.text_dim:
+                raise ValueError(f"the text encoder's tokens are {text_encoder.config.width} wide, but the denoiser "
+                                 f"reads text_dim = {cfg.text_dim}")
+            if tokenizer.vocab_size != text_encoder.config.vocab_size:
+                raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the text encoder "
+                                 f"{text_encoder.config.vocab_size}: use the tokenizer it was trained with")
+        self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
+        self.denoiser, self.schedule = denoiser, schedule
+
+    to_numpy = staticmethod(to_numpy)
+    to_pil = staticmethod(to_pil)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.vae.image_shape)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        return tuple(self.vae.latent_shape)
+
+    def to(self, device: str | torch.device) -> LatentDiffusionPipeline:
+        """Move every module to ``device``; returns the pipeline."""
+        for module in (self.vae, self.text_encoder, self.denoiser):
+            if module is not None:
+                module.to(device)
+        return self
+
+    def __repr__(self) -> str:
+        def count(m):
+            return "none" if m is None else f"{sum(p.numel() for p in m.parameters()) / 1e6:.2f}M"
+
+        return (f"LatentDiffusionPipeline(vae {count(self.vae)}, text encoder {count(self.text_encoder)}, "
+                f"denoiser {count(self.denoiser)} ({self.denoiser.config.prediction_type}), "
+                f"images {list(self.image_shape)} ↔ latents {list(self.latent_shape)}, device {self.device})")
+
+    # -- the pieces, public so that notebook 08 can assemble them by hand ------------------------------
+
+    @torch.no_grad()
+    def encode_prompt(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompts (B strings) → the frozen text tower's ``tokens [B, L, D]`` and ``mask [B, L]``, padding
+        beyond the longest prompt dropped (what the denoiser was trained on)."""
+        ids, mask = self.tokenizer(list(prompts))  # [B, max_length] each
+        length = int(mask.sum(1).max())
+        encoding = self.text_encoder(ids[:, :length].to(self.device), mask[:, :length].to(self.device))
+        return encoding.tokens, encoding.mask  # [B, L, D], [B, L]
+
+    @torch.no_grad()
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``[B, 3, 32, 32]`` in [-1, 1] → latents ``[B, 4, 8, 8]`` for diffusion: the posterior's mode
+        times the scaling factor."""
+        return self.vae.encode(images.to(self.device)).mode() * self.vae.scaling_factor
+
+    @torch.no_grad()
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Diffusion latents ``[B, 4, 8, 8]`` → images ``[B, 3, 32, 32]`` in [-1, 1] (clamped), on the CPU."""
+        return self.vae.decode(latents / self.vae.scaling_factor).clamp(-1, 1).cpu()
+
+    def get_sampler(self, sampler: str | Sampler = "dpm++") -> Sampler:
+        """A sampler for this denoiser by name (``"ddpm"``, ``"ddim"``, ``"euler"``, ``"heun"``, ``"dpm++"``), or
+        a :class:`~sdlearn.samplers.Sampler` built by hand (e.g. ``DDIMSampler(schedule, eta=1.0)``), checked."""
+        prediction_type = self.denoiser.config.prediction_type
+        if isinstance(sampler, Sampler):
+            if sampler.prediction_type != prediction_type:
+                raise ValueError(f"the sampler reads {sampler.prediction_type!r} predictions but the denoiser makes "
+                                 f"{prediction_type!r} ones")
+            if not torch.equal(sampler.schedule.alphas_cumprod, self.schedule.alphas_cumprod):
+                raise ValueError("the sampler's noise schedule differs from the pipeline's (the denoiser's)")
+            return sampler
+        if not isinstance(sampler, str):
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLER_NAMES)} or a Sampler, got {sampler!r}")
+        return get_sampler(sampler, self.schedule, prediction_type=prediction_type)
+
+    # -- the shared loop --------------------------------------------------------------------------------
+
+    def _prepare(self, prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, generator, seed,
+                 num_images_per_prompt):
+        """Check every common argument before any work → (prompts, negatives, steps, w, sampler, generator, k)."""
+        steps = _check_steps(num_inference_steps)
+        guidance_scale = _check_guidance(guidance_scale)
+        prompts = _prompt_list(prompt)
+        negatives = _negative_list(negative_prompt, len(prompts))
+        if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, (int, np.integer)) \
+                or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt must be a whole number ≥ 1, got {num_images_per_prompt!r}")
+        if self.text_encoder is None and (any(prompts) or negative_prompt is not None):
+            raise ValueError("this pipeline has no text encoder (an unconditional denoiser): use prompt '' and "
+                             "num_images_per_prompt to choose the number of images, and no negative_prompt")
+        solver = self.get_sampler(sampler)
+        generator = _make_generator(generator, seed)
+        return prompts, negatives, steps, guidance_scale, solver, generator, int(num_images_per_prompt)
+
+    def _model_fn(self, prompts: list[str], negatives: list[str], guidance_scale: float, k: int) -> Callable:
+        """The text encoded once and repeated k times per prompt, and ``model_fn(x, t)`` giving the guided
+        prediction for the N = P·k latents x ``[N, 4, 8, 8]``."""
+        denoiser = self.denoiser
+        if self.text_encoder is None:
+            return lambda x, t: denoiser(x, t)
+        guided = guidance_scale != 1.0
+        tokens, mask = self.encode_prompt(negatives + prompts if guided else prompts)  # [2P or P, L, D]
+        tokens, mask = tokens.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)  # [2N or N, L, D]
+        if not guided:  # ε̃ = ε_c: no unconditional pass
+            return lambda x, t: denoiser(x, t, tokens, mask)
+
+        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            both = denoiser(torch.cat([x, x]), t, tokens, mask)  # [2N, 4, 8, 8]: one batched call
+            uncond, cond = both.chunk(2)
+            return classifier_free_guidance(uncond, cond, guidance_scale)
+
+        return model_fn
+
+    @torch.no_grad()
+    def _denoise(self, model_fn, solver, steps, generator, n, progress, callback, x0=None, strength=1.0):
+        noise = _draw_noise((n, *self.latent_shape), generator, self.device)  # [N, 4, 8, 8]
+        return sample(model_fn, solver, noise.shape, steps, generator=generator, progress=progress,
+                      callback=callback, noise=noise, x0=x0, strength=strength)
+
+    # -- text → image -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 20,
+        guidance_scale: float = 4.0,
+        sampler: str | Sampler = "dpm++",
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        seed: int | None = None,
+        num_images_per_prompt: int = 1,
+        progress: bool = True,
+        callback: Callable | None = None,
+    ) -> torch.Tensor:
+        """Images for ``prompt`` → ``[N, 3, 32, 32]`` in [-1, 1] on the CPU, N = len(prompts) · num_images_per_prompt,
+        grouped by prompt (the k images of prompt 0 first).
+
+        - ``negative_prompt``: what guidance pushes away from, in place of the empty prompt: one string for all
+          prompts or a list as long as ``prompt``. (Ignored at ``guidance_scale`` 1, where there is no
+          unconditional pass.)
+        - ``num_inference_steps`` ≥ 1; ``guidance_scale`` w ≥ 0 (ε̃ = ε_u + w (ε_c − ε_u)); ``sampler``: a name
+          among ``"ddpm"``, ``"ddim"``, ``"euler"``, ``"heun"``, ``"dpm++"`` or a Sampler.
+        - ``seed`` or ``generator`` (one, or a list with one per image): the same seed gives the same images.
+          Neither draws from torch's global generator.
+        - ``callback(i, t, latents, x0_pred)`` after each step, as in :func:`sdlearn.samplers.sample` (a tensor
+          it returns replaces the latents).
+        """
+        prompts, negatives, steps, w, solver, generator, k = self._prepare(
+            prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, generator, seed, num_images_per_prompt)
+        model_fn = self._model_fn(prompts, negatives, w, k)
+        latents = self._denoise(model_fn, solver, steps, generator, len(prompts) * k, progress, callback)
+        return self.decode_latents(latents)
+
+    # -- image → image and inpainting --------------------------------------------------------------------
+
+    def _check_image(self, image) -> torch.Tensor:
+        C, H, W = self.image_shape
+        expected = f"[B, {C}, {H}, {W}] (or [{C}, {H}, {W}]) with values in [-1, 1]"
+        if not isinstance(image, torch.Tensor):
+            raise ValueError(f"image must be a tensor {expected}, got {type(image).__name__}")
+        if not image.is_floating_point():
+            raise ValueError(f"image must be a floating-point tensor {expected}, got dtype {image.dtype} "
+                             "(for uint8 pixels use x / 127.5 - 1)")
+        if image.dim() == 3:
+            image = image[None]
+        if image.dim() != 4 or image.shape[0] < 1 or tuple(image.shape[1:]) != (C, H, W):
+            raise ValueError(f"image must be {expected}; got shape {list(image.shape)}: this pipeline's images have "
+                             f"{C} channels and are {H}×{W}")
+        if not torch.isfinite(image).all() or image.min() < -1.001 or image.max() > 1.001:
+            raise ValueError(f"image values must lie in [-1, 1], got {image.min().item():.3g}..{image.max().item():.3g}"
+                             " (for images in [0, 1] use 2 * x - 1)")
+        return image.to(torch.float32)
+
+    @staticmethod
+    def _pair(prompts: list[str], negatives: list[str], images: torch.Tensor):
+        """Match P prompts with B images: one of them may be 1 and is repeated; otherwise P must equal B."""
+        P, B = len(prompts), images.shape[0]
+        if P == B:
+            return prompts, negatives, images
+        if P == 1:
+            return prompts * B, negatives * B, images
+        if B == 1:
+            return prompts, negatives, images.expand(P, *images.shape[1:])
+        raise ValueError(f"got {P} prompts for {B} images; give one prompt, one image, or as many prompts as images")
+
+    @torch.no_grad()
+    def img2img(self, prompt: str | list[str], image: torch.Tensor, strength: float = 0.6, **kwargs) -> torch.Tensor:
+        """SDEdit (Meng et al. 2022): ``image`` ``[B, 3, 32, 32]`` in [-1, 1] → images ``[N, 3, 32, 32]``.
+
+        The image is encoded (posterior mode, times the scaling factor), noised with the sampler's own
+        ``add_noise`` to the timestep ``strength`` of the way up its schedule, and denoised from there, so only
+        ⌊``num_inference_steps`` · strength⌋ steps run. ``strength`` ∈ [0, 1]: 0 returns the VAE's reconstruction
+        of the image, 1 starts from (almost) pure noise. Prompts and images pair up (one may be a single one);
+        the keyword arguments are those of ``pipe(...)``."""
+        strength = _check_strength(strength)
+        image = self._check_image(image)
+        prompts, negatives, steps, w, solver, generator, k = self._prepare(prompt, **self._common(kwargs))
+        prompts, negatives, image = self._pair(prompts, negatives, image)
+        latents = self.encode_image(image).repeat_interleave(k, dim=0)  # [N, 4, 8, 8]
+        model_fn = self._model_fn(prompts, negatives, w, k)
+        latents = self._denoise(model_fn, solver, steps, generator, len(latents), kwargs.get("progress", True),
+                                kwargs.get("callback"), x0=latents, strength=strength)
+        return self.decode_latents(latents)
+
+    def _check_mask(self, mask, batch: int) -> torch.Tensor:
+        _, H, W = self.image_shape
+        expected = f"[B, 1, {H}, {W}] or [1, {H}, {W}] (the image's size), 1 where to repaint, 0 where to keep"
+        if not isinstance(mask, torch.Tensor):
+            raise ValueError(f"mask must be a tensor {expected}, got {type(mask).__name__}")
+        mask = mask.to(torch.float32)
+        if mask.dim() == 3:
+            mask = mask[None]
+        if mask.dim() != 4 or mask.shape[1] != 1:
+            raise ValueError(f"mask must be {expected}; got shape {list(mask.shape)}")
+        if tuple(mask.shape[2:]) != (H, W):
+            raise ValueError(f"the mask is {mask.shape[2]}×{mask.shape[3]} but the image is {H}×{W}; mask must be {expected}")
+        if mask.shape[0] not in (1, batch):
+            raise ValueError(f"got {mask.shape[0]} masks for {batch} images; give one mask, or one per image")
+        if not torch.isfinite(mask).all() or mask.min() < 0 or mask.max() > 1:
+            raise ValueError(f"mask values must lie in [0, 1] (1 = repaint, 0 = keep), got "
+                             f"{mask.min().item():.3g}..{mask.max().item():.3g}")
+        return mask.expand(batch, -1, -1, -1)
+
+    @torch.no_grad()
+    def inpaint(self, prompt: str | list[str], image: torch.Tensor, mask: torch.Tensor, paste_unmasked: bool = True,
+                **kwargs) -> torch.Tensor:
+        """Repaint the masked part of ``image`` ``[B, 3, 32, 32]`` → images ``[N, 3, 32, 32]``.
+
+        ``mask`` ``[B, 1, 32, 32]`` or ``[1, 32, 32]``: 1 = repaint, 0 = keep (values in between blend). The mask
+        is max-pooled to the latent grid; after each step the kept latent cells are reset to the encoded image
+        noised to the current noise level, after the last step to the encoded image itself (see the module's
+        docstring). With ``paste_unmasked`` the kept pixels are finally copied from ``image``:
+        out = mask · generated + (1 − mask) · image. The keyword arguments are those of ``pipe(...)``."""
+        image = self._check_image(image)
+        prompts, negatives, steps, w, solver, generator, k = self._prepare(prompt, **self._common(kwargs))
+        prompts, negatives, image = self._pair(prompts, negatives, image)
+        mask = self._check_mask(mask, image.shape[0]).repeat_interleave(k, dim=0)  # [N, 1, 32, 32]
+        image = image.repeat_interleave(k, dim=0)  # [N, 3, 32, 32]
+        known = self.encode_image(image)  # [N, 4, 8, 8]
+        factor = self.image_shape[1] // self.latent_shape[1]
+        repaint = F.max_pool2d(mask, factor).to(self.device)  # [N, 1, 8, 8]: 1 where a cell is repainted
+        model_fn = self._model_fn(prompts, negatives, w, k)
+        noise = _draw_noise(known.shape, generator, self.device)  # [N, 4, 8, 8], x_T and the re-noising
+        user_callback = kwargs.get("callback")
+
+        def blend(i, t, x, x0_pred):
+            if i + 1 < len(solver.timesteps):  # x is now at the noise level of timesteps[i + 1]
+                reference = solver.add_noise(known, noise, solver.timesteps[i + 1])
+            else:  # the last step has landed on clean latents
+                reference = known
+            x = repaint * x + (1 - repaint) * reference
+            if user_callback is not None:
+                replaced = user_callback(i, t, x, x0_pred)
+                x = x if replaced is None else replaced
+            return x
+
+        latents = sample(model_fn, solver, noise.shape, steps, generator=generator,
+                         progress=kwargs.get("progress", True), callback=blend, noise=noise)
+        images = self.decode_latents(latents)
+        if paste_unmasked:
+            mask = mask.cpu()
+            images = mask * images + (1 - mask) * image.cpu()
+        return images
+
+    _COMMON = ("negative_prompt", "num_inference_steps", "guidance_scale", "sampler", "generator", "seed",
+               "num_images_per_prompt")
+
+    @classmethod
+    def _common(cls, kwargs: dict) -> dict:
+        unknown = set(kwargs) - set(cls._COMMON) - {"progress", "callback"}
+        if unknown:
+            raise ValueError(f"unknown keyword argument(s) {', '.join(sorted(unknown))}; expected some of "
+                             f"{', '.join(cls._COMMON + ('progress', 'callback'))}")
+        defaults = {"negative_prompt": None, "num_inference_steps": 20, "guidance_scale": 4.0, "sampler": "dpm++",
+                    "generator": None, "seed": None, "num_images_per_prompt": 1}
+        return {name: kwargs.get(name, default) for name, default in defaults.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command line's generate: python -m sdlearn generate PROMPT ... --out FILE.png
+
+
+def generate_to_files(
+    prompt: str,
+    out: str | os.PathLike | None = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    negative_prompt: str | None = None,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.0,
+    sampler: str = "dpm++",
+    seed: int | None = 0,
+    num_images: int = 1,
+    weights: str | os.PathLike | None = None,
+    device: str = "cpu",
+    nrow: int = 8,
+    progress: bool = True,
+) -> list[Path]:
+    """What ``python -m sdlearn generate`` does: load the pipeline (the shipped weights, or the folder ``weights``
+    that ``python -m sdlearn train all`` wrote), generate ``num_images`` images of ``prompt``, and write them as
+    one grid PNG to ``out`` and/or one PNG per image (``out_dir/NNN.png``, 32×32). Returns the paths written.
+    Folders are created as needed. Bad arguments raise ``ValueError`` before any work."""
+    from sdlearn.plotting import save_image_grid
+    from sdlearn.pretrained import load_pipeline
+    from sdlearn.training import resolve_device
+
+    if out is None and out_dir is None:
+        raise ValueError("nothing to write: give --out FILE.png and/or --out-dir DIR")
+    _check_steps(num_inference_steps)
+    _check_guidance(guidance_scale)
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
+    if out is not None and Path(out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"):
+        raise ValueError(f"--out must name an image file such as out.png, got {str(out)!r}")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"--out-dir {str(out_dir)!r} exists and is not a folder")
+    pipe = load_pipeline(weights, device=resolve_device(device))
+    images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                  guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images_per_prompt=num_images,
+                  progress=progress)
+    written = []
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        written.append(save_image_grid(images, out, nrow=nrow))
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for i, picture in enumerate(to_pil(images)):
+            path = Path(out_dir) / f"{i:03d}.png"
+            picture.save(path)
+            written.append(path)
+    return written
