@@ -91,3 +91,40 @@ def load_denoiser(path: str | os.PathLike | None = None, device: str | torch.dev
     denoiser.schedule_name = info.get("schedule", "scaled_linear")
     denoiser.text_encoder_info = info.get("text_encoder")
     return denoiser
+
+
+# The whole text-to-image pipeline (sdlearn.pipeline, notebooks 00 and 08).
+
+
+def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    """The :class:`sdlearn.pipeline.LatentDiffusionPipeline` of the shipped weights (``sdlearn/weights/``: ``vae.*``,
+    ``clip.*`` for the text tower and its tokenizer, ``denoiser.*``), or of the folder ``path`` that
+    ``python -m sdlearn train all --out DIR`` wrote. The noise schedule is the one the denoiser's JSON names.
+
+    A missing folder or a missing, damaged or mismatched file raises :class:`CheckpointError` (a ``ValueError``)
+    naming it. When the denoiser's JSON records the hash of the text tower it was trained with and ``clip``'s
+    file differs, a warning says so (the pair would still run, but answer prompts badly)."""
+    import warnings
+
+    from sdlearn.pipeline import LatentDiffusionPipeline
+    from sdlearn.schedules import NoiseSchedule
+    from sdlearn.training import _file_sha256
+
+    if path is not None and not Path(path).is_dir():
+        raise CheckpointError(f"weights folder {str(path)!r} not found; expected a folder holding vae.*, clip.* and "
+                              "denoiser.* (.safetensors + .json), as `python -m sdlearn train all --out DIR` writes")
+    vae = load_vae(path, device)
+    text_encoder = load_text_encoder(path, device)
+    tokenizer = load_tokenizer(path)
+    denoiser = load_denoiser(path, device)
+    recorded = (denoiser.text_encoder_info or {}).get("sha256")
+    clip_file = weights_path("clip", path)
+    if recorded is not None and recorded != _file_sha256(clip_file):
+        warnings.warn(f"the denoiser in {str(weights_path('denoiser', path))!r} was trained with another text tower "
+                      f"than {str(clip_file)!r} (sha256 differs); its images may not follow the prompts", stacklevel=2)
+    try:
+        schedule = NoiseSchedule.from_name(denoiser.schedule_name)
+    except ValueError as e:
+        raise CheckpointError(f"{str(checkpoint_paths(weights_path('denoiser', path))[1])!r} names an unknown "
+                              f"schedule: {e}") from None
+    return LatentDiffusionPipeline(vae, text_encoder, tokenizer, denoiser, schedule)
