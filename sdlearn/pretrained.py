@@ -72,6 +72,36 @@ def load_classifier(path: str | os.PathLike | None = None, device: str | torch.d
     return load_module(AttributeClassifier, ClassifierConfig, "classifier", path, device)
 
 
+# The text tower (sdlearn.text, notebook 07): TinyCLIP, its text encoder, and the tokenizer it was trained with.
+
+
+def load_clip(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    """The TinyCLIP (text + image towers), in eval mode: the shipped one (``sdlearn/weights/clip.*``), or one
+    written by ``python -m sdlearn train clip --out DIR`` when ``path`` is that folder or its ``clip.safetensors``."""
+    from sdlearn.text import TinyCLIP, TinyCLIPConfig
+
+    return load_module(TinyCLIP, TinyCLIPConfig, "clip", path, device)
+
+
+def load_text_encoder(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+    """TinyCLIP's text tower alone (a :class:`sdlearn.text.TextEncoder`, eval mode), as the denoiser uses it."""
+    clip = load_clip(path, device)
+    encoder = clip.text_encoder
+    encoder.training_info = clip.training_info
+    return encoder
+
+
+def load_tokenizer(path: str | os.PathLike | None = None):
+    """The :class:`sdlearn.text.Tokenizer` the shipped (or ``path``'s) TinyCLIP was trained with."""
+    from sdlearn.text import Tokenizer
+    from sdlearn.training import read_checkpoint_config
+
+    info = read_checkpoint_config(weights_path("clip", path))
+    if "tokenizer" not in info:
+        raise CheckpointError(f"{str(checkpoint_paths(weights_path('clip', path))[1])!r} records no tokenizer")
+    return Tokenizer.from_dict(info["tokenizer"])
+
+
 # The denoiser (sdlearn.denoiser, notebooks 04, 05 and 07).
 
 
