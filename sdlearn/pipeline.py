@@ -322,8 +322,8 @@ class LatentDiffusionPipeline:
           unconditional pass.)
         - ``num_inference_steps`` ≥ 1; ``guidance_scale`` w ≥ 0 (ε̃ = ε_u + w (ε_c − ε_u)); ``sampler``: a name
           among ``"ddpm"``, ``"ddim"``, ``"euler"``, ``"heun"``, ``"dpm++"`` or a Sampler.
-        - ``seed`` or ``generator`` (one, or a list with one per image): the same seed gives the same images.
-          Neither draws from torch's global generator.
+        - ``seed`` or ``generator`` (one, or a list with one per image; image i then depends on generator i only):
+          the same seed gives the same images. With neither, the noise comes from torch's global random state.
         - ``callback(i, t, latents, x0_pred)`` after each step, as in :func:`sdlearn.samplers.sample` (a tensor
           it returns replaces the latents).
         """
