@@ -1,4 +1,4 @@
-"""The command line: ``python -m sdlearn {train,exercises} ...``.
+"""The command line: ``python -m sdlearn {generate,train,exercises} ...``.
 
 Every failure a user can cause (a bad argument, a missing folder, a damaged weights file) ends
 with a one-line message on stderr and exit status 2, never a traceback.
@@ -16,7 +16,9 @@ TRAINERS = {
     "clip": ("sdlearn.text", "train_clip"),
     "classifier": ("sdlearn.metrics", "train_classifier"),
     "denoiser": ("sdlearn.training", "train_denoiser"),
+    "all": ("sdlearn.training", "train_all"),
 }
+SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpm++")  # sdlearn.samplers.SAMPLER_NAMES, literal so --help needs no torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,9 +42,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m sdlearn", description="sdlearn: learn Stable Diffusion by building it.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    generate = commands.add_parser("generate", help="draw images for a prompt with the shipped (or your own) weights")
+    generate.add_argument("prompt", help='what to draw, e.g. "a small red circle in the top left"')
+    generate.add_argument("--negative", default=None, help="negative prompt (replaces the empty prompt in guidance)")
+    generate.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default 20)")
+    generate.add_argument("--guidance", type=_non_negative_float, default=4.0, help="guidance scale (default 4)")
+    generate.add_argument("--sampler", choices=SAMPLERS, default="dpm++", help="sampler (default dpm++)")
+    generate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    generate.add_argument("--n", type=_positive_int, default=1, help="number of images (default 1)")
+    generate.add_argument("--out", default=None, help="PNG file for a grid of the images")
+    generate.add_argument("--out-dir", default=None, help="folder for one 32×32 PNG per image")
+    generate.add_argument("--weights", default=None, help="folder written by 'train all' (default: the shipped weights)")
+    generate.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
 
     train = commands.add_parser("train", help="train a model of the course from scratch")
     train.add_argument("model", choices=sorted(TRAINERS), help="which model to train")
@@ -74,6 +96,18 @@ def _run(args: argparse.Namespace) -> int:
         print(f"wrote {len(written)} student notebooks to {args.out_dir}")
         return 0
 
+    if args.command == "generate":
+        from sdlearn.pipeline import generate_to_files
+
+        written = generate_to_files(
+            args.prompt, args.out, out_dir=args.out_dir, negative_prompt=args.negative, num_inference_steps=args.steps,
+            guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, num_images=args.n,
+            weights=args.weights, device=args.device,
+        )
+        for path in written:
+            print(path)
+        return 0
+
     if args.command == "train":
         if args.threads is not None:
             import torch
@@ -87,7 +121,7 @@ def _run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--data PATH is supported by 'train vae' only, not by 'train {args.model}'")
             kwargs["data"] = args.data
         if args.prediction_type is not None:
-            if args.model != "denoiser":
+            if args.model not in ("denoiser", "all"):
                 raise ValueError(f"--prediction-type is for 'train denoiser' only, not 'train {args.model}'")
             kwargs["prediction_type"] = args.prediction_type
         train_fn(**kwargs)
