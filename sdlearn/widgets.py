@@ -437,3 +437,123 @@ def sampler_scrubber(model_fn, schedule: NoiseSchedule, shape=None, *, noise: to
     (see :class:`SamplerScrubber`). ``shape`` (e.g. ``(4, 3, 32, 32)``) or ``noise`` gives the batch."""
     return SamplerScrubber(model_fn, schedule, shape, noise=noise, sampler=sampler, num_inference_steps=num_inference_steps,
                            seed=seed, spacing=spacing, decode=decode, max_images=max_images)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The prompt playground (notebooks 00 and 08)
+# ---------------------------------------------------------------------------------------------------
+class PromptPlayground(widgets.VBox):
+    """Type a prompt, set the knobs, press **Generate**: a text-to-image pipeline answers with a grid of images.
+
+    ``pipe`` is a :class:`sdlearn.pipeline.LatentDiffusionPipeline` (None: the shipped one, from
+    :func:`sdlearn.pretrained.load_pipeline`). The controls are the pipeline's own arguments: ``prompt``,
+    ``negative`` (the negative prompt; empty = the empty prompt), ``steps``, ``guidance`` (the scale w),
+    ``seed``, ``num_images`` (images of the prompt, each from its own starting noise) and ``sampler``.
+    Moving a control changes nothing until ``generate_button`` is pressed (or :meth:`generate` called), since
+    a run costs a fraction of a second to a few seconds on a CPU.
+
+    After a run, ``images`` holds the output ``[N, 3, 32, 32]`` in [-1, 1] (None after a refused run),
+    ``picture`` shows them and ``readout`` says what was run and how long it took, with the tokenizer's
+    warnings (unknown words, a prompt too long) and the pipeline's errors in words instead of a traceback.
+    """
+
+    def __init__(self, pipe=None, prompt: str = "a large red circle in the top left", *, negative_prompt: str = "",
+                 num_inference_steps: int = 20, guidance_scale: float = 4.0, seed: int = 0, num_images: int = 4,
+                 sampler: str = "dpm++", generate: bool = True):
+        from sdlearn.samplers import SAMPLER_NAMES  # imported here: the other explorers don't need it
+
+        if pipe is None:
+            from sdlearn.pretrained import load_pipeline
+
+            pipe = load_pipeline()
+        if not callable(pipe) or not hasattr(pipe, "denoiser"):
+            raise ValueError(f"pipe must be a LatentDiffusionPipeline (or None for the shipped one), got {type(pipe).__name__}")
+        if sampler not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
+        self.pipe = pipe
+        wide = widgets.Layout(width="70%")
+        self.prompt = widgets.Text(value=prompt, description="prompt", layout=wide)
+        self.negative = widgets.Text(value=negative_prompt, description="negative", layout=wide,
+                                     placeholder="(empty: guidance pushes away from the empty prompt)")
+        self.steps = widgets.IntSlider(value=num_inference_steps, min=1, max=100, description="steps")
+        self.guidance = widgets.FloatSlider(value=guidance_scale, min=0.0, max=12.0, step=0.5, description="guidance")
+        self.seed = widgets.IntText(value=seed, description="seed", layout=widgets.Layout(width="180px"))
+        self.num_images = widgets.IntSlider(value=num_images, min=1, max=16, description="images")
+        self.sampler = widgets.Dropdown(options=list(SAMPLER_NAMES), value=sampler, description="sampler",
+                                        layout=widgets.Layout(width="200px"))
+        self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="paint-brush")
+        self.readout = widgets.HTML()
+        self.picture = widgets.Image(format="png")
+        super().__init__([
+            self.prompt,
+            self.negative,
+            widgets.HBox([self.steps, self.guidance]),
+            widgets.HBox([self.num_images, self.seed, self.sampler]),
+            self.generate_button,
+            self.readout,
+            self.picture,
+        ])
+        self.images: torch.Tensor | None = None
+        self.seconds: float | None = None
+        self.generate_button.on_click(lambda _: self.generate())
+        if generate:
+            self.generate()
+
+    def generate(self) -> None:
+        """Run the pipeline with the controls' values; show the images, or say why it could not run."""
+        import html
+        import textwrap
+        import time
+        import warnings
+
+        prompt, negative = self.prompt.value, self.negative.value.strip()
+        kwargs = dict(negative_prompt=negative or None, num_inference_steps=int(self.steps.value),
+                      guidance_scale=float(self.guidance.value), sampler=self.sampler.value, seed=int(self.seed.value),
+                      num_images_per_prompt=int(self.num_images.value), progress=False)
+        self.generate_button.disabled = True
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                start = time.perf_counter()
+                images = self.pipe(prompt, **kwargs)  # [N, 3, 32, 32]
+                self.seconds = time.perf_counter() - start
+        except ValueError as error:  # bad settings: say so in the readout (a callback's traceback is lost)
+            self.images, self.seconds = None, None
+            self.readout.value = f"<b style='color:#b00'>Cannot generate:</b> {html.escape(str(error))}"
+            return
+        finally:
+            self.generate_button.disabled = False
+        self.images = images
+
+        n = len(images)
+        ncols = min(n, 8)
+        nrows = -(-n // ncols)
+        fig = Figure(figsize=(1.45 * ncols, 1.45 * nrows + 0.45))
+        axes = fig.subplots(nrows, ncols, squeeze=False)
+        for i, ax in enumerate(axes.flat):
+            ax.axis("off")
+            if i < n:
+                ax.imshow(to_image(images[i]), interpolation="nearest")
+                ax.set_title(f"#{i + 1}", fontsize=7)
+        fig.suptitle(textwrap.shorten(prompt or "(empty prompt: unconditional)", 90), fontsize=9)
+        fig.tight_layout()
+        self.figure = fig
+        self.picture.value = _png(fig)
+
+        w = kwargs["guidance_scale"]
+        guidance = "off (w = 1: the conditional model alone)" if w == 1 else f"w = {w:g}"
+        notes = "".join(f"<br><span style='color:#a60'>⚠ {html.escape(str(c.message))}</span>" for c in caught)
+        self.readout.value = (
+            f"{n} image{'s' * (n != 1)} of <i>{html.escape(prompt) or '(empty prompt)'}</i>"
+            + (f", negative <i>{html.escape(negative)}</i>" if negative else "")
+            + f" &nbsp;·&nbsp; {kwargs['num_inference_steps']} steps of {kwargs['sampler']} &nbsp;·&nbsp; guidance {guidance}"
+            f" &nbsp;·&nbsp; seed {kwargs['seed']} &nbsp;·&nbsp; {self.seconds:.2f} s{notes}"
+        )
+
+    update = generate  # the explorers' common name for "redraw from the controls"
+
+
+def prompt_playground(pipe=None, prompt: str = "a large red circle in the top left", **kwargs) -> PromptPlayground:
+    """A prompt box, the pipeline's knobs (negative prompt, steps, guidance, seed, number of images, sampler) and a
+    Generate button over ``pipe`` (None: the shipped pipeline); see :class:`PromptPlayground`."""
+    return PromptPlayground(pipe, prompt, **kwargs)

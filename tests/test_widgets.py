@@ -148,3 +148,71 @@ def test_sampler_scrubber_rejects_bad_input():
     scrubber = sampler_scrubber(model, schedule, (2, 16), num_inference_steps=2,
                                 decode=lambda x: x.reshape(-1, 1, 4, 4))  # decode turns states into images
     assert len(scrubber.frames) == 3
+
+
+# -- the prompt playground ------------------------------------------------------------------------------
+def _tiny_pipeline():
+    """A small randomly initialised text-to-image pipeline (no shipped weights needed); adaLN-Zero's zero
+    layers get small random weights so that the output depends on the prompt and the noise."""
+    from sdlearn.denoiser import Denoiser, DenoiserConfig
+    from sdlearn.pipeline import LatentDiffusionPipeline
+    from sdlearn.text import TextEncoderConfig, TinyCLIP, TinyCLIPConfig, Tokenizer
+    from sdlearn.vae import VAE, VAEConfig
+
+    torch.manual_seed(0)
+    vae = VAE(VAEConfig(base_channels=8, num_res_blocks=0)).eval()
+    text = TinyCLIP(TinyCLIPConfig(text=TextEncoderConfig(width=32, depth=1, heads=2), image_channels=(8, 16),
+                                   embed_dim=16)).text_encoder.eval()
+    denoiser = Denoiser(DenoiserConfig(width=32, depth=1, heads=2, text_dim=32, frequency_dim=32))
+    with torch.no_grad():
+        for p in denoiser.parameters():
+            if p.dim() >= 2 and p.abs().max() == 0:
+                p.normal_(std=0.05)
+    return LatentDiffusionPipeline(vae, text, Tokenizer(), denoiser.eval(), "scaled_linear")
+
+
+def test_prompt_playground_generates_what_its_controls_say_when_generate_is_clicked():
+    from sdlearn.widgets import prompt_playground
+
+    pipe = _tiny_pipeline()
+    playground = prompt_playground(pipe, "a small blue square", num_inference_steps=3, num_images=2, seed=5)
+    assert isinstance(playground, ipywidgets.Widget)
+    expected = pipe("a small blue square", num_inference_steps=3, seed=5, num_images_per_prompt=2, progress=False)
+    torch.testing.assert_close(playground.images, expected)
+    first = bytes(playground.picture.value)
+    assert first.startswith(PNG)
+    assert "2 images of <i>a small blue square</i>" in playground.readout.value and "3 steps of dpm++" in playground.readout.value
+
+    # moving the controls does nothing until Generate is pressed
+    playground.prompt.value = "a big green triangle in the center"
+    playground.negative.value = "red"
+    playground.steps.value, playground.guidance.value, playground.seed.value = 4, 2.5, 9
+    playground.num_images.value, playground.sampler.value = 3, "ddim"
+    torch.testing.assert_close(playground.images, expected)
+    playground.generate_button.click()
+    expected = pipe("a big green triangle in the center", negative_prompt="red", num_inference_steps=4,
+                    guidance_scale=2.5, sampler="ddim", seed=9, num_images_per_prompt=3, progress=False)
+    assert playground.images.shape == (3, 3, 32, 32)
+    torch.testing.assert_close(playground.images, expected)
+    assert bytes(playground.picture.value) != first and not playground.generate_button.disabled
+    assert "negative <i>red</i>" in playground.readout.value and "seed 9" in playground.readout.value
+
+
+def test_prompt_playground_reports_warnings_and_errors_in_words():
+    from sdlearn.widgets import prompt_playground
+
+    pipe = _tiny_pipeline()
+    playground = prompt_playground(pipe, "a red zebra", num_inference_steps=2, num_images=1)
+    assert playground.images.shape == (1, 3, 32, 32)
+    assert "unknown word" in playground.readout.value and "zebra" in playground.readout.value
+
+    pipe.text_encoder = pipe.tokenizer = None  # an unconditional pipeline refuses a prompt: no traceback, a message
+    playground.prompt.value = "a red circle"
+    playground.generate_button.click()
+    assert playground.images is None and "Cannot generate" in playground.readout.value
+    assert "no text encoder" in playground.readout.value
+
+    with pytest.raises(ValueError, match="unknown sampler"):
+        prompt_playground(pipe, sampler="plms", generate=False)
+    with pytest.raises(ValueError, match="LatentDiffusionPipeline"):
+        prompt_playground("not a pipeline")
