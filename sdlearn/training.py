@@ -1170,50 +1170,29 @@ def save_denoiser(
     return save_checkpoint(path, tensors, info)
 
 
-# A minimal text-to-image loop, to evaluate a denoiser during and after training. The course's pipeline is
-# sdlearn.pipeline.LatentDiffusionPipeline; this stays private so that there is only one of them.
-
-
 @torch.no_grad()
 def _generate_for_eval(denoiser, vae, text_encoder, tokenizer, prompts, negative_prompts=None, steps: int = 20,
                        guidance_scale: float = 4.0, sampler: str = "dpm++", seed: int = 0, schedule=None,
                        batch_size: int = 128) -> torch.Tensor:
-    """Images ``[N, 3, 32, 32]`` in [-1, 1] for ``prompts`` (N of them), with classifier-free guidance: the
-    unconditional (``negative_prompts``, default "") and conditional passes run as one batch of 2·B, then
-    ε̃ = ε_u + w (ε_c − ε_u) (:func:`sdlearn.samplers.classifier_free_guidance`); latents are divided by the
-    VAE's scaling factor before decoding. ``text_encoder=None`` samples an unconditional denoiser (prompts
-    then only count the images). Image i's noise comes from ``seed + i``."""
-    from sdlearn.samplers import classifier_free_guidance, get_sampler, sample
-    from sdlearn.schedules import NoiseSchedule
+    """Images ``[N, 3, 32, 32]`` for ``prompts`` through :class:`sdlearn.pipeline.LatentDiffusionPipeline`, in
+    chunks of ``batch_size``, image i's noise from ``seed + i`` (so a chunk's size never changes an image).
+    ``text_encoder=None`` samples an unconditional denoiser: the prompts then only count the images."""
+    from sdlearn.pipeline import LatentDiffusionPipeline
 
-    schedule = NoiseSchedule.from_name("scaled_linear") if schedule is None else schedule
     prompts = list(prompts)
-    negative_prompts = [""] * len(prompts) if negative_prompts is None else list(negative_prompts)
-    if len(negative_prompts) != len(prompts):
+    if negative_prompts is not None and len(negative_prompts) != len(prompts):
         raise ValueError(f"got {len(negative_prompts)} negative prompts for {len(prompts)} prompts")
-    device = next(denoiser.parameters()).device
-    cfg = denoiser.config
-    shape = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    pipe = LatentDiffusionPipeline(vae, text_encoder, tokenizer, denoiser, schedule or "scaled_linear")
+    if text_encoder is None:
+        prompts, negative_prompts = [""] * len(prompts), None
     images = []
     for start in range(0, len(prompts), batch_size):
-        chunk = slice(start, min(start + batch_size, len(prompts)))
-        B = chunk.stop - chunk.start
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed + i))
-                             for i in range(chunk.start, chunk.stop)]).to(device)  # [B, 4, 8, 8]
-        if text_encoder is None:
-            model_fn = lambda x, t: denoiser(x, t)  # noqa: E731
-        else:
-            ids, mask = tokenizer(negative_prompts[chunk] + prompts[chunk])  # [2B, 16]: unconditional first
-            encoding = text_encoder(ids.to(device), mask.to(device))
-
-            def model_fn(x, t, tokens=encoding.tokens, mask=encoding.mask):
-                both = denoiser(torch.cat([x, x]), t, tokens, mask)  # [2B, 4, 8, 8], one call
-                uncond, cond = both.chunk(2)
-                return classifier_free_guidance(uncond, cond, guidance_scale)
-
-        solver = get_sampler(sampler, schedule, prediction_type=cfg.prediction_type)
-        latents = sample(model_fn, solver, (B, *shape), steps, noise=noise, progress=False)
-        images.append(vae.decode(latents / vae.scaling_factor).clamp(-1, 1).cpu())
+        stop = min(start + batch_size, len(prompts))
+        images.append(pipe(
+            prompts[start:stop], negative_prompt=None if negative_prompts is None else list(negative_prompts[start:stop]),
+            num_inference_steps=steps, guidance_scale=guidance_scale, sampler=sampler, progress=False,
+            generator=[torch.Generator().manual_seed(seed + i) for i in range(start, stop)],
+        ))
     return torch.cat(images)
 
 
