@@ -25,15 +25,6 @@ from sdlearn.denoiser import (
 TINY = dict(width=32, depth=2, heads=2, text_dim=16, frequency_dim=32)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**overrides) -> Denoiser:
     torch.manual_seed(0)
     return Denoiser(DenoiserConfig(**{**TINY, **overrides}))

@@ -32,14 +32,6 @@ def tiny_config(**kwargs):
     return DenoiserConfig(**{"width": 32, "depth": 1, "heads": 2, "text_dim": 16, "frequency_dim": 32, **kwargs})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def vae():
     torch.manual_seed(0)

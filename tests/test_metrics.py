@@ -25,14 +25,6 @@ SHIPPED = weights_path("classifier").is_file()
 needs_shipped = pytest.mark.skipif(not SHIPPED, reason="shipped classifier weights not present")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def untrained():
     torch.manual_seed(0)

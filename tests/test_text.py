@@ -35,15 +35,6 @@ TINY_CLIP = TinyCLIPConfig(text=TINY_TEXT, image_channels=(8, 16, 16, 16), embed
 SHIPPED = WEIGHTS_DIR / "clip.safetensors"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and do not slow down tenfold when other processes share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return Tokenizer()

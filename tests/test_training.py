@@ -26,16 +26,6 @@ from sdlearn.vae import VAE, VAEConfig
 TINY_VAE = VAEConfig(base_channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=(0, 1, 1), norm_groups=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models train faster on one thread, and do not slow down tenfold when other processes
-    share the cores (OpenMP threads spin-wait for each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_model(seed=0):
     torch.manual_seed(seed)
     return nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.1), nn.Linear(16, 1))

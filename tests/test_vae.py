@@ -12,16 +12,6 @@ from sdlearn.vae import VAE, DiagonalGaussian, VAEConfig, compute_scaling_factor
 TINY = VAEConfig(base_channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=1, norm_groups=4)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tiny models train faster on one thread, and do not slow down tenfold when other processes
-    share the cores (OpenMP threads spin-wait for each other)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def vae():
     torch.manual_seed(0)
