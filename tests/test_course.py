@@ -1,0 +1,45 @@
+"""The course as a whole: every notebook is there, executed, and has self-checking exercises."""
+
+import re
+
+import nbformat
+import pytest
+
+from sdlearn.exercises import CHECKERS, default_notebooks_dir, find_solution_regions
+
+NOTEBOOKS = default_notebooks_dir()
+COURSE = [
+    "00_tour", "01_forward_noising", "02_noise_schedules", "03_vae", "04_transformer_denoiser",
+    "05_training", "06_samplers", "07_text_and_guidance", "08_stable_diffusion", "09_code_review",
+]
+CHECK_CALL = re.compile(r"\b(check_\w+)\s*\(")
+
+
+def _code_cells(name):
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    return [cell for cell in nb.cells if cell.cell_type == "code"]
+
+
+def test_every_course_notebook_is_present():
+    missing = [name for name in COURSE if not (NOTEBOOKS / f"{name}.ipynb").exists()]
+    assert not missing, f"notebooks missing from {NOTEBOOKS}: {missing}"
+
+
+@pytest.mark.parametrize("name", COURSE)
+def test_notebook_is_committed_executed_in_order(name):
+    cells = [cell for cell in _code_cells(name) if cell.source.strip()]
+    counts = [cell.execution_count for cell in cells]
+    assert None not in counts, f"{name}: some code cells were never executed; run it top to bottom and commit it"
+    assert counts == sorted(counts), f"{name}: cells were executed out of order; re-run it top to bottom"
+
+
+@pytest.mark.parametrize("name", COURSE[1:])
+def test_notebook_has_at_least_two_checked_exercises(name):
+    cells = _code_cells(name)
+    solutions = sum(len(find_solution_regions(cell.source, f"{name}, cell {i}")) for i, cell in enumerate(cells))
+    called = {match for cell in cells for match in CHECK_CALL.findall(cell.source) if not cell.source.lstrip().startswith("def " + match)}
+    checkers = called & set(CHECKERS)
+    assert solutions >= 2, f"{name}: {solutions} solution region(s); each notebook 01–09 needs at least 2 exercises"
+    assert len(checkers) >= 2, f"{name}: calls {sorted(checkers)} from sdlearn.exercises; needs at least 2 checkers"
+    unknown = {c for c in called if c.startswith("check_") and c not in CHECKERS and c != "check_"}
+    assert not unknown, f"{name}: calls checkers that sdlearn.exercises does not register: {sorted(unknown)}"
