@@ -51,7 +51,8 @@ def forward_macs(cfg: DenoiserConfig, text_len: int | None) -> int:
     block += 2 * N * D * hidden + 9 * D * D  # MLP, adaLN modulation (once per image)
     if text_len is not None:
         macs += cfg.text_dim * D  # pooled text projection
-        block += N * D * D + text_len * cfg.text_dim * 2 * D + 2 * N * text_len * D + N * D * D  # cross-attn
+        E = cfg.cross_width  # cross-attention's inner width
+        block += N * D * E + text_len * cfg.text_dim * 2 * E + 2 * N * text_len * E + N * E * D  # cross-attn
     return macs + cfg.depth * block + 2 * D * D + N * D * P  # blocks, final layer
 
 

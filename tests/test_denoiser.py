@@ -228,6 +228,15 @@ def test_config_round_trips_through_json():
         DenoiserConfig.from_dict({**cfg.to_dict(), "widht": 3})
 
 
+def test_config_written_before_cross_attn_ratio_loads_with_full_width_cross_attention():
+    old = DenoiserConfig(width=64).to_dict()
+    del old["cross_attn_ratio"]
+    cfg = DenoiserConfig.from_dict(old)
+    assert cfg.cross_width == 64
+    assert Denoiser(cfg).blocks[0].cross_attn.q.weight.shape == (64, 64)
+    assert Denoiser(DenoiserConfig(width=64)).blocks[0].cross_attn.q.weight.shape == (32, 64)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -235,6 +244,8 @@ def test_config_round_trips_through_json():
         (dict(width=30, heads=4), "divisible by heads"),
         (dict(latent_size=8, patch_size=3), "divisible by patch_size"),
         (dict(depth=0), "depth must be a positive integer"),
+        (dict(width=64, heads=4, cross_attn_ratio=0.1), "multiple of heads"),
+        (dict(cross_attn_ratio=0), "multiple of heads"),
     ],
 )
 def test_bad_config(kwargs, match):
