@@ -1014,7 +1014,7 @@ def train_denoiser(
       (a :func:`sdlearn.schedules.make_betas` name; "scaled_linear" as SD).
     - **Optimiser**: AdamW (no weight decay, as DiT), ``lr`` with 200 warm-up steps then cosine decay over the
       budget, gradient clipping at 1; EMA of the weights with ``ema_decay``. Budget: ``minutes`` and/or
-      ``steps``; neither means the shipped recipe's 55 minutes. ``lr`` 1e-3 (batch 128) was picked from 300-step
+      ``steps``; neither means the shipped recipe's 45 minutes. ``lr`` 1e-3 (batch 128) was picked from 300-step
       runs with a random text tower: mean loss over steps 175–225 was 0.116 at 1e-3 against 0.137 at 3e-4.
       ``threads`` sets ``torch.set_num_threads``.
     - **Evaluation** (when ``text_encoder`` is given and ``eval_images`` > 0 and the shipped attribute
@@ -1030,7 +1030,7 @@ def train_denoiser(
     from sdlearn.schedules import PREDICTION_TYPES, NoiseSchedule
 
     if minutes is None and steps is None:
-        minutes = 55.0
+        minutes = 45.0
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     if prediction_type not in PREDICTION_TYPES:
