@@ -33,8 +33,8 @@ A sample whose mask is all False is treated exactly like ``text_tokens=None`` fo
 Default configuration, and why (measured with ``benchmarks/denoiser.py`` on a 2-core AMD EPYC, float32):
 
 - ``patch_size=2`` → 16 tokens for the 8×8×4 latent. Patch 1 (64 tokens) costs 4× the matmul FLOPs per
-  image: one thread trains 220 images/s at patch 2 but 59 at patch 1 (batch 128, with text), and a
-  guided sampling step for 16 images (batch 32) takes 53 ms against 197 ms — at 20 steps, 1 s against 4 s,
+  image: one thread trains 468 images/s at patch 2 but 116 at patch 1 (batch 128, with text), and a
+  guided sampling step for 16 images (batch 32) takes 24 ms against 90 ms — at 20 steps, 0.5 s against 1.8 s,
   when the whole pipeline has ≈ 3 s. Shapes' objects are 9 or 15 px wide in a 32 px image, 2–4 latent
   pixels: a 2×2 patch (8×8 image pixels) still resolves them, and the training budget (well under an hour)
   buys 4× more images at patch 2.
