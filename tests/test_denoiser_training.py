@@ -129,6 +129,7 @@ def test_train_denoiser_returns_ema_weights_and_writes_loadable_files(tmp_path, 
     assert loaded.config == denoiser.config and loaded.text_encoder_info["source"].startswith("a TextEncoder")
     assert loaded.schedule_name == "scaled_linear"
     assert loaded.training_info["steps"] == 12 and loaded.training_info["caption_dropout"] == 0.1
+    assert loaded.training_info["losses"] == pytest.approx(result.losses, rel=1e-3)  # notebook 05 plots it
     tensors, info = load_checkpoint(tmp_path / "denoiser_checkpoint")
     assert {k.split("/")[0] for k in tensors} >= {"model", "ema", "optim"}  # raw and EMA weights both kept
 
