@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from sdlearn import exercises
+from sdlearn.data import split_words
 from sdlearn.exercises import (
     CHECKERS,
     STUB,
@@ -326,6 +327,117 @@ def _bcast(a, like):
     return a.reshape(-1, *([1] * (like.dim() - 1)))
 
 
+def _alt_posterior_mean(x0, x_t, alpha_bar_t, alpha_bar_prev):
+    a_t, a_prev = float(alpha_bar_t), float(alpha_bar_prev)  # python floats: the weights in double precision
+    alpha_t = a_t / a_prev
+    weight_x0 = math.sqrt(a_prev) * (1 - alpha_t) / (1 - a_t)
+    weight_xt = math.sqrt(alpha_t) * (1 - a_prev) / (1 - a_t)
+    return weight_x0 * x0 + weight_xt * x_t
+
+
+def _alt_ddim_step(x_t, eps, alpha_bar_t, alpha_bar_prev, eta, noise):
+    # x_prev as one coefficient on x_t and one on eps (x̂0 substituted in), computed in float64
+    a, a_prev = alpha_bar_t.double(), alpha_bar_prev.double()
+    sigma2 = eta**2 * (1 - a_prev) / (1 - a) * (1 - a / a_prev)
+    coef_x = (a_prev / a).sqrt()
+    coef_eps = (1 - a_prev - sigma2).sqrt() - coef_x * (1 - a).sqrt()
+    return (coef_x * x_t.double() + coef_eps * eps.double() + sigma2.sqrt() * noise.double()).float()
+
+
+def _alt_heun_step(x, sigma, sigma_next, denoise):
+    h = sigma_next - sigma
+    slope = (x - denoise(x, sigma)) / sigma
+    x_euler = x + h * slope
+    if not sigma_next:
+        return x_euler
+    slope_next = (x_euler - denoise(x_euler, sigma_next)) / sigma_next
+    return x_euler + h / 2 * (slope_next - slope)  # the Euler step, corrected by half the change of slope
+
+
+def _alt_gaussian_kl(mean, logvar):
+    m, lv = mean.double().flatten(1), logvar.double().flatten(1)  # [B, D]
+    return (0.5 * (m.pow(2).sum(1) + lv.exp().sum(1) - lv.sum(1) - m.shape[1])).float()
+
+
+def _alt_timestep_embedding(t, dim):
+    half = dim // 2
+    freqs = 10000.0 ** (-torch.arange(half, dtype=torch.float64) / half)  # ω_i = 10000^(−i/half)
+    args = t.double()[:, None] * freqs  # [B, half]
+    return torch.cat([args.cos(), args.sin()], dim=1).float()
+
+
+def _alt_attention(q, k, v):
+    scores = torch.einsum("...nd,...md->...nm", q / math.sqrt(q.shape[-1]), k)
+    weights = torch.exp(scores - scores.amax(dim=-1, keepdim=True))  # a softmax written out, stabilised
+    return (weights / weights.sum(dim=-1, keepdim=True)) @ v
+
+
+def _alt_ddpm_reverse_step(x_t, eps, alpha_bar_t, alpha_bar_prev, noise):
+    # through the predicted x̂0 and the posterior mean (Ho et al. 2020, eqs. 7 and 15), as diffusers does
+    x0 = (x_t - (1 - alpha_bar_t).sqrt() * eps) / alpha_bar_t.sqrt()
+    alpha_t = alpha_bar_t / alpha_bar_prev
+    mean = (alpha_bar_prev.sqrt() * (1 - alpha_t) * x0 + alpha_t.sqrt() * (1 - alpha_bar_prev) * x_t)
+    mean = mean / (1 - alpha_bar_t)
+    variance = (1 - alpha_bar_prev) / (1 - alpha_bar_t) * (1 - alpha_t)
+    return mean + variance.sqrt() * noise
+
+
+def _alt_schedule_usable(betas):
+    values = betas.tolist()
+    if not all(0 < b <= 1 for b in values):
+        return False
+    if any(later < earlier for earlier, later in zip(values, values[1:])):
+        return False
+    alpha_bar = 1.0
+    for b in values:
+        alpha_bar *= 1 - b
+    return 1 - values[0] > 0.9 and alpha_bar < 0.05
+
+
+def _alt_cfg_batched(model_fn, x, t, cond, uncond, scale):
+    out = model_fn(x.repeat(2, 1, 1, 1), t, torch.cat([cond, uncond]))  # the other order: cond first
+    eps_cond, eps_uncond = out[: len(x)], out[len(x) :]
+    return (1 - scale) * eps_uncond + scale * eps_cond
+
+
+def _alt_inpaint_blend(x, known, noise, mask, alpha_bar):
+    noised = torch.sqrt(alpha_bar) * known + torch.sqrt(1 - alpha_bar) * noise
+    return torch.lerp(noised, x, mask)  # noised + mask · (x − noised)
+
+
+def _alt_latent_mask(mask):
+    B, C, H, W = mask.shape
+    return mask.reshape(B, C, H // 4, 4, W // 4, 4).amax(dim=(3, 5))
+
+
+def _alt_diffusion_loss(model, x0, noise, t, alphas_cumprod):
+    a = alphas_cumprod.gather(0, t)[:, None, None, None]
+    x_t = torch.sqrt(a) * x0 + torch.sqrt(1 - a) * noise
+    return torch.nn.functional.mse_loss(model(x_t, t), noise)
+
+
+def _alt_v_target(x0, noise, alpha_bar_t):
+    # Salimans & Ho's angle form: √ᾱ = cos φ, √(1 − ᾱ) = sin φ, v = cos φ · ε − sin φ · x0
+    phi = torch.atan2((1 - alpha_bar_t).sqrt(), alpha_bar_t.sqrt()).reshape(-1, 1, 1, 1)
+    return phi.cos() * noise - phi.sin() * x0
+
+
+def _alt_tokenize(prompt, vocabulary, max_length):
+    word_ids = {word: i for i, word in enumerate(vocabulary, start=4)}
+    tokens = [1] + [word_ids.get(w, 3) for w in split_words(prompt)][: max_length - 2] + [2]
+    ids = torch.zeros(max_length, dtype=torch.long)
+    ids[: len(tokens)] = torch.tensor(tokens)
+    return ids
+
+
+def _alt_contrastive_loss(image_emb, text_emb, logit_scale):
+    logits = float(logit_scale) * (image_emb.double() @ text_emb.double().T)  # [B, B]
+    matched = logits.diagonal()
+    image_to_text = (torch.logsumexp(logits, dim=1) - matched).mean()  # −log softmax of each row's diagonal
+    text_to_image = (torch.logsumexp(logits, dim=0) - matched).mean()
+    return float(image_to_text + text_to_image) / 2
+
+
 # Correct answers written the way a learner might (other operations, float64, python floats),
 # which must pass: the tolerances must not reject honest floating-point differences.
 ALTERNATIVE_SOLUTIONS = {
@@ -341,6 +453,28 @@ ALTERNATIVE_SOLUTIONS = {
     "check_log_snr": lambda ac: torch.log(ac / (1 - ac)),
     "check_zero_terminal_snr": lambda betas: (lambda s: 1 - torch.cat([s[:1] ** 2, (s[1:] / s[:-1]) ** 2]))(
         (lambda s: (s - s[-1]) / (s[0] - s[-1]) * s[0])(torch.cumprod(1 - betas.double(), 0).sqrt())),
+    "check_ddpm_posterior_mean": _alt_posterior_mean,
+    "check_ddim_step": _alt_ddim_step,
+    "check_heun_step": _alt_heun_step,
+    "check_reparameterize": lambda mean, logvar, noise: torch.addcmul(mean, noise, torch.exp(logvar).sqrt()),
+    "check_gaussian_kl": _alt_gaussian_kl,
+    "check_psnr": lambda x, y: 20 * torch.log10(2 / ((x - y) ** 2).mean(dim=(1, 2, 3)).sqrt()),
+    "check_patchify": lambda x, p: torch.nn.functional.unfold(x, kernel_size=p, stride=p).transpose(1, 2),
+    "check_timestep_embedding": _alt_timestep_embedding,
+    "check_attention": _alt_attention,
+    "check_modulate": lambda x, shift, scale: x + x * scale.unsqueeze(1) + shift.unsqueeze(1),
+    "check_ddpm_reverse_step": _alt_ddpm_reverse_step,
+    "check_schedule_sanity": _alt_schedule_usable,
+    "check_cfg_batched": _alt_cfg_batched,
+    "check_sdedit_start": lambda n, strength: n - math.floor(n * strength),
+    "check_inpaint_blend": _alt_inpaint_blend,
+    "check_latent_mask": _alt_latent_mask,
+    "check_diffusion_loss": _alt_diffusion_loss,
+    "check_ema_update": lambda ema, params, decay: {k: torch.lerp(ema[k], params[k], 1 - decay) for k in ema},
+    "check_v_target": _alt_v_target,
+    "check_tokenize": _alt_tokenize,
+    "check_contrastive_loss": _alt_contrastive_loss,
+    "check_cfg": lambda eps_uncond, eps_cond, scale: torch.lerp(eps_uncond, eps_cond, scale),
 }
 
 
