@@ -114,9 +114,9 @@ def test_loss_falls_on_a_fixed_batch(vae, text_encoder, prediction_type):
     with torch.no_grad():
         first = denoiser_loss(model, batch, SCHEDULE).item()
     result = train(model, lambda m, b, s: denoiser_loss(m, b, SCHEDULE), lambda step: batch,
-                   lr=3e-3, max_steps=150, progress=False)
+                   lr=3e-3, max_steps=250, progress=False)
     assert result.losses[0] == pytest.approx(first)
-    assert result.final_loss < 0.3 * first
+    assert result.final_loss < 0.3 * first, (result.final_loss, first)
 
 
 def test_train_denoiser_returns_ema_weights_and_writes_loadable_files(tmp_path, vae, text_encoder):
