@@ -248,7 +248,8 @@ def _attend(module: nn.Module, q, k, v, mask=None) -> torch.Tensor:
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over the latent tokens, with one fused Linear for Q, K and V."""
+    """Multi-head self-attention with one fused Linear for Q, K and V (over the latent tokens here, and over the
+    prompt's tokens in :class:`sdlearn.text.TextEncoder`)."""
 
     def __init__(self, width: int, heads: int):
         super().__init__()
@@ -257,10 +258,11 @@ class SelfAttention(nn.Module):
         self.out = nn.Linear(width, width)
         self.captured: list[torch.Tensor] | None = None  # attention maps, while inside capture_attention
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` ``[B, N, D]``; ``mask`` bool ``[B, 1, 1, N]``, True where a key may be attended to, or None (all)."""
         B, N, D = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 × [B, H, N, d]
-        y = _attend(self, q, k, v)  # [B, H, N, d]
+        y = _attend(self, q, k, v, mask)  # [B, H, N, d]
         return self.out(y.transpose(1, 2).reshape(B, N, D))  # [B, N, D]
 
 

@@ -258,10 +258,9 @@ def train_classifier(
     resumed from when present) and the weights (``out_dir/classifier.safetensors`` + ``classifier.json``,
     loadable by :func:`sdlearn.pretrained.load_classifier`) are written there.
     """
-    import time
 
     from sdlearn.data import sample_batch
-    from sdlearn.training import _command_line, resolve_device, train
+    from sdlearn.training import SHORT_RECIPE, resolve_device, train, training_record
 
     if minutes is None and steps is None:
         minutes = 5.0
@@ -290,11 +289,9 @@ def train_classifier(
         lr=lr,
         max_steps=steps,
         max_minutes=minutes,
-        warmup_steps=100,
-        lr_schedule="cosine",
+        **SHORT_RECIPE,
         checkpoint_dir=out_dir,
         checkpoint_name="classifier_checkpoint",
-        checkpoint_every=500,
         resume=resume,
         seed=seed,
         config=run_config,
@@ -303,23 +300,12 @@ def train_classifier(
     )
     classifier.eval()
     accuracy = {split: attribute_accuracy(classifier, 2048, split) for split in ("train", "heldout")}
-    training = {
-        "command": _command_line(),
-        "steps": result.step,
-        "minutes": round(result.seconds / 60, 3),
-        "stopped_reason": result.stopped_reason,
-        "final_loss": result.final_loss,
-        "eval_accuracy": {split: {k: round(v, 5) for k, v in acc.items()} for split, acc in accuracy.items()},
-        "eval_images": f"ShapesDataset(2048, split, seed={CLASSIFIER_EVAL_SEED}) for split in ('train', 'heldout'), clean",
-        "augmentation": f"blur mix a~U(0,1) on half, Gaussian noise sigma~U(0,{AUGMENT_NOISE_STD}) on half",
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        **{k: run_config[k] for k in ("batch_size", "lr", "seed")},
-        "max_steps": steps,
-        "max_minutes": minutes,
-    }
+    training = training_record(
+        result, run_config, ("batch_size", "lr", "seed"), device, steps, minutes,
+        eval_accuracy={split: {k: round(v, 5) for k, v in acc.items()} for split, acc in accuracy.items()},
+        eval_images=f"ShapesDataset(2048, split, seed={CLASSIFIER_EVAL_SEED}) for split in ('train', 'heldout'), clean",
+        augmentation=f"blur mix a~U(0,1) on half, Gaussian noise sigma~U(0,{AUGMENT_NOISE_STD}) on half",
+    )
     if out_dir is not None:
         save_classifier(classifier, out_dir / "classifier", training=training)
     if progress:

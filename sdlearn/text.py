@@ -64,6 +64,7 @@ from sdlearn.data import (
     sample_batch,
     split_words,
 )
+from sdlearn.denoiser import SelfAttention  # the same fused-QKV attention as the denoiser's, with a key mask
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
@@ -216,23 +217,6 @@ class TextEncoding(NamedTuple):
     tokens: torch.Tensor  # [B, L, D] one vector per token (what cross-attention reads)
     pooled: torch.Tensor  # [B, D] the <eos> token's vector (one vector per prompt)
     mask: torch.Tensor  # [B, L] bool, True on real tokens
-
-
-class SelfAttention(nn.Module):
-    """Multi-head self-attention, softmax(QKᵀ/√d)·V (Vaswani et al. 2017), padded keys masked out."""
-
-    def __init__(self, width: int, heads: int):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(width, 3 * width)
-        self.out = nn.Linear(width, width)
-
-    def forward(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, L, D]``; ``key_mask`` bool ``[B, 1, 1, L]``, True where a key may be attended to."""
-        B, L, D = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)  # 3 × [B, H, L, d]
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # [B, H, L, d]
-        return self.out(y.transpose(1, 2).reshape(B, L, D))  # [B, L, D]
 
 
 class Block(nn.Module):
@@ -651,7 +635,7 @@ def train_clip(
     weights (``out_dir/clip.safetensors`` + ``clip.json``, loadable by :func:`sdlearn.pretrained.load_clip`)
     are written there.
     """
-    from sdlearn.training import _command_line, resolve_device, train
+    from sdlearn.training import SHORT_RECIPE, resolve_device, train, training_record
 
     if minutes is None and steps is None:
         steps = 600
@@ -686,11 +670,9 @@ def train_clip(
         optimizer=optimizer,
         max_steps=steps,
         max_minutes=minutes,
-        warmup_steps=100,
-        lr_schedule="cosine",
+        **SHORT_RECIPE,
         checkpoint_dir=out_dir,
         checkpoint_name="clip_checkpoint",
-        checkpoint_every=500,
         resume=resume,
         seed=seed,
         config=run_config,
@@ -703,25 +685,14 @@ def train_clip(
     accuracy = {split: zero_shot_accuracy(clip, eval_images, CLIP_EVAL_SEED, split, tokenizer) for split in ("train", "heldout")}
     retrieval = {split: caption_retrieval_accuracy(clip, eval_images, CLIP_EVAL_SEED, split, tokenizer)
                  for split in ("train", "heldout")}
-    training = {
-        "command": _command_line(),
-        "steps": result.step,
-        "minutes": round(result.seconds / 60, 3),
-        "stopped_reason": result.stopped_reason,
-        "final_loss": result.final_loss,
-        "logit_scale": round(clip.scale().item(), 3),
-        "zero_shot_accuracy": {s: {k: round(v, 4) for k, v in acc.items()} for s, acc in accuracy.items()},
-        "caption_retrieval_accuracy": {s: round(v, 4) for s, v in retrieval.items()},
-        "eval_images": f"ShapesDataset({eval_images}, split, seed={CLIP_EVAL_SEED}) for split in ('train', 'heldout')",
-        "eval_seconds": round(time.perf_counter() - started, 1),
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        **{k: run_config[k] for k in ("batch_size", "lr", "seed", "partial_fraction")},
-        "max_steps": steps,
-        "max_minutes": minutes,
-    }
+    training = training_record(
+        result, run_config, ("batch_size", "lr", "seed", "partial_fraction"), device, steps, minutes,
+        logit_scale=round(clip.scale().item(), 3),
+        zero_shot_accuracy={s: {k: round(v, 4) for k, v in acc.items()} for s, acc in accuracy.items()},
+        caption_retrieval_accuracy={s: round(v, 4) for s, v in retrieval.items()},
+        eval_images=f"ShapesDataset({eval_images}, split, seed={CLIP_EVAL_SEED}) for split in ('train', 'heldout')",
+        eval_seconds=round(time.perf_counter() - started, 1),
+    )
     if out_dir is not None:
         save_clip(clip, out_dir / "clip", training=training, tokenizer=tokenizer)
     if progress:

@@ -45,7 +45,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -624,6 +624,32 @@ def _command_line() -> str:
     env = [f"{k}={os.environ[k]}" for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ]
     return " ".join([*env, "python", *(shlex.quote(a) for a in argv)])
 
+
+# The schedule the VAE, TinyCLIP and the attribute classifier share (the denoiser warms up for 200 steps and adds
+# gradient clipping and an EMA): keyword arguments of :func:`train`.
+SHORT_RECIPE = {"warmup_steps": 100, "lr_schedule": "cosine", "checkpoint_every": 500}
+
+
+def training_record(result: TrainResult, run_config: Mapping[str, Any], keys: Sequence[str], device, steps, minutes,
+                    **details) -> dict:
+    """The ``"training"`` block of a model's JSON: the command, the run's length and how it ended, ``details``
+    (evaluations, data), the machine, the ``keys`` of ``run_config`` (the recipe) and the budget asked for."""
+    return {
+        "command": _command_line(),
+        "steps": result.step,
+        "minutes": round(result.seconds / 60, 3),
+        "stopped_reason": result.stopped_reason,
+        "final_loss": result.final_loss if result.losses else None,
+        **details,
+        "device": str(device),
+        "torch_threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        **{k: run_config[k] for k in keys},
+        "max_steps": steps,
+        "max_minutes": minutes,
+    }
+
 VAE_EVAL_SEED = 10_000  # fresh evaluation images: ShapesDataset(1024, split, seed=10_000), never trained on
 SCALING_SEED = 20_000  # images the scaling factor is measured on
 
@@ -710,11 +736,9 @@ def train_vae(
         lr=lr,
         max_steps=steps,
         max_minutes=minutes,
-        warmup_steps=100,
-        lr_schedule="cosine",
+        **SHORT_RECIPE,
         checkpoint_dir=out_dir,
         checkpoint_name="vae_checkpoint",
-        checkpoint_every=500,
         resume=resume,
         seed=seed,
         config=run_config,
@@ -737,25 +761,13 @@ def train_vae(
     psnr_db = 10 * math.log10(4.0 / recon_mse)
     mean_psnr = psnr(recon.clamp(-1, 1), eval_images).mean().item()
 
-    training = {
-        "command": _command_line(),
-        "steps": result.step,
-        "minutes": round(result.seconds / 60, 3),
-        "stopped_reason": result.stopped_reason,
-        "final_loss": result.final_loss if result.losses else None,
-        "eval_psnr_db": round(psnr_db, 3),
-        "eval_mean_psnr_db": round(mean_psnr, 3),
-        "eval_images": "ShapesDataset(1024, 'all', seed=10000)"
-        if str(data) == "shapes"
+    training = training_record(
+        result, run_config, ("data", "batch_size", "lr", "seed"), device, steps, minutes,
+        eval_psnr_db=round(psnr_db, 3),
+        eval_mean_psnr_db=round(mean_psnr, 3),
+        eval_images="ShapesDataset(1024, 'all', seed=10000)" if str(data) == "shapes"
         else f"{len(eval_images)} training images of {data}",
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        **{k: run_config[k] for k in ("data", "batch_size", "lr", "seed")},
-        "max_steps": steps,
-        "max_minutes": minutes,
-    }
+    )
     if out_dir is not None:
         save_vae(vae, out_dir / "vae", training=training)
     if progress:
@@ -1104,26 +1116,15 @@ def train_denoiser(
     result.ema.copy_to(denoiser)
     denoiser.eval()
 
-    training = {
-        "command": _command_line(),
-        "steps": result.step,
-        "minutes": round(result.seconds / 60, 3),
-        "images_seen": result.step * batch_size,
-        "stopped_reason": result.stopped_reason,
-        "final_loss": result.final_loss if result.losses else None,
-        "losses": [float(f"{loss:.4g}") for loss in result.losses],  # per step, for notebook 05's curve
-        "weights": f"EMA (decay {ema_decay}), stored as float16",
-        "device": str(device),
-        "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        **{k: run_config[k] for k in ("batch_size", "lr", "ema_decay", "caption_dropout", "seed")},
-        "data": f"fresh Shapes, split 'train': ShapesDataset(2**40, 'train', seed={DENOISER_DATA_SEED + seed}), "
-                f"latents of a {latent_window}-image window, {latent_refresh} fresh images per step",
-        "vae": vae_record,
-        "max_steps": steps,
-        "max_minutes": minutes,
-    }
+    training = training_record(
+        result, run_config, ("batch_size", "lr", "ema_decay", "caption_dropout", "seed"), device, steps, minutes,
+        images_seen=result.step * batch_size,
+        losses=[float(f"{loss:.4g}") for loss in result.losses],  # per step, for notebook 05's curve
+        weights=f"EMA (decay {ema_decay}), stored as float16",
+        data=f"fresh Shapes, split 'train': ShapesDataset(2**40, 'train', seed={DENOISER_DATA_SEED + seed}), "
+             f"latents of a {latent_window}-image window, {latent_refresh} fresh images per step",
+        vae=vae_record,
+    )
     if text_encoder is not None and eval_images > 0:
         training["evaluation"] = _evaluate_prompt_accuracy(denoiser, vae, text_encoder, tokenizer, noise_schedule, eval_images)
     if out_dir is not None:
