@@ -3,7 +3,7 @@
     python benchmarks/data.py [--batch-size 256] [--seconds 2]
 
 Times three paths, each at the given batch size:
-  render_batch   the vectorised renderer alone (the figure DESIGN.md asks ≥ 5,000 images/s of, on one core)
+  render_batch   the vectorised renderer alone (the course asks ≥ 5,000 images/s of it, on one core)
   sample_batch   fresh random items with captions (what a training loop calls)
   dataset[i]     one item at a time through ShapesDataset.__getitem__ (the DataLoader path)
 

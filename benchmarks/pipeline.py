@@ -3,7 +3,7 @@
 - a batch of 16 images, 20 steps, guidance on (4.0), DPM-Solver++, 2 CPU threads: at most 3 s;
 - the pipeline loads (``sdlearn.pretrained.load_pipeline()``) in under 2 s;
 - all shipped weights together (``sdlearn/weights/``) at most 25 MB;
-- peak resident memory, printed beside (DESIGN.md §7).
+- peak resident memory, printed beside (every notebook and command must stay under 4 GB).
 
 Where a shipped model is missing (``vae``, ``clip`` or ``denoiser`` in ``sdlearn/weights/``), a randomly
 initialised model of the default configuration stands in for it, saved in the shipped format (float16 for
@@ -41,17 +41,18 @@ def stand_in(name: str, folder: Path) -> None:
     """Save a random-init default-size model ``name`` into ``folder`` as its shipped files would be."""
     torch.manual_seed(0)
     if name == "vae":
-        from sdlearn.training import save_vae
+        from sdlearn.pretrained import save_vae
         from sdlearn.vae import VAE
 
         save_vae(VAE(), folder / "vae", training={"note": "random init (benchmark stand-in)"})
     elif name == "clip":
-        from sdlearn.text import TinyCLIP, save_clip
+        from sdlearn.pretrained import save_clip
+        from sdlearn.text import TinyCLIP
 
         save_clip(TinyCLIP(), folder / "clip", training={"note": "random init (benchmark stand-in)"})
     else:
         from sdlearn.denoiser import Denoiser
-        from sdlearn.training import save_denoiser
+        from sdlearn.pretrained import save_denoiser
 
         save_denoiser(Denoiser(), folder / "denoiser", training={"note": "random init (benchmark stand-in)"})
 

@@ -24,10 +24,10 @@ import time
 
 import torch
 
+from sdlearn.checkpoint import CheckpointError
 from sdlearn.data import ATTRIBUTES, HELDOUT_PAIRS, ShapesDataset, parse_caption
 from sdlearn.metrics import attribute_accuracy, augment, fid, fid_baseline, prompt_accuracy, real_images
 from sdlearn.pretrained import load_classifier, load_vae, weights_path
-from sdlearn.training import CheckpointError
 
 
 def peak_rss_mb() -> float:
@@ -42,7 +42,7 @@ def percent(x: float) -> str:
 def classifier_section(classifier, n: int, seed: int) -> None:
     print(f"\n[1] AttributeClassifier on fresh real images, ShapesDataset({n}, split, seed={seed}); target ≥ 99.5% each")
     info = classifier.training_info
-    print(f"    weights: {weights_path('classifier')} ({weights_path('classifier').stat().st_size / 1e6:.2f} MB), "
+    print(f"    weights: sdlearn/weights/classifier.safetensors ({weights_path('classifier').stat().st_size / 1e6:.2f} MB), "
           f"{sum(p.numel() for p in classifier.parameters()):,} parameters, trained {info.get('steps')} steps "
           f"in {info.get('minutes')} min")
     print(f"    {'split':16}" + "".join(f"{name:>10}" for name in (*ATTRIBUTES, "all four")))

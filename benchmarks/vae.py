@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from sdlearn.checkpoint import count_parameters
 from sdlearn.data import ShapesDataset
 from sdlearn.pretrained import load_vae, weights_path
 from sdlearn.vae import psnr
@@ -95,7 +96,7 @@ def main(argv=None) -> None:
     path = weights_path("vae", args.weights)
     vae = load_vae(args.weights)
     print(f"weights: {path} ({path.stat().st_size / 1e6:.2f} MB; target ≤ 8 MB)")
-    print(f"parameters: {vae.num_parameters():,}   config: {vae.config}")
+    print(f"parameters: {count_parameters(vae):,}   config: {vae.config}")
     info = getattr(vae, "training_info", None)
     if info:
         print(f"trained: {info}")

@@ -1,2 +1,26 @@
-"""sdlearn: learn Stable Diffusion by building it."""
+"""sdlearn: learn Stable Diffusion by building it.
+
+The package is layered: a module imports only from the layers above it in this table (function-level imports
+included) and never another module's ``_private`` names. Within a layer: in the foundations and the interfaces
+a module may import those listed before it; among the models only ``text`` imports ``denoiser`` (its attention
+block); in the assembly only ``pretrained`` imports ``pipeline``. ``tests/test_layers.py`` enforces the rule.
+
+====================  ===========================================================================
+layer                 modules
+====================  ===========================================================================
+foundations           ``checks`` (shared input checks), ``checkpoint`` (file format, config base
+                      class, loading weights), ``data`` (Shapes, captions, the attribute table),
+                      ``schedules`` (β, ᾱ, SNR, add_noise, ε/x₀/v conversions)
+models and losses     ``vae``, ``denoiser`` (DiT, ``denoiser_loss``), ``text`` (tokenizer, text
+                      encoder, TinyCLIP; uses the denoiser's attention block), ``metrics`` (the
+                      attribute classifier, prompt accuracy, FID), ``samplers``
+the generic loop      ``training`` (``train``, EMA, ``TrainResult``, ``resolve_device``)
+assembly              ``pipeline`` (text→image, img2img, inpainting), ``pretrained`` (every
+                      ``save_X`` with its ``load_X``, ``load_pipeline``)
+recipes               ``recipes`` (``train_vae``, ``train_clip``, ``train_classifier``,
+                      ``train_denoiser``, ``train_all`` on one skeleton)
+interfaces            ``plotting``, ``widgets``, ``exercises/``, ``__main__`` (the command line)
+====================  ===========================================================================
+"""
+
 __version__ = "0.1.0"

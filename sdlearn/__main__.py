@@ -7,18 +7,28 @@ with a one-line message on stderr and exit status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
+import os
 import sys
+from pathlib import Path
 
-# python -m sdlearn train NAME → (module, function); each function takes out_dir, minutes, steps, device, seed.
+import torch
+
+from sdlearn import recipes
+from sdlearn.exercises import write_student_copies
+from sdlearn.pipeline import to_pil
+from sdlearn.plotting import save_image_grid
+from sdlearn.pretrained import load_pipeline
+from sdlearn.samplers import SAMPLER_NAMES
+from sdlearn.training import resolve_device
+
+# python -m sdlearn train NAME → the recipe; each takes out_dir, minutes, steps, device, seed.
 TRAINERS = {
-    "vae": ("sdlearn.training", "train_vae"),
-    "clip": ("sdlearn.text", "train_clip"),
-    "classifier": ("sdlearn.metrics", "train_classifier"),
-    "denoiser": ("sdlearn.training", "train_denoiser"),
-    "all": ("sdlearn.training", "train_all"),
+    "vae": recipes.train_vae,
+    "clip": recipes.train_clip,
+    "classifier": recipes.train_classifier,
+    "denoiser": recipes.train_denoiser,
+    "all": recipes.train_all,
 }
-SAMPLERS = ("ddpm", "ddim", "euler", "heun", "dpm++")  # sdlearn.samplers.SAMPLER_NAMES, literal so --help needs no torch
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--negative", default=None, help="negative prompt (replaces the empty prompt in guidance)")
     generate.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default 20)")
     generate.add_argument("--guidance", type=_non_negative_float, default=4.0, help="guidance scale (default 4)")
-    generate.add_argument("--sampler", choices=SAMPLERS, default="dpm++", help="sampler (default dpm++)")
+    generate.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpm++", help="sampler (default dpm++)")
     generate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     generate.add_argument("--n", type=_positive_int, default=1, help="number of images (default 1)")
     generate.add_argument("--out", default=None, help="PNG file for a grid of the images")
@@ -86,10 +96,53 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def generate_to_files(
+    prompt: str,
+    out: str | os.PathLike | None = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    negative_prompt: str | None = None,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.0,
+    sampler: str = "dpm++",
+    seed: int | None = 0,
+    num_images_per_prompt: int = 1,
+    weights: str | os.PathLike | None = None,
+    device: str = "cpu",
+    nrow: int = 8,
+    progress: bool = True,
+) -> list[Path]:
+    """What ``python -m sdlearn generate`` does: load the pipeline (the shipped weights, or the folder ``weights``
+    that ``python -m sdlearn train all`` wrote), generate ``num_images_per_prompt`` images of ``prompt``, and write them as
+    one grid PNG to ``out`` and/or one PNG per image (``out_dir/NNN.png``, 32×32). Returns the paths written.
+    Folders are created as needed. Bad arguments raise ``ValueError`` before any image is drawn."""
+    if out is None and out_dir is None:
+        raise ValueError("nothing to write: give --out FILE.png and/or --out-dir DIR")
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
+    if out is not None and Path(out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"):
+        raise ValueError(f"--out must name an image file such as out.png, got {str(out)!r}")
+    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise ValueError(f"--out-dir {str(out_dir)!r} exists and is not a folder")
+    pipe = load_pipeline(weights, device=resolve_device(device))
+    images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                  guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images_per_prompt=num_images_per_prompt,
+                  progress=progress)
+    written = []
+    if out is not None:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        written.append(save_image_grid(images, out, nrow=nrow))
+    if out_dir is not None:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for i, picture in enumerate(to_pil(images)):
+            path = Path(out_dir) / f"{i:03d}.png"
+            picture.save(path)
+            written.append(path)
+    return written
+
+
 def _run(args: argparse.Namespace) -> int:
     if args.command == "exercises":
-        from sdlearn.exercises import write_student_copies
-
         written = write_student_copies(args.out_dir, force=args.force)
         for path in written:
             print(path)
@@ -97,11 +150,9 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "generate":
-        from sdlearn.pipeline import generate_to_files
-
         written = generate_to_files(
             args.prompt, args.out, out_dir=args.out_dir, negative_prompt=args.negative, num_inference_steps=args.steps,
-            guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, num_images=args.n,
+            guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, num_images_per_prompt=args.n,
             weights=args.weights, device=args.device,
         )
         for path in written:
@@ -110,11 +161,8 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.command == "train":
         if args.threads is not None:
-            import torch
-
             torch.set_num_threads(args.threads)
-        module_name, function_name = TRAINERS[args.model]
-        train_fn = getattr(importlib.import_module(module_name), function_name)
+        train_fn = TRAINERS[args.model]
         kwargs = dict(out_dir=args.out or f"runs/{args.model}", minutes=args.minutes, steps=args.steps, device=args.device, seed=args.seed)
         if args.data != "shapes":
             if args.model != "vae":

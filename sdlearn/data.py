@@ -9,7 +9,7 @@ e.g. "a large red circle in the top left". It is procedural (rendered on the fly
 deterministic (the same seed and index always give the same item) and fast: images are drawn
 by a vectorised batch renderer, :func:`render_batch`, so that data never limits training.
 
-Rendering (DESIGN.md §3). Pixel coordinates run x to the right and y downwards; pixel ``i``
+Rendering. Pixel coordinates run x to the right and y downwards; pixel ``i``
 covers ``[i, i + 1)``. The object fills a square bounding box of 9 px (small) or 15 px (large)
 centred at x, y ∈ {9, 23} for the corners and (16, 16) for the centre:
 
@@ -43,12 +43,14 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import matplotlib.cbook
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 # ----------------------------------------------------------------------------------------------
-# The attributes and their exact values (DESIGN.md §3)
+# The attributes and their exact values
 
 IMAGE_SIZE = 32
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -85,7 +87,7 @@ COLOR_JITTER = 10.0  # ± per RGB channel, in 0..255 units, uniform
 POSITION_JITTER = 1.0  # ± px along x and y, uniform
 SUPERSAMPLE = 4  # sub-pixel samples per pixel along each axis (4×4 = 16 per pixel)
 
-_NAMES = {
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {  # the one table of every attribute's values, in index order
     "color": tuple(COLORS),
     "shape": SHAPES,
     "size": SIZES,
@@ -98,7 +100,7 @@ _CENTER_TABLE = torch.tensor([POSITION_CENTERS[p] for p in POSITIONS], dtype=tor
 
 def _check_name(kind: str, name) -> int:
     """Index of ``name`` among the valid values of attribute ``kind``; a clear ValueError otherwise."""
-    names = _NAMES[kind]
+    names = ATTRIBUTE_VALUES[kind]
     if isinstance(name, str) and name in names:
         return names.index(name)
     raise ValueError(f"unknown {kind} {name!r}; expected one of: {', '.join(names)}")
@@ -108,7 +110,7 @@ def _pairs_for(split: str) -> list[tuple[int, int]]:
     """The (colour index, shape index) pairs a split draws from."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of: {', '.join(SPLITS)}")
-    colors = _NAMES["color"]
+    colors = ATTRIBUTE_VALUES["color"]
     heldout = {(colors.index(c), SHAPES.index(s)) for c, s in HELDOUT_PAIRS}
     every = [(c, s) for c in range(len(colors)) for s in range(len(SHAPES))]
     if split == "train":
@@ -149,7 +151,7 @@ _INSIDE = (_inside_circle, _inside_square, _inside_triangle, _inside_diamond)  #
 
 def _as_indices(values, kind: str) -> torch.Tensor:
     """Attribute values (names, or integer indices) → a long tensor ``[B]`` of indices."""
-    names = _NAMES[kind]
+    names = ATTRIBUTE_VALUES[kind]
     if isinstance(values, (str, int)):
         values = [values]
     if isinstance(values, torch.Tensor | np.ndarray):
@@ -273,16 +275,16 @@ def render_shape(color: str, shape: str, size: str, position: str, rng=None) -> 
 # Captions
 
 # Synonyms; the first of each list is the canonical word.
-_SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
-_SHAPE_WORDS = {
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big")}
+SHAPE_WORDS = {
     "circle": ("circle", "disc"),
     "square": ("square",),
     "triangle": ("triangle",),
     "diamond": ("diamond", "rhombus"),
 }
-_VERTICAL_WORDS = {"top": ("top", "upper"), "bottom": ("bottom", "lower")}
-_HORIZONTAL_WORDS = ("left", "right")
-_CENTER_WORDS = ("center", "centre", "middle")
+VERTICAL_WORDS = {"top": ("top", "upper"), "bottom": ("bottom", "lower")}
+HORIZONTAL_WORDS = ("left", "right")
+CENTER_WORDS = ("center", "centre", "middle")
 # Templates; the first is the canonical one. {place} is a position phrase such as "top left",
 # "upper left corner" or "middle".
 TEMPLATES: tuple[str, ...] = (
@@ -296,12 +298,12 @@ TEMPLATES: tuple[str, ...] = (
 )
 
 
-def _place_phrases(position: str) -> tuple[str, ...]:
+def place_phrases(position: str) -> tuple[str, ...]:
     """Every phrase naming a position, canonical first ("top left", "top left corner", "upper left", ...)."""
     if position == "center":
-        return _CENTER_WORDS
+        return CENTER_WORDS
     vertical, horizontal = position.split()
-    return tuple(f"{v} {horizontal}{corner}" for v in _VERTICAL_WORDS[vertical] for corner in ("", " corner"))
+    return tuple(f"{v} {horizontal}{corner}" for v in VERTICAL_WORDS[vertical] for corner in ("", " corner"))
 
 
 def split_words(text: str) -> list[str]:
@@ -324,7 +326,7 @@ def _check_attributes(attributes) -> tuple[str, str, str, str]:
 def _choices(attributes) -> tuple[tuple[str, ...], ...]:
     """The independent choices a caption makes: template, size word, shape word, place phrase."""
     color, shape, size, position = _check_attributes(attributes)
-    return TEMPLATES, _SIZE_WORDS[size], _SHAPE_WORDS[shape], _place_phrases(position)
+    return TEMPLATES, SIZE_WORDS[size], SHAPE_WORDS[shape], place_phrases(position)
 
 
 def _fill(color: str, template: str, size_word: str, shape_word: str, place: str) -> str:
@@ -360,14 +362,14 @@ def caption_variants(attributes: dict) -> list[str]:
 _WORD_ROLE: dict[str, tuple[str, str]] = {}
 for _color in COLORS:
     _WORD_ROLE[_color] = ("color", _color)
-for _size, _words in _SIZE_WORDS.items():
+for _size, _words in SIZE_WORDS.items():
     _WORD_ROLE.update({w: ("size", _size) for w in _words})
-for _shape, _words in _SHAPE_WORDS.items():
+for _shape, _words in SHAPE_WORDS.items():
     _WORD_ROLE.update({w: ("shape", _shape) for w in _words})
-for _vertical, _words in _VERTICAL_WORDS.items():
+for _vertical, _words in VERTICAL_WORDS.items():
     _WORD_ROLE.update({w: ("vertical", _vertical) for w in _words})
-_WORD_ROLE.update({w: ("horizontal", w) for w in _HORIZONTAL_WORDS})
-_WORD_ROLE.update({w: ("position", "center") for w in _CENTER_WORDS})
+_WORD_ROLE.update({w: ("horizontal", w) for w in HORIZONTAL_WORDS})
+_WORD_ROLE.update({w: ("position", "center") for w in CENTER_WORDS})
 _FILLER_WORDS = sorted({w for t in TEMPLATES for w in split_words(re.sub(r"\{\w+\}", " ", t))} | {"corner"})
 _WORD_ROLE.update({w: ("filler", w) for w in _FILLER_WORDS})
 VOCABULARY: list[str] = sorted(_WORD_ROLE)
@@ -455,7 +457,7 @@ class ShapesBatch(NamedTuple):
 
     def item_attributes(self, j: int) -> dict[str, str]:
         """The attributes of item ``j`` as names, e.g. {"color": "red", ...}."""
-        return {k: _NAMES[k][int(self.attributes[k][j])] for k in ATTRIBUTES}
+        return {k: ATTRIBUTE_VALUES[k][int(self.attributes[k][j])] for k in ATTRIBUTES}
 
 
 def _make_batch(u: np.ndarray, split: str) -> ShapesBatch:
@@ -472,7 +474,7 @@ def _make_batch(u: np.ndarray, split: str) -> ShapesBatch:
     jitter = torch.from_numpy(2 * u[:, 3:8] - 1).float()  # [B, 5] in [-1, 1)
     images = render_batch(*(idx[k] for k in ATTRIBUTES),
                           rgb_offset=jitter[:, :3] * COLOR_JITTER, xy_offset=jitter[:, 3:] * POSITION_JITTER)
-    columns = [[_NAMES[k][i] for i in idx[k].tolist()] for k in ATTRIBUTES]
+    columns = [[ATTRIBUTE_VALUES[k][i] for i in idx[k].tolist()] for k in ATTRIBUTES]
     captions = [_caption_from_uniforms(dict(zip(ATTRIBUTES, names)), uc)
                 for names, uc in zip(zip(*columns), u[:, 8:12].tolist())]
     return ShapesBatch(images, captions, idx)
@@ -550,8 +552,6 @@ def _check_size(size) -> None:
 def _pil_to_tensor(image, size: int | None) -> torch.Tensor:
     """PIL image → ``[3, H, W]`` float32 in [-1, 1]; with ``size``, centre-cropped to a square and
     resized to size×size (bicubic, which PIL low-pass filters when shrinking)."""
-    from PIL import Image
-
     image = image.convert("RGB")
     if size is not None:
         w, h = image.size
@@ -574,8 +574,6 @@ class ImageFolderDataset(Dataset):
     """
 
     def __init__(self, root, size: int = 32, captions: str | None = "captions.jsonl"):
-        from PIL import Image, UnidentifiedImageError
-
         _check_size(size)
         self.root, self.size = Path(root), size
         if not self.root.exists():
@@ -628,8 +626,6 @@ class ImageFolderDataset(Dataset):
         return len(self.files)
 
     def __getitem__(self, i: int) -> dict:
-        from PIL import Image
-
         name = self.files[i]
         try:
             with Image.open(self.root / name) as im:
@@ -643,9 +639,6 @@ def load_photo(size: int | None = None) -> torch.Tensor:
     """A real photograph, Grace Hopper (matplotlib's sample ``grace_hopper.jpg``, 512×600; no
     download), as ``[3, H, W]`` float32 in [-1, 1]; with ``size``, centre-cropped and resized to
     ``[3, size, size]``."""
-    import matplotlib.cbook
-    from PIL import Image
-
     if size is not None:
         _check_size(size)
     try:

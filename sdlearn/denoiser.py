@@ -23,33 +23,29 @@ text-conditioned transformers that followed it (PixArt-α, SD3). Read top to bot
 Attention goes through ``torch.nn.functional.scaled_dot_product_attention``. Inside ``capture_attention``
 it is computed explicitly as softmax(QKᵀ/√d)·V instead, so that the attention maps can be looked at.
 
-Text conditioning (DESIGN.md §4): ``text_tokens`` ``[B, L, text_dim]`` and a bool ``text_mask`` ``[B, L]``,
+Text conditioning: ``text_tokens`` ``[B, L, text_dim]`` and a bool ``text_mask`` ``[B, L]``,
 True where a token is real. Padded tokens are removed from the cross-attention keys and from the pooled
 text, so they change nothing. ``text_tokens=None`` means *unconditional*: cross-attention is skipped and
 c is the timestep embedding alone. (For classifier-free guidance the "unconditional" prompt is the empty
 prompt, which still has its ``<bos>``/``<eos>`` tokens, so a text-conditioned model always sees tokens.)
 A sample whose mask is all False is treated exactly like ``text_tokens=None`` for that sample.
 
-Default configuration, and why (measured with ``benchmarks/denoiser.py`` on a 2-core AMD EPYC, float32):
+Default configuration, and why (``python benchmarks/denoiser.py`` measures the speeds; its saved outputs are in
+``benchmarks/results/``):
 
 - ``patch_size=2`` → 16 tokens for the 8×8×4 latent. Patch 1 (64 tokens) costs 4× the matmul FLOPs per
-  image: one thread trains 468 images/s at patch 2 but 116 at patch 1 (batch 128, with text), and a
-  guided sampling step for 16 images (batch 32) takes 24 ms against 90 ms — at 20 steps, 0.5 s against 1.8 s,
-  when the whole pipeline has ≈ 3 s. Shapes' objects are 9 or 15 px wide in a 32 px image, 2–4 latent
-  pixels: a 2×2 patch (8×8 image pixels) still resolves them, and the training budget (well under an hour)
-  buys 4× more images at patch 2.
+  image for the same training budget and sampling time. Shapes' objects are 9 or 15 px wide in a 32 px image,
+  2–4 latent pixels: a 2×2 patch (8×8 image pixels) still resolves them.
 - ``width=192, depth=6, heads=4`` (head size 48).
 - ``mlp_ratio=1``: the MLP is a *lightweight* feed-forward (hidden width = width), not DiT's ×4, and
   ``cross_attn_ratio=0.5``: cross-attention reads the text in half the token width (4 heads of 24). Shapes is
   a small world (320 attribute combinations), and a lean block buys more training steps per minute, which
   is what decides quality on a laptop budget. Against diffusers' ``DiTTransformer2DModel`` of the same
-  width, depth, heads and patch size (MLP ×4, no cross-attention) one training step costs ≈ 0.67× the
-  FLOPs and runs ≈ 1.3× the images/s. DiT's ×4 MLP with full-width cross-attention would cost 27% *more*
-  FLOPs than that DiT and run at 0.78× its speed: both implementations already run at ≈ 65% of the
-  matmul peak, so speed can only come from doing less work.
-- That gives 3.9M parameters (≤ 6M, DESIGN §4). Over half of them are the adaLN modulation Linears
+  width, depth, heads and patch size (MLP ×4, no cross-attention) one training step costs fewer FLOPs; both
+  implementations run near the matmul peak, so speed can only come from doing less work.
+- That gives 3.9M parameters (at most 6M by design). Over half of them are the adaLN modulation Linears
   (9·width² per block), as in DiT; they cost almost nothing in compute because they act once per image,
-  not once per token. A training step is ≈ 180 MFLOP per image, of which the cross-attention is a fifth.
+  not once per token.
 - ``text_dim=128``: the width of the tiny text encoder's tokens; set it to whatever that encoder emits.
 
 Speed comes from doing the least work in the fewest kernels: one fused Linear for Q, K, V; one Linear per
@@ -60,22 +56,25 @@ block for all nine adaLN vectors, read from SiLU(c) computed once; LayerNorm wit
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlearn.schedules import PREDICTION_TYPES  # ("epsilon", "v_prediction", "sample")
+from sdlearn.checkpoint import ConfigMixin, count_parameters  # noqa: F401 (count_parameters: re-exported for notebooks 04, 05)
+from sdlearn.checks import check_mask
+from sdlearn.schedules import check_prediction_type  # one of "epsilon", "v_prediction", "sample"
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
 
 
 @dataclass
-class DenoiserConfig:
+class DenoiserConfig(ConfigMixin):
     """Hyper-parameters of the :class:`Denoiser` (JSON-serialisable with :meth:`to_dict`)."""
 
     latent_channels: int = 4  # C of the VAE latent
@@ -92,15 +91,9 @@ class DenoiserConfig:
     frequency_dim: int = 256  # size of the sinusoidal timestep embedding (DiT uses 256)
 
     def __post_init__(self) -> None:
-        if self.prediction_type not in PREDICTION_TYPES:
-            raise ValueError(
-                f"prediction_type must be one of {', '.join(PREDICTION_TYPES)}; got {self.prediction_type!r}"
-            )
-        for name in ("latent_channels", "latent_size", "patch_size", "width", "depth", "heads", "text_dim",
-                     "num_train_timesteps", "frequency_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        check_prediction_type(self.prediction_type)
+        self.check_positive_ints("latent_channels", "latent_size", "patch_size", "width", "depth", "heads", "text_dim",
+                                 "num_train_timesteps", "frequency_dim")
         if self.latent_size % self.patch_size:
             raise ValueError(
                 f"latent_size ({self.latent_size}) must be divisible by patch_size ({self.patch_size})"
@@ -130,18 +123,11 @@ class DenoiserConfig:
     def num_tokens(self) -> int:
         return (self.latent_size // self.patch_size) ** 2
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
     @classmethod
-    def from_dict(cls, d: dict) -> DenoiserConfig:
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown DenoiserConfig keys {sorted(unknown)}; expected some of {sorted(known)}")
+    def upgrade_dict(cls, d: dict) -> dict:
         if "cross_attn_ratio" not in d:  # written before the field existed: cross-attention was full width
             d = {**d, "cross_attn_ratio": 1.0}
-        return cls(**d)
+        return d
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -353,7 +339,7 @@ class Denoiser(nn.Module):
 
     def __init__(self, config: DenoiserConfig | None = None):
         super().__init__()
-        self.config = config = config if config is not None else DenoiserConfig()
+        self.config = config = DenoiserConfig.resolve(config)
         D, p, C = config.width, config.patch_size, config.latent_channels
         patch_dim = C * p * p
         self.patch_embed = nn.Linear(patch_dim, D)
@@ -423,11 +409,7 @@ class Denoiser(nn.Module):
         if L == 0:
             raise ValueError("text_tokens must hold at least one token (L ≥ 1); for no text pass text_tokens=None")
         if text_mask is not None:
-            if not isinstance(text_mask, torch.Tensor) or tuple(text_mask.shape) != (B, L):
-                got = list(text_mask.shape) if isinstance(text_mask, torch.Tensor) else type(text_mask).__name__
-                raise ValueError(f"text_mask must be a bool tensor [B={B}, L={L}] like text_tokens; got {got}")
-            if text_mask.is_floating_point():
-                raise ValueError(f"text_mask must be bool (True where a token is real); got {text_mask.dtype}")
+            check_mask(text_mask, (B, L), "text_mask")
         if pooled_text is not None and (
             not isinstance(pooled_text, torch.Tensor) or tuple(pooled_text.shape) != (B, cfg.text_dim)
         ):
@@ -510,11 +492,6 @@ def capture_attention(model: Denoiser) -> Iterator[dict[str, list[torch.Tensor]]
             module.captured = None
 
 
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    """Number of parameters of ``module`` (only those with ``requires_grad`` if ``trainable_only``)."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-
-
 def parameter_table(model: Denoiser) -> dict[str, int]:
     """Parameters per part, summed over the blocks; the values add up to ``count_parameters(model)``.
 
@@ -527,3 +504,20 @@ def parameter_table(model: Denoiser) -> dict[str, int]:
         key = f"blocks.{parts[2]}" if parts[0] == "blocks" else parts[0]
         table[key] = table.get(key, 0) + p.numel()
     return table
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The loss
+
+
+def denoiser_loss(model: Denoiser, batch: Mapping[str, Any], schedule) -> tuple[torch.Tensor, dict[str, float]]:
+    """The diffusion objective L = E ‖target − f_θ(x_t, t, text)‖², x_t = √ᾱ_t x₀ + √(1 − ᾱ_t) ε
+    (Ho et al. 2020, eq. 14, "L_simple"), where the target is ε, v = √ᾱ_t ε − √(1 − ᾱ_t) x₀ (Salimans & Ho
+    2022) or x₀, as ``model.config.prediction_type`` says → ``(loss, logs)`` like every ``*_loss`` of the
+    package (the logs are empty: the loss is all there is to report). ``batch``: ``x0``, ``noise`` and ``t``,
+    and optionally the text's ``tokens`` and ``mask`` (:func:`sdlearn.recipes.latent_batch_fn` makes it)."""
+    x0, noise, t = batch["x0"], batch["noise"], batch["t"]
+    x_t = schedule.add_noise(x0, noise, t)
+    prediction = model(x_t, t.to(x0.device), batch.get("tokens"), batch.get("mask"))
+    target = schedule.target(x0, noise, t, model.config.prediction_type)
+    return F.mse_loss(prediction, target), {}

@@ -28,20 +28,19 @@ Decisions, written down:
 
 from __future__ import annotations
 
-import os
 import warnings
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdlearn.data import ATTRIBUTES, COLORS, IMAGE_SIZE, POSITIONS, SHAPES, SIZES, ShapesDataset, parse_prompt
+from sdlearn.checkpoint import ConfigMixin, load_module
+from sdlearn.checks import check_batch
+from sdlearn.data import ATTRIBUTE_VALUES, ATTRIBUTES, IMAGE_SIZE, ShapesDataset, parse_prompt
 
-NUM_CLASSES: dict[str, int] = {"color": len(COLORS), "shape": len(SHAPES), "size": len(SIZES), "position": len(POSITIONS)}
-CLASS_NAMES: dict[str, tuple[str, ...]] = {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES, "position": POSITIONS}
+CLASS_NAMES: dict[str, tuple[str, ...]] = ATTRIBUTE_VALUES  # each head's classes, in index order
+NUM_CLASSES: dict[str, int] = {name: len(values) for name, values in CLASS_NAMES.items()}
 
 CLASSIFIER_EVAL_SEED = 30_000  # train_classifier's accuracy check: ShapesDataset(2048, split, seed=30_000)
 BASELINE_SEED = 40_000  # fid_baseline's default: ShapesDataset(n, split, seed) vs seed + 1
@@ -52,7 +51,7 @@ BASELINE_SEED = 40_000  # fid_baseline's default: ShapesDataset(n, split, seed) 
 
 
 @dataclass
-class ClassifierConfig:
+class ClassifierConfig(ConfigMixin):
     """Hyperparameters of :class:`AttributeClassifier`. Each of the ``len(widths)`` levels is two 3×3
     convolutions then a 2×2 average pool, so the default (16, 32, 64) takes 32×32 → 4×4."""
 
@@ -63,44 +62,17 @@ class ClassifierConfig:
 
     def __post_init__(self):
         self.widths = tuple(int(w) for w in self.widths)
-        for name in ("in_channels", "image_size", "feature_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"ClassifierConfig.{name} must be a positive integer, got {value!r}")
+        self.check_positive_ints("in_channels", "image_size", "feature_dim")
         if not self.widths or min(self.widths) < 1:
             raise ValueError(f"ClassifierConfig.widths must be positive integers, got {self.widths}")
         if self.image_size % 2 ** len(self.widths):
             raise ValueError(f"image_size={self.image_size} must be divisible by 2**len(widths) = {2 ** len(self.widths)}")
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["widths"] = list(self.widths)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ClassifierConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown ClassifierConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
 
 
 def check_images(images, name: str = "images", image_size: int = IMAGE_SIZE, min_count: int = 1) -> torch.Tensor:
-    """``images`` as a float tensor ``[N, 3, S, S]`` with N ≥ ``min_count``, or a clear ValueError."""
-    if not isinstance(images, torch.Tensor):
-        raise ValueError(f"{name} must be a tensor [N, 3, {image_size}, {image_size}] in [-1, 1], got {type(images).__name__}")
-    if images.dim() == 3 and tuple(images.shape) == (3, image_size, image_size):
-        raise ValueError(f"{name} must be a batch [N, 3, {image_size}, {image_size}]; for one image use images[None]")
-    if images.dim() != 4 or tuple(images.shape[1:]) != (3, image_size, image_size):
-        raise ValueError(f"{name} must have shape [N, 3, {image_size}, {image_size}] (images in [-1, 1]), got {list(images.shape)}")
-    if len(images) < min_count:
-        raise ValueError(f"{name} must hold at least {min_count} image(s), got {len(images)}")
-    if not images.is_floating_point():
-        raise ValueError(f"{name} must be floating point in [-1, 1], got dtype {images.dtype}")
-    if not torch.isfinite(images).all():
-        raise ValueError(f"{name} contains NaN or infinite values")
-    return images
+    """``images`` as a finite float batch ``[N, 3, S, S]`` with N ≥ ``min_count``, or a clear ValueError."""
+    return check_batch(images, (3, image_size, image_size), "image", name, min_count, finite=True)
 
 
 class AttributeClassifier(nn.Module):
@@ -117,9 +89,7 @@ class AttributeClassifier(nn.Module):
 
     def __init__(self, config: ClassifierConfig | None = None):
         super().__init__()
-        self.config = config = ClassifierConfig() if config is None else config
-        if not isinstance(config, ClassifierConfig):
-            raise ValueError(f"config must be a ClassifierConfig, got {type(config).__name__}")
+        self.config = config = ClassifierConfig.resolve(config)
         layers: list[nn.Module] = []
         channels = config.in_channels
         for width in config.widths:
@@ -155,27 +125,13 @@ class AttributeClassifier(nn.Module):
         return {name: torch.cat([c[name] for c in chunks]).argmax(dim=1).to(images.device) for name in NUM_CLASSES}
 
 
-def save_classifier(classifier: AttributeClassifier, path: str | os.PathLike, training: dict[str, Any] | None = None) -> Path:
-    """Write ``PATH.safetensors`` + ``PATH.json`` (config and ``training`` notes), the format
-    :func:`sdlearn.pretrained.load_classifier` reads."""
-    from sdlearn.training import save_checkpoint
-
-    return save_checkpoint(
-        path,
-        classifier.state_dict(),
-        {"kind": "classifier", "model_config": classifier.config.to_dict(), "training": dict(training or {})},
-    )
-
-
 _DEFAULT: dict[str, AttributeClassifier] = {}
 
 
 def default_classifier() -> AttributeClassifier:
     """The shipped classifier (``sdlearn/weights/classifier.*``) on the CPU, loaded once and cached."""
     if "shipped" not in _DEFAULT:
-        from sdlearn.pretrained import load_classifier
-
-        _DEFAULT["shipped"] = load_classifier()
+        _DEFAULT["shipped"] = load_module(AttributeClassifier, ClassifierConfig, "classifier")
     return _DEFAULT["shipped"]
 
 
@@ -188,7 +144,7 @@ def _resolve(classifier: AttributeClassifier | None) -> AttributeClassifier:
 
 
 # ------------------------------------------------------------------------------------------------
-# Training: `python -m sdlearn train classifier`
+# Training pieces (the recipe is sdlearn.recipes.train_classifier: `python -m sdlearn train classifier`)
 
 AUGMENT_NOISE_STD = 0.08  # largest σ of the added Gaussian noise, on [-1, 1] images
 _BLUR_KERNEL = torch.tensor([0.25, 0.5, 0.25])  # ≈ a Gaussian of σ ≈ 0.7 px, separable
@@ -229,94 +185,6 @@ def attribute_accuracy(classifier: AttributeClassifier, n: int = 2048, split: st
     accuracy = {name: r.float().mean().item() for name, r in right.items()}
     accuracy["all"] = torch.stack(list(right.values())).all(0).float().mean().item()
     return accuracy
-
-
-def train_classifier(
-    out_dir: str | os.PathLike | None = None,
-    minutes: float | None = None,
-    steps: int | None = None,
-    device: str | torch.device = "auto",
-    *,
-    batch_size: int = 128,
-    lr: float = 2e-3,
-    seed: int = 0,
-    config: ClassifierConfig | None = None,
-    progress: bool = True,
-    resume: bool = True,
-):
-    """Train the :class:`AttributeClassifier` → ``(classifier, result)``; the recipe behind
-    ``python -m sdlearn train classifier``.
-
-    Data: fresh Shapes images every step from ``split="all"`` (the classifier must judge images of the
-    held-out pairs too; colour and shape are separate heads, so it never needs to have "understood" a
-    pair), corrupted by :func:`augment`. Loss: :func:`classifier_loss`. Optimiser: AdamW, 100 warm-up steps
-    then cosine decay over the budget. Budget: ``minutes`` and/or ``steps``; neither means the shipped
-    recipe's 5 minutes.
-
-    At the end, the per-attribute accuracy on clean ``ShapesDataset(2048, split, seed=30000)`` images is
-    measured for both splits. With ``out_dir``, the checkpoint (``out_dir/classifier_checkpoint.*``,
-    resumed from when present) and the weights (``out_dir/classifier.safetensors`` + ``classifier.json``,
-    loadable by :func:`sdlearn.pretrained.load_classifier`) are written there.
-    """
-
-    from sdlearn.data import sample_batch
-    from sdlearn.training import SHORT_RECIPE, resolve_device, train, training_record
-
-    if minutes is None and steps is None:
-        minutes = 5.0
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
-    device = resolve_device(device)
-    config = ClassifierConfig() if config is None else config
-    if not isinstance(config, ClassifierConfig):
-        raise ValueError(f"config must be a ClassifierConfig, got {type(config).__name__}")
-    if config.image_size != IMAGE_SIZE or config.in_channels != 3:
-        raise ValueError(f"Shapes images are 3×{IMAGE_SIZE}×{IMAGE_SIZE}: use image_size={IMAGE_SIZE} and in_channels=3")
-    out_dir = Path(out_dir) if out_dir is not None else None
-
-    def batch_fn(step: int):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        batch = sample_batch(batch_size, "all", generator)
-        return augment(batch.images, generator), batch.attributes  # [B, 3, 32, 32], {name: [B]}
-
-    torch.manual_seed(seed)
-    classifier = AttributeClassifier(config).to(device)
-    run_config = {"model": "classifier", "model_config": config.to_dict(), "batch_size": batch_size, "lr": lr, "seed": seed}
-    result = train(
-        classifier,
-        lambda model, batch, step: classifier_loss(model, *batch),
-        batch_fn,
-        lr=lr,
-        max_steps=steps,
-        max_minutes=minutes,
-        **SHORT_RECIPE,
-        checkpoint_dir=out_dir,
-        checkpoint_name="classifier_checkpoint",
-        resume=resume,
-        seed=seed,
-        config=run_config,
-        progress=progress,
-        desc="train classifier",
-    )
-    classifier.eval()
-    accuracy = {split: attribute_accuracy(classifier, 2048, split) for split in ("train", "heldout")}
-    training = training_record(
-        result, run_config, ("batch_size", "lr", "seed"), device, steps, minutes,
-        eval_accuracy={split: {k: round(v, 5) for k, v in acc.items()} for split, acc in accuracy.items()},
-        eval_images=f"ShapesDataset(2048, split, seed={CLASSIFIER_EVAL_SEED}) for split in ('train', 'heldout'), clean",
-        augmentation=f"blur mix a~U(0,1) on half, Gaussian noise sigma~U(0,{AUGMENT_NOISE_STD}) on half",
-    )
-    if out_dir is not None:
-        save_classifier(classifier, out_dir / "classifier", training=training)
-    if progress:
-        worst = min(v for acc in accuracy.values() for k, v in acc.items() if k != "all")
-        where = f"; wrote {out_dir / 'classifier.safetensors'}" if out_dir is not None else ""
-        print(
-            f"classifier: {result.step} steps in {result.seconds / 60:.1f} min, loss {result.final_loss:.3g}, "
-            f"worst per-attribute accuracy {100 * worst:.2f}% on 2×2,048 fresh images{where}"
-        )
-    classifier.training_info = training
-    return classifier, result
 
 
 # ------------------------------------------------------------------------------------------------
@@ -496,6 +364,4 @@ __all__ = [
     "frechet_distance",
     "prompt_accuracy",
     "real_images",
-    "save_classifier",
-    "train_classifier",
 ]

@@ -39,19 +39,24 @@ were to be kept.
 
 The pipeline runs the modules it is given as they are (it does not switch them to eval mode);
 :func:`sdlearn.pretrained.load_pipeline` gives them in eval mode. All work runs under ``torch.no_grad()``.
+
+Conventions shared with the rest of the package: images in and out are batches ``[B, 3, 32, 32]`` in [-1, 1]
+(a single image ``[3, 32, 32]`` is refused with a hint to write ``image[None]``; only the display helpers
+:func:`to_numpy` and :func:`to_pil` also take one image); outputs live on the device of the model that made
+them (``pipe.device``), as a torch module's do; ``seed``/``generator`` are torch's, ``rng`` never appears here.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
+from sdlearn.checks import check_batch
 from sdlearn.samplers import SAMPLER_NAMES, Sampler, classifier_free_guidance, get_sampler, sample
 from sdlearn.schedules import NoiseSchedule
 
@@ -75,8 +80,6 @@ def to_numpy(images: torch.Tensor) -> np.ndarray:
 
 def to_pil(images: torch.Tensor) -> list:
     """Images ``[N, 3, H, W]`` (or ``[3, H, W]``) in [-1, 1] → a list of N RGB ``PIL.Image``s."""
-    from PIL import Image
-
     return [Image.fromarray(array) for array in to_numpy(images)]
 
 
@@ -160,7 +163,7 @@ class LatentDiffusionPipeline:
     denoiser; its prompts must then be "" (they only count the images).
 
     Call it (``pipe(prompt, ...)``), or :meth:`img2img` / :meth:`inpaint`; all three take the same keyword
-    arguments and return images ``[N, 3, 32, 32]`` in [-1, 1], on the CPU.
+    arguments and return images ``[N, 3, 32, 32]`` in [-1, 1], on ``pipe.device``.
     """
 
     def __init__(self, vae, text_encoder, tokenizer, denoiser, schedule: NoiseSchedule | str = "scaled_linear"):
@@ -236,8 +239,8 @@ class LatentDiffusionPipeline:
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """Diffusion latents ``[B, 4, 8, 8]`` → images ``[B, 3, 32, 32]`` in [-1, 1] (clamped), on the CPU."""
-        return self.vae.decode(latents / self.vae.scaling_factor).clamp(-1, 1).cpu()
+        """Diffusion latents ``[B, 4, 8, 8]`` → images ``[B, 3, 32, 32]`` in [-1, 1] (clamped), on ``pipe.device``."""
+        return self.vae.decode(latents.to(self.device) / self.vae.scaling_factor).clamp(-1, 1)
 
     def get_sampler(self, sampler: str | Sampler = "dpm++") -> Sampler:
         """A sampler for this denoiser by name (``"ddpm"``, ``"ddim"``, ``"euler"``, ``"heun"``, ``"dpm++"``), or
@@ -314,7 +317,7 @@ class LatentDiffusionPipeline:
         progress: bool = True,
         callback: Callable | None = None,
     ) -> torch.Tensor:
-        """Images for ``prompt`` → ``[N, 3, 32, 32]`` in [-1, 1] on the CPU, N = len(prompts) · num_images_per_prompt,
+        """Images for ``prompt`` → ``[N, 3, 32, 32]`` in [-1, 1] on ``pipe.device``, N = len(prompts) · num_images_per_prompt,
         grouped by prompt (the k images of prompt 0 first).
 
         - ``negative_prompt``: what guidance pushes away from, in place of the empty prompt: one string for all
@@ -336,19 +339,11 @@ class LatentDiffusionPipeline:
     # -- image → image and inpainting --------------------------------------------------------------------
 
     def _check_image(self, image) -> torch.Tensor:
-        C, H, W = self.image_shape
-        expected = f"[B, {C}, {H}, {W}] (or [{C}, {H}, {W}]) with values in [-1, 1]"
-        if not isinstance(image, torch.Tensor):
-            raise ValueError(f"image must be a tensor {expected}, got {type(image).__name__}")
-        if not image.is_floating_point():
-            raise ValueError(f"image must be a floating-point tensor {expected}, got dtype {image.dtype} "
+        if isinstance(image, torch.Tensor) and not image.is_floating_point():
+            raise ValueError(f"image must be a floating-point tensor in [-1, 1], got dtype {image.dtype} "
                              "(for uint8 pixels use x / 127.5 - 1)")
-        if image.dim() == 3:
-            image = image[None]
-        if image.dim() != 4 or image.shape[0] < 1 or tuple(image.shape[1:]) != (C, H, W):
-            raise ValueError(f"image must be {expected}; got shape {list(image.shape)}: this pipeline's images have "
-                             f"{C} channels and are {H}×{W}")
-        if not torch.isfinite(image).all() or image.min() < -1.001 or image.max() > 1.001:
+        check_batch(image, self.image_shape, "image", "image", finite=True)
+        if image.min() < -1.001 or image.max() > 1.001:
             raise ValueError(f"image values must lie in [-1, 1], got {image.min().item():.3g}..{image.max().item():.3g}"
                              " (for images in [0, 1] use 2 * x - 1)")
         return image.to(torch.float32)
@@ -440,8 +435,8 @@ class LatentDiffusionPipeline:
                          progress=kwargs.get("progress", True), callback=blend, noise=noise)
         images = self.decode_latents(latents)
         if paste_unmasked:
-            mask = mask.cpu()
-            images = mask * images + (1 - mask) * image.cpu()
+            mask = mask.to(images.device)
+            images = mask * images + (1 - mask) * image.to(images.device)
         return images
 
     _COMMON = ("negative_prompt", "num_inference_steps", "guidance_scale", "sampler", "generator", "seed",
@@ -456,58 +451,3 @@ class LatentDiffusionPipeline:
         defaults = {"negative_prompt": None, "num_inference_steps": 20, "guidance_scale": 4.0, "sampler": "dpm++",
                     "generator": None, "seed": None, "num_images_per_prompt": 1}
         return {name: kwargs.get(name, default) for name, default in defaults.items()}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# The command line's generate: python -m sdlearn generate PROMPT ... --out FILE.png
-
-
-def generate_to_files(
-    prompt: str,
-    out: str | os.PathLike | None = None,
-    *,
-    out_dir: str | os.PathLike | None = None,
-    negative_prompt: str | None = None,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 4.0,
-    sampler: str = "dpm++",
-    seed: int | None = 0,
-    num_images: int = 1,
-    weights: str | os.PathLike | None = None,
-    device: str = "cpu",
-    nrow: int = 8,
-    progress: bool = True,
-) -> list[Path]:
-    """What ``python -m sdlearn generate`` does: load the pipeline (the shipped weights, or the folder ``weights``
-    that ``python -m sdlearn train all`` wrote), generate ``num_images`` images of ``prompt``, and write them as
-    one grid PNG to ``out`` and/or one PNG per image (``out_dir/NNN.png``, 32×32). Returns the paths written.
-    Folders are created as needed. Bad arguments raise ``ValueError`` before any work."""
-    from sdlearn.plotting import save_image_grid
-    from sdlearn.pretrained import load_pipeline
-    from sdlearn.training import resolve_device
-
-    if out is None and out_dir is None:
-        raise ValueError("nothing to write: give --out FILE.png and/or --out-dir DIR")
-    _check_steps(num_inference_steps)
-    _check_guidance(guidance_scale)
-    if sampler not in SAMPLER_NAMES:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
-    if out is not None and Path(out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"):
-        raise ValueError(f"--out must name an image file such as out.png, got {str(out)!r}")
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ValueError(f"--out-dir {str(out_dir)!r} exists and is not a folder")
-    pipe = load_pipeline(weights, device=resolve_device(device))
-    images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                  guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images_per_prompt=num_images,
-                  progress=progress)
-    written = []
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        written.append(save_image_grid(images, out, nrow=nrow))
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        for i, picture in enumerate(to_pil(images)):
-            path = Path(out_dir) / f"{i:03d}.png"
-            picture.save(path)
-            written.append(path)
-    return written

@@ -19,6 +19,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from PIL import Image
 
 from sdlearn.schedules import NoiseSchedule
 
@@ -132,8 +133,6 @@ def save_image_grid(images, path: str | Path, nrow: int = 8, padding: int = 2, u
 
     ``upscale`` repeats each pixel (nearest neighbour) so that 32×32 images are visible at a glance.
     """
-    from PIL import Image
-
     if upscale < 1:
         raise ValueError(f"upscale must be a positive integer, got {upscale}")
     pixels = (to_image(image_grid(images, nrow=nrow, padding=padding)) * 255).round().astype(np.uint8)  # [H, W, 3]

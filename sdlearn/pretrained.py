@@ -1,10 +1,18 @@
-"""Loading the shipped weights (``sdlearn/weights/``): safetensors + JSON, no network, no pickle.
+"""Saving and loading every model the course ships (``sdlearn/weights/``): safetensors + JSON, no network, no pickle.
 
-Each model is a pair ``NAME.safetensors`` (its tensors) + ``NAME.json`` (``"kind"``, its
-``"model_config"`` and notes on how it was trained), written by
-:func:`sdlearn.training.save_checkpoint`. ``sdlearn/weights/README.md`` says how each was trained.
+Each model is a pair ``NAME.safetensors`` (its tensors) + ``NAME.json`` (``"kind"``, its ``"model_config"`` and
+notes on how it was trained), in the format of :mod:`sdlearn.checkpoint`. ``sdlearn/weights/README.md`` says how
+each shipped file was trained. Every ``save_NAME`` here is paired with its ``load_NAME``:
 
-Adding a model is one line on top of :func:`load_module`:
+- :func:`save_vae` / :func:`load_vae`;
+- :func:`save_clip` / :func:`load_clip` (and :func:`load_text_encoder`, :func:`load_tokenizer`: its text tower and
+  the tokenizer it was trained with);
+- :func:`save_classifier` / :func:`load_classifier`;
+- :func:`save_denoiser` / :func:`load_denoiser`;
+- :func:`load_pipeline`: the whole text-to-image pipeline of a folder.
+
+Adding a model is a pair of lines on top of :func:`sdlearn.checkpoint.save_module` and
+:func:`sdlearn.checkpoint.load_module`:
 
     def load_denoiser(path=None, device="cpu"):
         return load_module(Denoiser, DenoiserConfig, "denoiser", path, device)
@@ -13,77 +21,72 @@ Adding a model is one line on top of :func:`load_module`:
 from __future__ import annotations
 
 import os
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
-import torch.nn as nn
 
-from sdlearn.training import CheckpointError, checkpoint_paths, load_checkpoint, load_module_state
+from sdlearn.checkpoint import (
+    WEIGHTS_DIR,
+    CheckpointError,
+    checkpoint_paths,
+    file_sha256,
+    load_module,
+    read_checkpoint_config,
+    save_module,
+    weights_path,
+)
+from sdlearn.denoiser import Denoiser, DenoiserConfig
+from sdlearn.metrics import AttributeClassifier, ClassifierConfig
+from sdlearn.pipeline import LatentDiffusionPipeline
+from sdlearn.schedules import NoiseSchedule
+from sdlearn.text import TextEncoder, TinyCLIP, TinyCLIPConfig, Tokenizer
 from sdlearn.vae import VAE, VAEConfig
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+__all__ = [
+    "WEIGHTS_DIR", "weights_path", "load_module", "save_vae", "load_vae", "save_clip", "load_clip",
+    "load_text_encoder", "load_tokenizer", "save_classifier", "load_classifier", "save_denoiser", "load_denoiser",
+    "load_pipeline",
+]
+
+PathLike = str | os.PathLike
 
 
-def weights_path(name: str, path: str | os.PathLike | None = None) -> Path:
-    """Where ``NAME.safetensors`` is: ``path`` may be None (the shipped weights), a folder holding
-    ``NAME.safetensors``, or the file (``.safetensors`` / ``.json``) or its stem."""
-    if path is None:
-        return WEIGHTS_DIR / f"{name}.safetensors"
-    path = Path(path)
-    if path.is_dir():
-        return path / f"{name}.safetensors"
-    return checkpoint_paths(path)[0]
+# The VAE (sdlearn.vae, notebook 03).
 
 
-def load_module(cls, config_cls, name: str, path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Build ``cls(config_cls.from_dict(json["model_config"]))``, load its weights, move it to ``device``
-    and put it in eval mode; ``model.training_info`` holds the JSON's notes on its training. A missing, damaged or mismatched file raises :class:`CheckpointError`
-    (a ``ValueError``) naming the file and what is wrong."""
-    st_path = weights_path(name, path)
-    if not st_path.is_file() and path is None:
-        raise CheckpointError(
-            f"shipped weights {str(st_path)!r} not found; is sdlearn installed from a full checkout? "
-            f"Train them with `python -m sdlearn train {name}`"
-        )
-    tensors, info = load_checkpoint(st_path)
-    if info.get("kind") != name:
-        raise CheckpointError(f"{str(st_path)!r} holds a {info.get('kind')!r} model, not a {name!r}")
-    try:
-        config = config_cls.from_dict(info["model_config"])
-    except (KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{str(checkpoint_paths(st_path)[1])!r} has no valid model_config: {e}") from None
-    model = cls(config)
-    load_module_state(model, tensors, st_path)
-    model.training_info = info.get("training", {})  # how these weights were made (command, time, metrics)
-    return model.to(torch.device(device)).eval()
+def save_vae(vae: VAE, path: PathLike, training: Mapping[str, Any] | None = None) -> Path:
+    """Write a VAE as ``PATH.safetensors`` + ``PATH.json`` (its config, scaling factor included, and ``training``
+    notes), the format :func:`load_vae` reads."""
+    return save_module(vae, path, "vae", training)
 
 
-def load_vae(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> VAE:
+def load_vae(path: PathLike | None = None, device: str | torch.device = "cpu") -> VAE:
     """The VAE, in eval mode: the shipped one (``sdlearn/weights/vae.*``), or one written by
     ``python -m sdlearn train vae --out DIR`` when ``path`` is that folder or its ``vae.safetensors``."""
     return load_module(VAE, VAEConfig, "vae", path, device)
 
 
-def load_classifier(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
-    """The attribute classifier (:class:`sdlearn.metrics.AttributeClassifier`), in eval mode: the shipped one
-    (``sdlearn/weights/classifier.*``), or one written by ``python -m sdlearn train classifier --out DIR``."""
-    from sdlearn.metrics import AttributeClassifier, ClassifierConfig
-
-    return load_module(AttributeClassifier, ClassifierConfig, "classifier", path, device)
-
-
 # The text tower (sdlearn.text, notebook 07): TinyCLIP, its text encoder, and the tokenizer it was trained with.
 
 
-def load_clip(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+def save_clip(clip: TinyCLIP, path: PathLike, training: Mapping[str, Any] | None = None,
+              tokenizer: Tokenizer | None = None) -> Path:
+    """Write a TinyCLIP as ``PATH.safetensors`` + ``PATH.json`` (its config, its tokenizer's vocabulary and
+    ``training`` notes), the format :func:`load_clip` reads."""
+    tokenizer = Tokenizer(max_length=clip.config.text.max_length) if tokenizer is None else tokenizer
+    return save_module(clip, path, "clip", training, tokenizer=tokenizer.to_dict())
+
+
+def load_clip(path: PathLike | None = None, device: str | torch.device = "cpu") -> TinyCLIP:
     """The TinyCLIP (text + image towers), in eval mode: the shipped one (``sdlearn/weights/clip.*``), or one
     written by ``python -m sdlearn train clip --out DIR`` when ``path`` is that folder or its ``clip.safetensors``."""
-    from sdlearn.text import TinyCLIP, TinyCLIPConfig
-
     return load_module(TinyCLIP, TinyCLIPConfig, "clip", path, device)
 
 
-def load_text_encoder(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+def load_text_encoder(path: PathLike | None = None, device: str | torch.device = "cpu") -> TextEncoder:
     """TinyCLIP's text tower alone (a :class:`sdlearn.text.TextEncoder`, eval mode), as the denoiser uses it."""
     clip = load_clip(path, device)
     encoder = clip.text_encoder
@@ -91,21 +94,54 @@ def load_text_encoder(path: str | os.PathLike | None = None, device: str | torch
     return encoder
 
 
-def load_tokenizer(path: str | os.PathLike | None = None):
+def load_tokenizer(path: PathLike | None = None) -> Tokenizer:
     """The :class:`sdlearn.text.Tokenizer` the shipped (or ``path``'s) TinyCLIP was trained with."""
-    from sdlearn.text import Tokenizer
-    from sdlearn.training import read_checkpoint_config
-
     info = read_checkpoint_config(weights_path("clip", path))
     if "tokenizer" not in info:
         raise CheckpointError(f"{str(checkpoint_paths(weights_path('clip', path))[1])!r} records no tokenizer")
     return Tokenizer.from_dict(info["tokenizer"])
 
 
+# The attribute classifier (sdlearn.metrics), the judge of prompt accuracy.
+
+
+def save_classifier(classifier: AttributeClassifier, path: PathLike, training: Mapping[str, Any] | None = None) -> Path:
+    """Write ``PATH.safetensors`` + ``PATH.json`` (config and ``training`` notes), the format
+    :func:`load_classifier` reads."""
+    return save_module(classifier, path, "classifier", training)
+
+
+def load_classifier(path: PathLike | None = None, device: str | torch.device = "cpu") -> AttributeClassifier:
+    """The attribute classifier (:class:`sdlearn.metrics.AttributeClassifier`), in eval mode: the shipped one
+    (``sdlearn/weights/classifier.*``), or one written by ``python -m sdlearn train classifier --out DIR``."""
+    return load_module(AttributeClassifier, ClassifierConfig, "classifier", path, device)
+
+
 # The denoiser (sdlearn.denoiser, notebooks 04, 05 and 07).
 
 
-def load_denoiser(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+def save_denoiser(
+    denoiser: Denoiser,
+    path: PathLike,
+    training: Mapping[str, Any] | None = None,
+    *,
+    schedule: str = "scaled_linear",
+    text_encoder: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write a denoiser as ``PATH.safetensors`` + ``PATH.json``, the format :func:`load_denoiser` reads: its
+    config, the noise ``schedule`` name and prediction type it was trained for, the ``text_encoder`` it was
+    trained with (source, file hash, config; None = unconditional) and ``training`` notes.
+
+    Tensors are stored as ``dtype``, float16 by default: half the bytes, and loading casts them back to float32.
+    float16 rounds each weight by at most 2⁻¹¹ relative; ``python benchmarks/pipeline.py`` measures what that
+    changes in the images."""
+    return save_module(denoiser, path, "denoiser", training, dtype=dtype, schedule=schedule,
+                       prediction_type=denoiser.config.prediction_type,
+                       text_encoder=None if text_encoder is None else dict(text_encoder))
+
+
+def load_denoiser(path: PathLike | None = None, device: str | torch.device = "cpu") -> Denoiser:
     """The text-conditioned :class:`sdlearn.denoiser.Denoiser` (EMA weights, eval mode): the shipped one
     (``sdlearn/weights/denoiser.*``), or one written by ``python -m sdlearn train denoiser --out DIR``.
 
@@ -113,9 +149,6 @@ def load_denoiser(path: str | os.PathLike | None = None, device: str | torch.dev
     is the noise schedule it was trained for (a :func:`sdlearn.schedules.make_betas` name) and
     ``denoiser.text_encoder_info`` the text tower it reads (source, sha256 of its file, config; None when it
     was trained unconditionally); ``config.prediction_type`` says what it predicts."""
-    from sdlearn.denoiser import Denoiser, DenoiserConfig
-    from sdlearn.training import read_checkpoint_config
-
     denoiser = load_module(Denoiser, DenoiserConfig, "denoiser", path, device)
     info = read_checkpoint_config(weights_path("denoiser", path))
     denoiser.schedule_name = info.get("schedule", "scaled_linear")
@@ -126,7 +159,7 @@ def load_denoiser(path: str | os.PathLike | None = None, device: str | torch.dev
 # The whole text-to-image pipeline (sdlearn.pipeline, notebooks 00 and 08).
 
 
-def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.device = "cpu"):
+def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cpu") -> LatentDiffusionPipeline:
     """The :class:`sdlearn.pipeline.LatentDiffusionPipeline` of the shipped weights (``sdlearn/weights/``: ``vae.*``,
     ``clip.*`` for the text tower and its tokenizer, ``denoiser.*``), or of the folder ``path`` that
     ``python -m sdlearn train all --out DIR`` wrote. The noise schedule is the one the denoiser's JSON names.
@@ -134,12 +167,6 @@ def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.dev
     A missing folder or a missing, damaged or mismatched file raises :class:`CheckpointError` (a ``ValueError``)
     naming it. When the denoiser's JSON records the hash of the text tower it was trained with and ``clip``'s
     file differs, a warning says so (the pair would still run, but answer prompts badly)."""
-    import warnings
-
-    from sdlearn.pipeline import LatentDiffusionPipeline
-    from sdlearn.schedules import NoiseSchedule
-    from sdlearn.training import _file_sha256
-
     if path is not None and not Path(path).is_dir():
         raise CheckpointError(f"weights folder {str(path)!r} not found; expected a folder holding vae.*, clip.* and "
                               "denoiser.* (.safetensors + .json), as `python -m sdlearn train all --out DIR` writes")
@@ -149,7 +176,7 @@ def load_pipeline(path: str | os.PathLike | None = None, device: str | torch.dev
     denoiser = load_denoiser(path, device)
     recorded = (denoiser.text_encoder_info or {}).get("sha256")
     clip_file = weights_path("clip", path)
-    if recorded is not None and recorded != _file_sha256(clip_file):
+    if recorded is not None and recorded != file_sha256(clip_file):
         warnings.warn(f"the denoiser in {str(weights_path('denoiser', path))!r} was trained with another text tower "
                       f"than {str(clip_file)!r} (sha256 differs); its images may not follow the prompts", stacklevel=2)
     try:

@@ -36,18 +36,42 @@ DDIM's step lands on t − T/N whatever the spacing; Euler/Heun use √(σ_max²
 noise scale for ``"leading"`` spacing; DDPM adds noise at the final step when it is not t = 0.
 Schedules with zero terminal SNR (ᾱ_{T−1} = 0) work: the σ-space samplers cap σ_max at 4096
 (ᾱ = 2⁻²⁴) as diffusers does, and DDPM/DDIM handle ᾱ = 0 exactly for v- and x₀-prediction.
+
+Conventions:
+
+- Constructors take the schedule positionally and every option by keyword, ``prediction_type`` first:
+  ``XSampler(schedule, *, prediction_type="epsilon", <the sampler's own options>)``; ``get_sampler(name,
+  schedule, **options)`` builds one by name.
+- ``step(model_output, t, x, generator=None)``: the model's output first, then its timestep, then the state, as
+  in diffusers (and in :meth:`sdlearn.schedules.NoiseSchedule.to_x0`).
+- Every sampler reads the model's output as (x̂₀, ε̂) with :func:`sdlearn.schedules.convert_prediction` (the
+  variance-preserving x_t) or :func:`sdlearn.schedules.convert_prediction_alpha_sigma` (Euler and Heun's
+  x = x₀ + σ ε, DPM-Solver++'s α_t and σ_t), the one place where ε, x₀ and v are converted.
+- dtype: a step is computed in float32 (in float64 when x is float64, never below float32) and returns x's
+  dtype; ``last_x0`` has x's dtype too. Noise is drawn from the generator in that computing dtype and then
+  cast, so that a seed gives the same noise in float16, bfloat16 and float32 (rounded), and float32
+  results do not depend on the dtype a caller might later choose.
+- ``generator`` is always a ``torch.Generator`` (or a list of them, one per sample), never a numpy one.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .schedules import PREDICTION_TYPES, NoiseSchedule
+from .schedules import (
+    NoiseSchedule,
+    check_prediction_type,
+    convert_prediction,
+    convert_prediction_alpha_sigma,
+)
 
 SPACINGS = ("leading", "trailing", "linspace")
 VARIANCE_TYPES = ("fixed_small", "fixed_large")
@@ -152,9 +176,66 @@ def _randn(shape, generator, device, dtype) -> torch.Tensor:
     return noise.to(device)
 
 
-def _check_prediction_type(prediction_type: str) -> None:
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a step computes in: float32, or float64 for float64 input (never below float32)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Deprecated argument forms, accepted for one release
+# ---------------------------------------------------------------------------------------------------
+def _positional_options_deprecated(*former_order: str):
+    """Decorate a function whose options became keyword-only so that it still takes them positionally, in
+    ``former_order``, with a DeprecationWarning that shows the call in the new form."""
+    def decorate(function):
+        parameters = inspect.signature(function).parameters.values()
+        n_positional = sum(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters)
+        shown = function.__qualname__.removesuffix(".__init__")
+
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            if len(args) > n_positional:
+                extra = args[n_positional:]
+                if len(extra) > len(former_order):
+                    raise TypeError(f"{shown}() takes at most {n_positional + len(former_order)} positional arguments "
+                                    f"(its options by keyword), got {len(args)}")
+                names = former_order[: len(extra)]
+                for name in names:
+                    if name in kwargs:
+                        raise TypeError(f"{shown}() got multiple values for argument {name!r}")
+                kwargs.update(zip(names, extra))
+                args = args[:n_positional]
+                new_form = ", ".join(f"{name}={value!r}" for name, value in zip(names, extra))
+                warnings.warn(f"passing {', '.join(names)} to {shown}() by position is deprecated and will stop working "
+                              f"in the next release; pass {'it' if len(names) == 1 else 'them'} by keyword: "
+                              f"{shown}(..., {new_form})", DeprecationWarning, stacklevel=2)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+def _keywords_renamed(**renamed: str):
+    """Decorate a function whose keyword arguments were renamed (old=new) so that it still takes the old
+    names, with a DeprecationWarning."""
+    def decorate(function):
+        @functools.wraps(function)
+        def wrapper(*args, **kwargs):
+            used = [old for old in renamed if old in kwargs]
+            if used:
+                for old in used:
+                    if renamed[old] in kwargs:
+                        raise TypeError(f"{function.__name__}() got both {old!r} (deprecated) and {renamed[old]!r}")
+                    kwargs[renamed[old]] = kwargs.pop(old)
+                warnings.warn(f"{function.__name__}({'=, '.join(used)}=) is deprecated and will stop working in the next "
+                              f"release; use {function.__name__}({'=, '.join(renamed[old] for old in used)}=)",
+                              DeprecationWarning, stacklevel=2)
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -163,17 +244,20 @@ def _check_prediction_type(prediction_type: str) -> None:
 class Sampler:
     """What all samplers share: the schedule, the prediction type, and the list of timesteps.
 
-    Subclasses fill in ``_make_timesteps`` and ``step``. ``order`` is the number of model
-    evaluations per step (2 for Heun, whose ``timesteps`` lists each inner timestep twice).
+    Subclasses fill in ``step`` and, unless the rounded spaced timesteps of DDPM and DDIM will do,
+    ``_make_timesteps``. ``order`` is the number of model evaluations per step (2 for Heun, whose
+    ``timesteps`` lists each inner timestep twice).
     """
 
     name = "sampler"
     order = 1
+    clip_sample = False
 
-    def __init__(self, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
+    @_positional_options_deprecated("prediction_type")
+    def __init__(self, schedule: NoiseSchedule, *, prediction_type: str = "epsilon"):
         if not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"schedule must be a sdlearn.schedules.NoiseSchedule, got {type(schedule).__name__}")
-        _check_prediction_type(prediction_type)
+        check_prediction_type(prediction_type)
         self.schedule = schedule
         self.prediction_type = prediction_type
         self.num_train_timesteps = schedule.num_train_timesteps
@@ -193,7 +277,10 @@ class Sampler:
         self.last_x0 = None
 
     def _make_timesteps(self, n: int, spacing: str, steps_offset: int) -> None:
-        raise NotImplementedError
+        """Integer timesteps: the spaced ones, rounded (DDPM, DDIM)."""
+        timesteps = np.round(spaced_timesteps(self.num_train_timesteps, n, spacing, steps_offset))
+        _check_spaced(timesteps, self.num_train_timesteps, n, spacing)
+        self.timesteps = torch.from_numpy(timesteps.astype(np.int64))
 
     def _require_timesteps(self) -> None:
         if self.timesteps is None:
@@ -216,10 +303,22 @@ class Sampler:
     def step(self, model_output: torch.Tensor, t, x: torch.Tensor, generator=None) -> torch.Tensor:
         raise NotImplementedError
 
-    def _check_step(self, model_output: torch.Tensor, x: torch.Tensor) -> None:
+    def _check_step(self, model_output: torch.Tensor, x: torch.Tensor):
+        """Check a step's inputs → (model_output, x) in the computing dtype, and the dtype to return (x's)."""
         self._require_timesteps()
         if model_output.shape != x.shape:
             raise ValueError(f"model_output has shape {tuple(model_output.shape)} but x has shape {tuple(x.shape)}; they must match")
+        dtype = _compute_dtype(x.dtype)
+        return model_output.to(dtype), x.to(dtype), x.dtype
+
+    def _matches(self, t) -> torch.Tensor:
+        """The entries of ``timesteps`` equal to ``t`` (one, or two for Heun's inner timesteps); never empty."""
+        self._require_timesteps()
+        value = _timestep_value(t)
+        matches = (self.timesteps == value).nonzero().flatten()
+        if len(matches) == 0:
+            raise ValueError(f"timestep {value} is not one of this sampler's timesteps {self.timesteps.tolist()}")
+        return matches
 
     def _eval_index(self, t) -> int:
         """Which entry of ``timesteps`` this model evaluation is. Like diffusers, the first call looks
@@ -227,9 +326,7 @@ class Sampler:
         count on, checking that ``t`` is the entry expected."""
         value = _timestep_value(t)
         if self._step_index is None:
-            matches = (self.timesteps == value).nonzero().flatten()
-            if len(matches) == 0:
-                raise ValueError(f"timestep {value} is not one of this sampler's timesteps {self.timesteps.tolist()}")
+            matches = self._matches(value)
             self._step_index = int(matches[1] if len(matches) > 1 else matches[0])
         i = self._step_index
         if i >= len(self.timesteps):
@@ -246,19 +343,17 @@ class Sampler:
         steps = f", {self.num_inference_steps} steps, spacing={self.spacing!r}" if self.timesteps is not None else ""
         return f"{type(self).__name__}({self._config()}{steps})"
 
-
-def _x0_and_eps(sampler: Sampler, model_output, x, alpha_prod_t):
-    """Read the model output at ᾱ_t as (x̂₀, ε̂), in the variance-preserving x_t (DDPM, DDIM)."""
-    beta_prod_t = 1 - alpha_prod_t
-    if sampler.prediction_type == "epsilon":
-        if alpha_prod_t == 0:
+    def _read_output(self, model_output, alpha_prod_t, x, dtype):
+        """The model output at ᾱ_t read as (x̂₀, ε̂) in the variance-preserving x_t (DDPM, DDIM), x̂₀ clipped to
+        [−1, 1] if ``clip_sample``; keeps x̂₀ in ``last_x0``, in ``dtype``."""
+        if self.prediction_type == "epsilon" and alpha_prod_t == 0:
             raise ValueError("an ε-prediction says nothing about x₀ where ᾱ_t = 0 (zero terminal SNR); use a "
                              "v_prediction model (Lin et al. 2023) or spacing='leading', which skips t = T−1")
-        return (x - beta_prod_t**0.5 * model_output) / alpha_prod_t**0.5, model_output
-    if sampler.prediction_type == "sample":
-        return model_output, (x - alpha_prod_t**0.5 * model_output) / beta_prod_t**0.5
-    # v = √ᾱ ε − √(1−ᾱ) x₀  (Salimans & Ho 2022)
-    return alpha_prod_t**0.5 * x - beta_prod_t**0.5 * model_output, alpha_prod_t**0.5 * model_output + beta_prod_t**0.5 * x
+        x0, eps = convert_prediction(model_output, alpha_prod_t, x, self.prediction_type)
+        if self.clip_sample:
+            x0 = x0.clamp(-1, 1)
+        self.last_x0 = x0.to(dtype)
+        return x0, eps
 
 
 class DDPMSampler(Sampler):
@@ -277,9 +372,10 @@ class DDPMSampler(Sampler):
 
     name = "ddpm"
 
-    def __init__(self, schedule: NoiseSchedule, variance_type: str = "fixed_small", prediction_type: str = "epsilon",
+    @_positional_options_deprecated("variance_type", "prediction_type", "clip_sample")
+    def __init__(self, schedule: NoiseSchedule, *, prediction_type: str = "epsilon", variance_type: str = "fixed_small",
                  clip_sample: bool = False):
-        super().__init__(schedule, prediction_type)
+        super().__init__(schedule, prediction_type=prediction_type)
         if variance_type not in VARIANCE_TYPES:
             raise ValueError(f"unknown variance_type {variance_type!r}; expected one of {', '.join(VARIANCE_TYPES)}")
         self.variance_type = variance_type
@@ -287,14 +383,12 @@ class DDPMSampler(Sampler):
         self._one = torch.tensor(1.0)
 
     def _make_timesteps(self, n, spacing, steps_offset):
-        timesteps = np.round(spaced_timesteps(self.num_train_timesteps, n, spacing, steps_offset))
-        _check_spaced(timesteps, self.num_train_timesteps, n, spacing)
-        self.timesteps = torch.from_numpy(timesteps.astype(np.int64))
+        super()._make_timesteps(n, spacing, steps_offset)
         self._position = {int(t): i for i, t in enumerate(self.timesteps)}
 
     def step(self, model_output, t, x, generator=None):
         """x_t → x_{t'} ~ q(x_{t'} | x_t, x̂₀). Returns x_{t'}; keeps x̂₀ in ``last_x0``."""
-        self._check_step(model_output, x)
+        model_output, x, dtype = self._check_step(model_output, x)
         t = int(_timestep_value(t))
         if t not in self._position:
             raise ValueError(f"timestep {t} is not one of this sampler's timesteps {self.timesteps.tolist()}")
@@ -307,10 +401,7 @@ class DDPMSampler(Sampler):
         alpha_t = alpha_prod_t / alpha_prod_t_prev  # α over the whole stride t' → t
         beta_t = 1 - alpha_t
 
-        x0, _ = _x0_and_eps(self, model_output, x, alpha_prod_t)
-        if self.clip_sample:
-            x0 = x0.clamp(-1, 1)
-        self.last_x0 = x0
+        x0, _ = self._read_output(model_output, alpha_prod_t, x, dtype)
 
         # the posterior mean μ̃ (eq. 7)
         x0_coef = alpha_prod_t_prev**0.5 * beta_t / beta_prod_t
@@ -318,13 +409,13 @@ class DDPMSampler(Sampler):
         x_prev = x0_coef * x0 + xt_coef * x
 
         if t > 0:
-            noise = _randn(model_output.shape, generator, model_output.device, model_output.dtype)
+            noise = _randn(x.shape, generator, x.device, x.dtype)
             if self.variance_type == "fixed_small":
                 variance = torch.clamp(beta_prod_t_prev / beta_prod_t * beta_t, min=1e-20)  # β̃
             else:
                 variance = beta_t
             x_prev = x_prev + variance**0.5 * noise
-        return x_prev
+        return x_prev.to(dtype)
 
     def _config(self):
         return f"variance_type={self.variance_type!r}, {super()._config()}, clip_sample={self.clip_sample}"
@@ -344,9 +435,10 @@ class DDIMSampler(Sampler):
 
     name = "ddim"
 
-    def __init__(self, schedule: NoiseSchedule, eta: float = 0.0, prediction_type: str = "epsilon",
+    @_positional_options_deprecated("eta", "prediction_type", "set_alpha_to_one", "clip_sample")
+    def __init__(self, schedule: NoiseSchedule, *, prediction_type: str = "epsilon", eta: float = 0.0,
                  set_alpha_to_one: bool = True, clip_sample: bool = False):
-        super().__init__(schedule, prediction_type)
+        super().__init__(schedule, prediction_type=prediction_type)
         if not (isinstance(eta, (int, float)) and math.isfinite(eta) and eta >= 0):
             raise ValueError(f"eta must be a number ≥ 0 (0 deterministic DDIM, 1 DDPM-like), got {eta!r}")
         self.eta = float(eta)
@@ -354,14 +446,9 @@ class DDIMSampler(Sampler):
         self.clip_sample = bool(clip_sample)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
 
-    def _make_timesteps(self, n, spacing, steps_offset):
-        timesteps = np.round(spaced_timesteps(self.num_train_timesteps, n, spacing, steps_offset))
-        _check_spaced(timesteps, self.num_train_timesteps, n, spacing)
-        self.timesteps = torch.from_numpy(timesteps.astype(np.int64))
-
     def step(self, model_output, t, x, generator=None):
         """x_t → x_{t'} by eq. 12. Returns x_{t'}; keeps x̂₀ in ``last_x0``."""
-        self._check_step(model_output, x)
+        model_output, x, dtype = self._check_step(model_output, x)
         t = int(_timestep_value(t))
         if not 0 <= t < self.num_train_timesteps:
             raise ValueError(f"timestep must lie in [0, {self.num_train_timesteps}), got {t}")
@@ -370,18 +457,15 @@ class DDIMSampler(Sampler):
         alpha_prod_t = self.alphas_cumprod[t]
         alpha_prod_t_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
 
-        x0, eps = _x0_and_eps(self, model_output, x, alpha_prod_t)
-        if self.clip_sample:
-            x0 = x0.clamp(-1, 1)
-        self.last_x0 = x0
+        x0, eps = self._read_output(model_output, alpha_prod_t, x, dtype)
 
         variance = (1 - alpha_prod_t_prev) / (1 - alpha_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
         std = self.eta * variance**0.5  # σ_t of eq. 16
         direction = (1 - alpha_prod_t_prev - std**2) ** 0.5 * eps  # "direction pointing to x_t"
         x_prev = alpha_prod_t_prev**0.5 * x0 + direction
         if self.eta > 0:
-            x_prev = x_prev + std * _randn(model_output.shape, generator, model_output.device, model_output.dtype)
-        return x_prev
+            x_prev = x_prev + std * _randn(x.shape, generator, x.device, x.dtype)
+        return x_prev.to(dtype)
 
     def _config(self):
         return f"eta={self.eta}, {super()._config()}, set_alpha_to_one={self.set_alpha_to_one}, clip_sample={self.clip_sample}"
@@ -427,19 +511,13 @@ class _SigmaSampler(Sampler):
 
     def add_noise(self, x0, noise, t):
         """x₀ + σ(t) ε, for a ``t`` in ``timesteps``."""
-        self._require_timesteps()
-        matches = (self.timesteps == _timestep_value(t)).nonzero().flatten()
-        if len(matches) == 0:
-            raise ValueError(f"timestep {_timestep_value(t)} is not one of this sampler's timesteps")
-        return x0 + noise * self._sigma_of_eval(int(matches[0])).to(x0.dtype)
+        return x0 + noise * self._sigma_of_eval(int(self._matches(t)[0])).to(x0.dtype)
 
-    def _x0(self, model_output, x, sigma):
-        """x̂₀ = D(x; σ) from the model output, in σ-space (x = x₀ + σ ε)."""
-        if self.prediction_type == "epsilon":
-            return x - sigma * model_output
-        if self.prediction_type == "v_prediction":
-            return model_output * (-sigma / (sigma**2 + 1) ** 0.5) + (x / (sigma**2 + 1))
-        return model_output
+    def _slope(self, model_output, x, sigma):
+        """x̂₀ = D(x; σ) read from the model output in σ-space (x = x₀ + σ ε, i.e. α = 1), and the slope
+        dx/dσ = (x − x̂₀) / σ of the probability-flow ODE (Karras et al. 2022, eq. 3)."""
+        x0, _ = convert_prediction_alpha_sigma(model_output, 1, sigma, x, self.prediction_type, variance_preserving=False)
+        return x0, (x - x0) / sigma
 
 
 class EulerSampler(_SigmaSampler):
@@ -453,22 +531,21 @@ class EulerSampler(_SigmaSampler):
 
     name = "euler"
 
-    def __init__(self, schedule: NoiseSchedule, use_karras_sigmas: bool = False, prediction_type: str = "epsilon"):
-        super().__init__(schedule, prediction_type)
+    @_positional_options_deprecated("use_karras_sigmas", "prediction_type")
+    def __init__(self, schedule: NoiseSchedule, *, prediction_type: str = "epsilon", use_karras_sigmas: bool = False):
+        super().__init__(schedule, prediction_type=prediction_type)
         self.use_karras_sigmas = bool(use_karras_sigmas)
 
     def step(self, model_output, t, x, generator=None):
         """One Euler step from σ_i to σ_{i+1}. ``generator`` is unused (the step is deterministic)."""
-        self._check_step(model_output, x)
+        model_output, x, dtype = self._check_step(model_output, x)
         i = self._eval_index(t)
-        x = x.to(torch.float32)
         sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-        x0 = self._x0(model_output, x, sigma)
-        self.last_x0 = x0
-        derivative = (x - x0) / sigma  # dx/dσ
+        x0, derivative = self._slope(model_output, x, sigma)
+        self.last_x0 = x0.to(dtype)
         x_next = x + derivative * (sigma_next - sigma)
         self._step_index = i + 1
-        return x_next.to(model_output.dtype)
+        return x_next.to(dtype)
 
     def _config(self):
         return f"use_karras_sigmas={self.use_karras_sigmas}, {super()._config()}"
@@ -491,8 +568,9 @@ class HeunSampler(_SigmaSampler):
     name = "heun"
     order = 2
 
-    def __init__(self, schedule: NoiseSchedule, prediction_type: str = "epsilon"):
-        super().__init__(schedule, prediction_type)
+    @_positional_options_deprecated("prediction_type")
+    def __init__(self, schedule: NoiseSchedule, *, prediction_type: str = "epsilon"):
+        super().__init__(schedule, prediction_type=prediction_type)
         self._first_half = None
 
     def _set_sigma_timesteps(self, timesteps):
@@ -505,13 +583,12 @@ class HeunSampler(_SigmaSampler):
 
     def step(self, model_output, t, x, generator=None):
         """Half of a Heun step (see the class docstring). ``generator`` is unused."""
-        self._check_step(model_output, x)
+        model_output, x, dtype = self._check_step(model_output, x)
         k = self._eval_index(t)
         if k % 2 == 0:  # an Euler step from σ_i, i = k / 2
             i = k // 2
             sigma, sigma_next = self.sigmas[i], self.sigmas[i + 1]
-            x0 = self._x0(model_output, x, sigma)
-            derivative = (x - x0) / sigma
+            x0, derivative = self._slope(model_output, x, sigma)
             dt = sigma_next - sigma
             self._first_half = (x, derivative, dt)
             x_next = x + derivative * dt
@@ -519,14 +596,12 @@ class HeunSampler(_SigmaSampler):
             if self._first_half is None:
                 raise ValueError("Heun's correction step was called without its Euler step; step through sampler.timesteps in order")
             x_start, first_derivative, dt = self._first_half
-            sigma_next = self.sigmas[(k + 1) // 2]
-            x0 = self._x0(model_output, x, sigma_next)
-            derivative = (x - x0) / sigma_next
+            x0, derivative = self._slope(model_output, x, self.sigmas[(k + 1) // 2])
             x_next = x_start + (first_derivative + derivative) / 2 * dt
             self._first_half = None
-        self.last_x0 = x0
+        self.last_x0 = x0.to(dtype)
         self._step_index = k + 1
-        return x_next
+        return x_next.to(dtype)
 
 
 class DPMSolverSampler(Sampler):
@@ -546,8 +621,9 @@ class DPMSolverSampler(Sampler):
 
     name = "dpm++"
 
-    def __init__(self, schedule: NoiseSchedule, prediction_type: str = "epsilon", solver_order: int = 2):
-        super().__init__(schedule, prediction_type)
+    @_positional_options_deprecated("prediction_type", "solver_order")
+    def __init__(self, schedule: NoiseSchedule, *, prediction_type: str = "epsilon", solver_order: int = 2):
+        super().__init__(schedule, prediction_type=prediction_type)
         if solver_order not in (1, 2):
             raise ValueError(f"solver_order must be 1 or 2, got {solver_order!r}")
         self.solver_order = solver_order
@@ -572,46 +648,37 @@ class DPMSolverSampler(Sampler):
         alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
         return alpha_t, sigma * alpha_t
 
+    def _levels(self, i: int):
+        """(α, σ, λ = log α − log σ) at entry i of ``sigmas``; λ = +∞ at the final σ = 0."""
+        alpha, sigma = self._alpha_sigma(self.sigmas[i])
+        return alpha, sigma, torch.log(alpha) - torch.log(sigma)
+
     def add_noise(self, x0, noise, t):
         """α_t x₀ + σ_t ε, for a ``t`` in ``timesteps`` (uses the capped ᾱ on zero-terminal-SNR schedules)."""
-        self._require_timesteps()
-        matches = (self.timesteps == _timestep_value(t)).nonzero().flatten()
-        if len(matches) == 0:
-            raise ValueError(f"timestep {_timestep_value(t)} is not one of this sampler's timesteps")
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[int(matches[0])])
+        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[int(self._matches(t)[0])])
         return alpha_t.to(x0.dtype) * x0 + sigma_t.to(x0.dtype) * noise
 
     def step(self, model_output, t, x, generator=None):
         """One DPM-Solver++ step from t_i to t_{i+1}. ``generator`` is unused (the solver is deterministic)."""
-        self._check_step(model_output, x)
+        model_output, x, dtype = self._check_step(model_output, x)
         i = self._eval_index(t)
-        alpha_s, sigma_s = self._alpha_sigma(self.sigmas[i])
-        if self.prediction_type == "epsilon":
-            x0 = (x - sigma_s * model_output) / alpha_s
-        elif self.prediction_type == "v_prediction":
-            x0 = alpha_s * x - sigma_s * model_output
-        else:
-            x0 = model_output
-        self.last_x0 = x0
-        x = x.to(torch.float32)
+        alpha_s, sigma_s, lambda_s = self._levels(i)
+        x0, _ = convert_prediction_alpha_sigma(model_output, alpha_s, sigma_s, x, self.prediction_type)
+        self.last_x0 = x0.to(dtype)
 
-        alpha_t, sigma_t = self._alpha_sigma(self.sigmas[i + 1])
-        lambda_t = torch.log(alpha_t) - torch.log(sigma_t)  # +∞ at the final σ = 0
-        lambda_s = torch.log(alpha_s) - torch.log(sigma_s)
+        alpha_t, sigma_t, lambda_t = self._levels(i + 1)
         h = lambda_t - lambda_s
+        x0_coef = alpha_t * (torch.exp(-h) - 1.0)
+        x_next = (sigma_t / sigma_s) * x - x0_coef * x0  # first order
         is_last = i == len(self.timesteps) - 1
-        if self.solver_order == 1 or self._previous_x0 is None or is_last:
-            x_next = (sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0
-        else:
-            alpha_r, sigma_r = self._alpha_sigma(self.sigmas[i - 1])
-            lambda_r = torch.log(alpha_r) - torch.log(sigma_r)
+        if self.solver_order == 2 and self._previous_x0 is not None and not is_last:
+            lambda_r = self._levels(i - 1)[2]
             r = (lambda_s - lambda_r) / h
             d1 = (1.0 / r) * (x0 - self._previous_x0)
-            x_next = ((sigma_t / sigma_s) * x - (alpha_t * (torch.exp(-h) - 1.0)) * x0
-                      - 0.5 * (alpha_t * (torch.exp(-h) - 1.0)) * d1)
+            x_next = x_next - 0.5 * x0_coef * d1  # 2M: x̂₀ extrapolated in λ
         self._previous_x0 = x0
         self._step_index = i + 1
-        return x_next.to(model_output.dtype)
+        return x_next.to(dtype)
 
     def _config(self):
         return f"{super()._config()}, solver_order={self.solver_order}"
@@ -632,7 +699,8 @@ def get_sampler(name: str, schedule: NoiseSchedule, **kwargs) -> Sampler:
 # ---------------------------------------------------------------------------------------------------
 # Guidance and the sampling loop
 # ---------------------------------------------------------------------------------------------------
-def classifier_free_guidance(pred_uncond: torch.Tensor, pred_cond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
+@_keywords_renamed(pred_uncond="eps_uncond", pred_cond="eps_cond")
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, scale: float, rescale: float = 0.0) -> torch.Tensor:
     """Classifier-free guidance (Ho & Salimans 2022, eq. 6, written with w = scale):
 
         ε̃ = ε_uncond + w (ε_cond − ε_uncond)
@@ -642,18 +710,18 @@ def classifier_free_guidance(pred_uncond: torch.Tensor, pred_cond: torch.Tensor,
     (§3.4, eqs. 15–17): scale ε̃ to the standard deviation of ε_cond (per sample, over all other
     dimensions) and blend, ε = φ · ε̃ std(ε_cond)/std(ε̃) + (1 − φ) ε̃, which counters the
     over-exposure that large w causes with zero-terminal-SNR schedules. Same as diffusers'
-    ``rescale_noise_cfg``.
+    ``rescale_noise_cfg``. The two predictions may be v or x₀ predictions as well: guidance is linear.
     """
-    if pred_uncond.shape != pred_cond.shape:
-        raise ValueError(f"pred_uncond {tuple(pred_uncond.shape)} and pred_cond {tuple(pred_cond.shape)} must have the same shape")
+    if eps_uncond.shape != eps_cond.shape:
+        raise ValueError(f"eps_uncond {tuple(eps_uncond.shape)} and eps_cond {tuple(eps_cond.shape)} must have the same shape")
     if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale >= 0):
         raise ValueError(f"guidance scale must be a number ≥ 0 (1 = no guidance), got {scale!r}")
     if not (isinstance(rescale, (int, float)) and 0 <= rescale <= 1):
         raise ValueError(f"rescale must be a number in [0, 1], got {rescale!r}")
-    guided = pred_uncond + scale * (pred_cond - pred_uncond)
+    guided = eps_uncond + scale * (eps_cond - eps_uncond)
     if rescale > 0:
         dims = list(range(1, guided.dim()))
-        std_cond = pred_cond.std(dim=dims, keepdim=True)  # [B, 1, ...]
+        std_cond = eps_cond.std(dim=dims, keepdim=True)  # [B, 1, ...]
         std_guided = guided.std(dim=dims, keepdim=True)
         guided = rescale * (guided * (std_cond / std_guided)) + (1 - rescale) * guided
     return guided
@@ -700,6 +768,10 @@ def sample(
     Image-to-image (SDEdit, Meng et al. 2022): pass clean ``x0`` and ``strength`` ∈ [0, 1]; the loop
     noises x0 to the timestep ``strength`` of the way up the schedule (``sampler.add_noise``) and
     runs only the steps from there, as diffusers' img2img pipelines do. ``strength`` 0 returns x0.
+
+    ``dtype`` is the dtype of the state x and of the result. Noise not given is drawn from ``generator`` in
+    float32 (float64 for float64) and then cast to ``dtype``, so one seed starts every dtype from the same noise;
+    each step computes in at least float32 (see the module's conventions).
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) == 0 or any(s < 1 for s in shape):
@@ -716,7 +788,7 @@ def sample(
 
     sampler.set_timesteps(num_inference_steps, spacing=spacing, steps_offset=steps_offset)
     if noise is None:
-        noise = _randn(shape, generator, device, dtype)
+        noise = _randn(shape, generator, device, _compute_dtype(dtype))
     noise = noise.to(device=device, dtype=dtype)
 
     start = 0
@@ -778,9 +850,10 @@ class GaussianDataModel:
     >>> x = sample(model, EulerSampler(schedule), (4096, 1), 50, progress=False)   # ≈ N(0.5, 0.3²)
     """
 
-    def __init__(self, schedule: NoiseSchedule, mean: float | torch.Tensor = 0.0, std: float | torch.Tensor = 1.0,
+    @_positional_options_deprecated("prediction_type")
+    def __init__(self, schedule: NoiseSchedule, mean: float | torch.Tensor = 0.0, std: float | torch.Tensor = 1.0, *,
                  prediction_type: str = "epsilon"):
-        _check_prediction_type(prediction_type)
+        check_prediction_type(prediction_type)
         self.schedule = schedule
         self.mean = torch.as_tensor(mean, dtype=torch.float64)
         self.std = torch.as_tensor(std, dtype=torch.float64)
@@ -809,7 +882,7 @@ class GaussianDataModel:
     def prediction(self, x_t: torch.Tensor, t, prediction_type: str | None = None) -> torch.Tensor:
         """The exact ε, v or x₀ prediction (default: this model's ``prediction_type``)."""
         prediction_type = prediction_type or self.prediction_type
-        _check_prediction_type(prediction_type)
+        check_prediction_type(prediction_type)
         if prediction_type == "epsilon":
             return self.eps(x_t, t)
         if prediction_type == "sample":

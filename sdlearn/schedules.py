@@ -12,11 +12,25 @@ and because a sum of Gaussians is Gaussian, any step can be reached in one jump 
 A *schedule* is the choice of β_1..β_T. Everything here is numerically equal to diffusers'
 ``DDPMScheduler`` (``betas``, ``alphas_cumprod``) for the same configuration, so that what a
 learner builds here carries over. Timesteps are 0-based indices ``t ∈ [0, T)`` as in diffusers.
+
+Conventions:
+
+- ``t`` is a whole number or a ``[B]`` tensor of them, one per sample of the batch.
+- Anything that interprets a model's output takes it first, then the noise level, then the noisy
+  sample: ``(model_output, t, x_t, prediction_type)``, the order of diffusers' ``scheduler.step(model_output,
+  t, x)`` — :meth:`NoiseSchedule.to_x0`, :meth:`NoiseSchedule.to_eps`, and :func:`convert_prediction` with ᾱ in
+  place of ``t``. Closed-form formulas of the forward process take their tensors first and ``t`` last:
+  ``add_noise(x0, noise, t)``, ``velocity(x0, noise, t)``, ``x0_from_eps(x_t, eps, t)``,
+  ``target(x0, noise, t, prediction_type)``.
+- ε, x₀ and v are converted into one another in one place, :func:`convert_prediction_alpha_sigma`;
+  :func:`convert_prediction`, the methods of :class:`NoiseSchedule` and every sampler in
+  :mod:`sdlearn.samplers` call it.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -24,8 +38,9 @@ import torch
 SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
-# Defaults per schedule: DDPM's linear 1e-4 → 0.02, Stable Diffusion's scaled-linear 0.00085 → 0.012.
-_DEFAULT_RANGE = {
+# Default (beta_start, beta_end) per schedule: DDPM's linear 1e-4 → 0.02, Stable Diffusion's scaled-linear
+# 0.00085 → 0.012; the cosine schedule takes none.
+DEFAULT_BETA_RANGE = {
     "linear": (1e-4, 0.02),
     "scaled_linear": (0.00085, 0.012),
     "sigmoid": (1e-4, 0.02),
@@ -58,7 +73,7 @@ def make_betas(
     if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
         raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}")
     T = num_train_timesteps
-    default_start, default_end = _DEFAULT_RANGE[name]
+    default_start, default_end = DEFAULT_BETA_RANGE[name]
     start = default_start if beta_start is None else float(beta_start)
     end = default_end if beta_end is None else float(beta_end)
     if name != "cosine" and not (0.0 < start <= 1.0 and 0.0 < end <= 1.0):
@@ -91,6 +106,85 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     alphas_bar = alphas_bar_sqrt**2
     alphas = torch.cat([alphas_bar[:1], alphas_bar[1:] / alphas_bar[:-1]])
     return 1.0 - alphas
+
+
+def __getattr__(name: str):
+    """Deprecated module attributes, kept for one release."""
+    if name == "_DEFAULT_RANGE":
+        warnings.warn("sdlearn.schedules._DEFAULT_RANGE is deprecated and will be removed in the next release; "
+                      "use sdlearn.schedules.DEFAULT_BETA_RANGE", DeprecationWarning, stacklevel=2)
+        return DEFAULT_BETA_RANGE
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def check_prediction_type(prediction_type: str) -> None:
+    """Raise ``ValueError`` unless ``prediction_type`` is one of :data:`PREDICTION_TYPES`."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+
+
+# -- reading a model's output: ε, x₀ and v ------------------------------------------------------------
+def _coefficient(coef, like: torch.Tensor):
+    """A noise-level coefficient ready to multiply ``like``. A number or a 0-dim tensor is a scalar and is used
+    as it is (PyTorch treats a 0-dim CPU tensor as a scalar on every device and in every dtype, as diffusers'
+    schedulers rely on); any other tensor is cast to ``like``'s dtype and moved to its device, and a [B]
+    tensor is reshaped to [B, 1, …]."""
+    if not isinstance(coef, torch.Tensor) or coef.dim() == 0:
+        return coef
+    if coef.dim() == 1 and like.dim() > 1:
+        coef = coef.reshape(coef.shape + (1,) * (like.dim() - 1))
+    return coef.to(device=like.device, dtype=like.dtype)
+
+
+def convert_prediction_alpha_sigma(model_output: torch.Tensor, alpha, sigma, x: torch.Tensor,
+                                   prediction_type: str = "epsilon", *, variance_preserving: bool = True):
+    """Read a model's output as the pair (x̂₀, ε̂), for a noisy sample x = α x₀ + σ ε.
+
+    This is the one place where ε, x₀ and v are converted into one another. ``alpha`` and ``sigma`` are
+    numbers or tensors (0-dim, [B], or shaped to broadcast against ``x``):
+
+    - ``"epsilon"``: ε̂ = output, x̂₀ = (x − σ ε̂) / α;
+    - ``"sample"``: x̂₀ = output, ε̂ = (x − α x̂₀) / σ;
+    - ``"v_prediction"``: v = α ε − σ x₀ (Salimans & Ho 2022, §4) for the variance-preserving x_t, where
+      α² + σ² = 1; then x̂₀ = α x − σ v and ε̂ = σ x + α v.
+
+    The variance-preserving view (``variance_preserving=True``) is x_t with (α, σ) = (√ᾱ_t, √(1 − ᾱ_t)), as in
+    DDPM, DDIM and DPM-Solver++. Karras et al.'s (2022) view is x = x_t / √ᾱ_t = x₀ + σ ε, i.e. α = 1 and
+    σ = √((1 − ᾱ)/ᾱ), as in Euler and Heun; there v still refers to x_t = x / r with r = √(α² + σ²), so pass
+    ``variance_preserving=False`` and x̂₀ = α x / r² − (σ / r) v, ε̂ = σ x / r² + (α / r) v. (Feeding Euler's
+    x / r and ᾱ = 1/r² to the variance-preserving formulas instead would give the same values up to float32
+    rounding, which grows with σ.) Each formula keeps the order of operations of the diffusers schedulers
+    that use it (``DDPMScheduler``, ``EulerDiscreteScheduler``, ``DPMSolverMultistepScheduler``, …): keep it
+    so, or float32 results move by rounding.
+    """
+    check_prediction_type(prediction_type)
+    alpha, sigma = _coefficient(alpha, x), _coefficient(sigma, x)
+    if prediction_type == "epsilon":
+        return (x - sigma * model_output) / alpha, model_output
+    if prediction_type == "sample":
+        return model_output, (x - alpha * model_output) / sigma
+    if variance_preserving:
+        return alpha * x - sigma * model_output, alpha * model_output + sigma * x
+    norm_sq = alpha**2 + sigma**2
+    norm = norm_sq**0.5
+    return model_output * (-sigma / norm) + (alpha * x / norm_sq), model_output * (alpha / norm) + sigma * x / norm_sq
+
+
+def convert_prediction(model_output: torch.Tensor, alpha_bar, x_t: torch.Tensor,
+                       prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:
+    """Read a model's output at noise level ᾱ as (x̂₀, ε̂), given x_t = √ᾱ x₀ + √(1 − ᾱ) ε (Ho et al. 2020, eq. 4).
+
+    ``alpha_bar`` is a number, a 0-dim tensor, a [B] tensor (one per sample) or a tensor that broadcasts
+    against ``x_t``. √ᾱ and √(1 − ᾱ) are computed in ``alpha_bar``'s dtype; the results have ``x_t``'s. At
+    ᾱ = 0 (zero terminal SNR) an ε-prediction gives x̂₀ = 0/0 = NaN: ε says nothing about x₀ there.
+    See :func:`convert_prediction_alpha_sigma` for the formulas.
+
+    >>> x0_hat, eps_hat = convert_prediction(model(x_t, t), schedule.alpha_bar(t), x_t, "v_prediction")
+    """
+    alpha_bar = torch.as_tensor(alpha_bar)
+    if not alpha_bar.is_floating_point():
+        alpha_bar = alpha_bar.to(torch.get_default_dtype())
+    return convert_prediction_alpha_sigma(model_output, alpha_bar.sqrt(), (1 - alpha_bar).sqrt(), x_t, prediction_type)
 
 
 def _broadcast(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -184,50 +278,56 @@ class NoiseSchedule:
         signal, sigma = self._coefs(t, x0)
         return signal * noise - sigma * x0
 
-    # -- conversions between ε, x₀ and v, given x_t --------------------------------------------
+    # -- conversions between ε, x₀ and v, given x_t (all through convert_prediction_alpha_sigma) --------------
+    def _convert(self, model_output: torch.Tensor, t, x_t: torch.Tensor, prediction_type: str):
+        signal, sigma = self._coefs(t, x_t)
+        return convert_prediction_alpha_sigma(model_output, signal, sigma, x_t, prediction_type)
+
     def x0_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
         """x_0 = (x_t − √(1 − ᾱ_t) ε) / √ᾱ_t."""
-        signal, sigma = self._coefs(t, x_t)
-        return (x_t - sigma * eps) / signal
+        return self._convert(eps, t, x_t, "epsilon")[0]
 
     def eps_from_x0(self, x_t: torch.Tensor, x0: torch.Tensor, t) -> torch.Tensor:
         """ε = (x_t − √ᾱ_t x_0) / √(1 − ᾱ_t)."""
-        signal, sigma = self._coefs(t, x_t)
-        return (x_t - signal * x0) / sigma
+        return self._convert(x0, t, x_t, "sample")[1]
 
     def x0_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
         """x_0 = √ᾱ_t x_t − √(1 − ᾱ_t) v."""
-        signal, sigma = self._coefs(t, x_t)
-        return signal * x_t - sigma * v
+        return self._convert(v, t, x_t, "v_prediction")[0]
 
     def eps_from_v(self, x_t: torch.Tensor, v: torch.Tensor, t) -> torch.Tensor:
         """ε = √(1 − ᾱ_t) x_t + √ᾱ_t v."""
-        signal, sigma = self._coefs(t, x_t)
-        return sigma * x_t + signal * v
+        return self._convert(v, t, x_t, "v_prediction")[1]
 
     def v_from_eps(self, x_t: torch.Tensor, eps: torch.Tensor, t) -> torch.Tensor:
         """v from ε, through x_0."""
         return self.velocity(self.x0_from_eps(x_t, eps, t), eps, t)
 
-    def to_x0(self, model_output: torch.Tensor, x_t: torch.Tensor, t, prediction_type: str = "epsilon") -> torch.Tensor:
-        """Read a model's output as a prediction of x_0, whatever it was trained to predict."""
-        if prediction_type == "epsilon":
-            return self.x0_from_eps(x_t, model_output, t)
-        if prediction_type == "v_prediction":
-            return self.x0_from_v(x_t, model_output, t)
-        if prediction_type == "sample":
-            return model_output
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+    @staticmethod
+    def _legacy_order(method: str, model_output: torch.Tensor, t, x_t):
+        """(t, x_t), accepting for one release the former order (model_output, x_t, t): t is a number or a [B]
+        tensor, so a second argument shaped like model_output (with ≥ 2 dimensions) can only be x_t."""
+        if isinstance(t, torch.Tensor) and t.dim() >= 2 and t.shape == model_output.shape:
+            warnings.warn(f"NoiseSchedule.{method}(model_output, x_t, t, prediction_type) is deprecated and will stop "
+                          f"working in the next release; call NoiseSchedule.{method}(model_output, t, x_t, "
+                          "prediction_type), the order of sampler.step(model_output, t, x)",
+                          DeprecationWarning, stacklevel=3)
+            return x_t, t
+        return t, x_t
 
-    def to_eps(self, model_output: torch.Tensor, x_t: torch.Tensor, t, prediction_type: str = "epsilon") -> torch.Tensor:
-        """Read a model's output as a prediction of ε, whatever it was trained to predict."""
-        if prediction_type == "epsilon":
-            return model_output
-        if prediction_type == "v_prediction":
-            return self.eps_from_v(x_t, model_output, t)
-        if prediction_type == "sample":
-            return self.eps_from_x0(x_t, model_output, t)
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+    def to_x0(self, model_output: torch.Tensor, t, x_t: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
+        """Read a model's output at timestep ``t`` as a prediction of x_0, whatever it was trained to predict
+        (see :func:`convert_prediction_alpha_sigma`). The argument order is ``step``'s: output, t, x_t."""
+        t, x_t = self._legacy_order("to_x0", model_output, t, x_t)
+        check_prediction_type(prediction_type)
+        return self._convert(model_output, t, x_t, prediction_type)[0]
+
+    def to_eps(self, model_output: torch.Tensor, t, x_t: torch.Tensor, prediction_type: str = "epsilon") -> torch.Tensor:
+        """Read a model's output at timestep ``t`` as a prediction of ε, whatever it was trained to predict
+        (see :func:`convert_prediction_alpha_sigma`). The argument order is ``step``'s: output, t, x_t."""
+        t, x_t = self._legacy_order("to_eps", model_output, t, x_t)
+        check_prediction_type(prediction_type)
+        return self._convert(model_output, t, x_t, prediction_type)[1]
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t, prediction_type: str = "epsilon") -> torch.Tensor:
         """The training target for a prediction type: ε, v or x_0."""
@@ -235,9 +335,8 @@ class NoiseSchedule:
             return noise
         if prediction_type == "v_prediction":
             return self.velocity(x0, noise, t)
-        if prediction_type == "sample":
-            return x0
-        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+        check_prediction_type(prediction_type)
+        return x0
 
     # -- diagnosis, for the "broken schedule" lessons ------------------------------------------
     def problems(self) -> list[str]:

@@ -1,7 +1,7 @@
 """The text encoder: a word-level tokenizer, a small transformer, and a tiny CLIP to pre-train it.
 
 Stable Diffusion reads its prompt with the text tower of CLIP (Radford et al. 2021), pre-trained to
-match 400M image–caption pairs, then frozen. The course does the same at Shapes scale (DESIGN.md §4):
+match 400M image–caption pairs, then frozen. The course does the same at Shapes scale:
 
 1. **Tokenizer** — prompt → ids. Word-level over the caption vocabulary (``sdlearn.data.VOCABULARY``,
    37 words) plus four specials, ``<pad>`` = 0, ``<bos>``, ``<eos>``, ``<unk>``. Every prompt becomes
@@ -32,35 +32,37 @@ Two Shapes-specific decisions, written down:
   from one-attribute prompts, (b) gives sensible embeddings to the partial prompts users will type,
   and (c) pushes the image encoder to represent colour and shape separately, which helps it
   generalise to the held-out (colour, shape) pairs it never sees.
+
+Names, one per concept: :meth:`TextEncoder.encode_prompts` (strings → a :class:`TextEncoding`, what the denoiser
+reads); :meth:`TinyCLIP.encode_text` and :meth:`TinyCLIP.encode_image` (token ids / images → unit vectors, CLIP's
+own names); :meth:`TinyCLIP.embed_prompts` (strings → unit vectors). ``generator`` is always a
+``torch.Generator``; model sizes are counted by :func:`sdlearn.checkpoint.count_parameters`.
 """
 
 from __future__ import annotations
 
 import itertools
 import math
-import time
 import warnings
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sdlearn.checkpoint import ConfigMixin, count_parameters
+from sdlearn.checks import check_batch, check_mask, warn_deprecated
 from sdlearn.data import (
-    _SHAPE_WORDS,
-    _SIZE_WORDS,
+    ATTRIBUTE_VALUES,
     ATTRIBUTES,
-    COLORS,
-    POSITIONS,
-    SHAPES,
-    SIZES,
+    SHAPE_WORDS,
+    SIZE_WORDS,
     VOCABULARY,
     ShapesDataset,
-    _place_phrases,
     caption_for,
+    place_phrases,
     sample_batch,
     split_words,
 )
@@ -68,12 +70,6 @@ from sdlearn.denoiser import SelfAttention  # the same fused-QKV attention as th
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
-ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
-    "color": tuple(COLORS),
-    "shape": SHAPES,
-    "size": SIZES,
-    "position": POSITIONS,
-}
 
 # ----------------------------------------------------------------------------------------------------------
 # The tokenizer
@@ -180,7 +176,7 @@ class Tokenizer:
 
 
 @dataclass
-class TextEncoderConfig:
+class TextEncoderConfig(ConfigMixin):
     """Hyper-parameters of :class:`TextEncoder`. ``width`` = 128 matches ``DenoiserConfig.text_dim``."""
 
     vocab_size: int = len(SPECIAL_TOKENS) + len(VOCABULARY)  # 41
@@ -191,24 +187,12 @@ class TextEncoderConfig:
     mlp_ratio: float = 2.0  # MLP hidden width = mlp_ratio · D
 
     def __post_init__(self):
-        for name in ("vocab_size", "max_length", "width", "depth", "heads"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"TextEncoderConfig.{name} must be a positive integer, got {value!r}")
+        self.check_positive_ints("vocab_size", "max_length", "width", "depth", "heads")
         if self.width % self.heads:
             raise ValueError(f"TextEncoderConfig.width ({self.width}) must be divisible by heads ({self.heads})")
         if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, int | float) or self.mlp_ratio <= 0:
             raise ValueError(f"TextEncoderConfig.mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TextEncoderConfig:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown TextEncoderConfig fields {sorted(set(d) - known)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 class TextEncoding(NamedTuple):
@@ -248,9 +232,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, config: TextEncoderConfig | None = None):
         super().__init__()
-        config = TextEncoderConfig() if config is None else config
-        if not isinstance(config, TextEncoderConfig):
-            raise ValueError(f"config must be a TextEncoderConfig, got {type(config).__name__}")
+        config = TextEncoderConfig.resolve(config)
         self.config = config
         D = config.width
         self.token_embedding = nn.Embedding(config.vocab_size, D)
@@ -264,7 +246,9 @@ class TextEncoder(nn.Module):
         return self.config.width
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Deprecated: use :func:`sdlearn.checkpoint.count_parameters` (``count_parameters(model)``)."""
+        warn_deprecated(f"{type(self).__name__}.num_parameters()", "sdlearn.checkpoint.count_parameters(model)")
+        return count_parameters(self)
 
     def _check(self, ids, mask) -> None:
         cfg = self.config
@@ -275,9 +259,7 @@ class TextEncoder(nn.Module):
             raise ValueError(f"ids have L = {ids.shape[1]} tokens; this encoder takes 1..{cfg.max_length}")
         if ids.numel() and (ids.min() < 0 or ids.max() >= cfg.vocab_size):
             raise ValueError(f"ids must lie in 0..{cfg.vocab_size - 1} (vocab_size), got {ids.min().item()}..{ids.max().item()}")
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.shape != ids.shape:
-            got = f"{mask.dtype} {list(mask.shape)}" if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise ValueError(f"mask must be a BoolTensor shaped like ids {list(ids.shape)} (True on real tokens), got {got}")
+        check_mask(mask, tuple(ids.shape), "mask")
         if ids.shape[0] and not (mask[:, 0].all() and (mask[:, :-1] >= mask[:, 1:]).all()):
             raise ValueError("mask must be True on a prefix of each row (<bos> … <eos>), then False on the padding")
 
@@ -294,9 +276,9 @@ class TextEncoder(nn.Module):
         pooled = x[torch.arange(B, device=ids.device), eos]  # [B, D]
         return TextEncoding(x, pooled, mask)
 
-    def encode_text(self, prompts: str | Sequence[str], tokenizer: Tokenizer | None = None) -> TextEncoding:
+    def encode_prompts(self, prompts: str | Sequence[str], tokenizer: Tokenizer | None = None) -> TextEncoding:
         """Tokenize ``prompts`` (``Tokenizer(max_length=config.max_length)`` by default) and encode them on
-        this encoder's device."""
+        this encoder's device → a :class:`TextEncoding` (token states, pooled state, mask)."""
         tokenizer = Tokenizer(max_length=self.config.max_length) if tokenizer is None else tokenizer
         if tokenizer.vocab_size != self.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but this encoder was built for "
@@ -306,9 +288,16 @@ class TextEncoder(nn.Module):
         return self(ids.to(device), mask.to(device))
 
 
+    def encode_text(self, prompts: str | Sequence[str], tokenizer: Tokenizer | None = None) -> TextEncoding:
+        """Deprecated: use :meth:`encode_prompts` (``TinyCLIP.encode_text`` is CLIP's ids → unit vectors)."""
+        warn_deprecated("TextEncoder.encode_text(prompts)", "TextEncoder.encode_prompts(prompts)")
+        return self.encode_prompts(prompts, tokenizer)
+
+
 def encode_text(text_encoder: TextEncoder, prompts: str | Sequence[str], tokenizer: Tokenizer | None = None) -> TextEncoding:
-    """``text_encoder.encode_text(prompts, tokenizer)`` as a function."""
-    return text_encoder.encode_text(prompts, tokenizer)
+    """Deprecated: use ``text_encoder.encode_prompts(prompts, tokenizer)``."""
+    warn_deprecated("sdlearn.text.encode_text(text_encoder, prompts)", "text_encoder.encode_prompts(prompts)")
+    return text_encoder.encode_prompts(prompts, tokenizer)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -351,7 +340,7 @@ def soft_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit
 
 
 @dataclass
-class TinyCLIPConfig:
+class TinyCLIPConfig(ConfigMixin):
     """Hyper-parameters of :class:`TinyCLIP`: the text tower's config, the image encoder's widths, the
     shared embedding size, and the initial temperature (CLIP's: logit scale 1/0.07)."""
 
@@ -372,18 +361,8 @@ class TinyCLIPConfig:
         side = self.image_size / 2 ** (len(self.image_channels) - 1)
         if side < 1 or side != int(side):
             raise ValueError(f"image_size {self.image_size} cannot be halved {len(self.image_channels) - 1} times")
-        if isinstance(self.embed_dim, bool) or not isinstance(self.embed_dim, int) or self.embed_dim < 1:
-            raise ValueError(f"TinyCLIPConfig.embed_dim must be a positive integer, got {self.embed_dim!r}")
+        self.check_positive_ints("embed_dim")
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "text": self.text.to_dict(), "image_channels": list(self.image_channels)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> TinyCLIPConfig:
-        known = {f.name for f in fields(cls)}
-        if set(d) - known:
-            raise ValueError(f"unknown TinyCLIPConfig fields {sorted(set(d) - known)}; known: {sorted(known)}")
-        return cls(**d)
 
 
 class ImageEncoder(nn.Module):
@@ -421,9 +400,7 @@ class TinyCLIP(nn.Module):
 
     def __init__(self, config: TinyCLIPConfig | None = None):
         super().__init__()
-        config = TinyCLIPConfig() if config is None else config
-        if not isinstance(config, TinyCLIPConfig):
-            raise ValueError(f"config must be a TinyCLIPConfig, got {type(config).__name__}")
+        config = TinyCLIPConfig.resolve(config)
         self.config = config
         self.text_encoder = TextEncoder(config.text)
         self.text_proj = nn.Linear(config.text.width, config.embed_dim, bias=False)
@@ -434,7 +411,9 @@ class TinyCLIP(nn.Module):
     MAX_LOGIT_SCALE = 100.0
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Deprecated: use :func:`sdlearn.checkpoint.count_parameters` (``count_parameters(model)``)."""
+        warn_deprecated(f"{type(self).__name__}.num_parameters()", "sdlearn.checkpoint.count_parameters(model)")
+        return count_parameters(self)
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale) clamped to at most 100 (CLIP §2.5: "to prevent scaling the logits by more than 100")."""
@@ -443,9 +422,7 @@ class TinyCLIP(nn.Module):
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, S, S]`` in [-1, 1] → unit vectors ``[B, E]``."""
         S = self.config.image_size
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (3, S, S):
-            got = list(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"images must be [B, 3, {S}, {S}] in [-1, 1], got {got}")
+        check_batch(images, (3, S, S), "image", "images")
         return F.normalize(self.image_encoder(images), dim=-1)
 
     def encode_text(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -492,13 +469,13 @@ def partial_caption(attributes: dict[str, str], generator: torch.Generator | Non
     if "shape" in attributes:
         words.append("a")
     if "size" in attributes:
-        words.append(_pick(_SIZE_WORDS[attributes["size"]], generator))
+        words.append(_pick(SIZE_WORDS[attributes["size"]], generator))
     if "color" in attributes:
         words.append(attributes["color"])
     if "shape" in attributes:
-        words.append(_pick(_SHAPE_WORDS[attributes["shape"]], generator))
+        words.append(_pick(SHAPE_WORDS[attributes["shape"]], generator))
     if "position" in attributes:
-        words += [_pick(("in", "at"), generator), "the", _pick(_place_phrases(attributes["position"]), generator)]
+        words += [_pick(("in", "at"), generator), "the", _pick(place_phrases(attributes["position"]), generator)]
     return " ".join(words)
 
 
@@ -567,7 +544,7 @@ def caption_retrieval_accuracy(clip: TinyCLIP, n: int = 1000, seed: int = CLIP_E
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Training: `python -m sdlearn train clip`
+# Training batches and loss (the recipe is sdlearn.recipes.train_clip: `python -m sdlearn train clip`)
 
 _UNNAMED = -1  # in an attribute table, "this caption does not say"
 
@@ -604,116 +581,3 @@ def clip_loss(clip: TinyCLIP, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
         best = (image_emb @ text_emb.T).argmax(dim=1)  # [B]
         top1 = batch["positives"].gather(1, best[:, None]).float().mean().item()
     return loss, {"scale": scale.item(), "top1": top1}
-
-
-def train_clip(
-    out_dir=None,
-    minutes: float | None = None,
-    steps: int | None = None,
-    device: str | torch.device = "auto",
-    *,
-    batch_size: int = 128,
-    lr: float = 2e-3,
-    seed: int = 0,
-    config: TinyCLIPConfig | None = None,
-    partial_fraction: float = 0.5,
-    eval_images: int = 1000,
-    progress: bool = True,
-    resume: bool = True,
-):
-    """Train :class:`TinyCLIP` → ``(clip, result)``; the recipe behind ``python -m sdlearn train clip``.
-
-    Data: fresh Shapes images every step from ``split="train"`` (the held-out colour–shape pairs are never
-    seen, by either tower), captioned from every template, half of them partial (:func:`clip_batch`).
-    Loss: :func:`soft_contrastive_loss`. AdamW (weight decay 0.01 on matrices), 100 warm-up steps, then
-    cosine decay over the budget. Budget: ``minutes`` and/or ``steps``; neither means the shipped
-    recipe's 600 steps (≈ 2–4 minutes on a 2-core CPU).
-
-    At the end the zero-shot accuracy per attribute is measured on ``eval_images`` (1,000) fresh
-    images of each split.
-    With ``out_dir``, the checkpoint (``out_dir/clip_checkpoint.*``, resumed from when present) and the
-    weights (``out_dir/clip.safetensors`` + ``clip.json``, loadable by :func:`sdlearn.pretrained.load_clip`)
-    are written there.
-    """
-    from sdlearn.training import SHORT_RECIPE, resolve_device, train, training_record
-
-    if minutes is None and steps is None:
-        steps = 600
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 2:
-        raise ValueError(f"batch_size must be an integer ≥ 2 (a contrastive batch needs negatives), got {batch_size!r}")
-    if not 0.0 <= partial_fraction <= 1.0:
-        raise ValueError(f"partial_fraction must lie in [0, 1], got {partial_fraction!r}")
-    config = TinyCLIPConfig() if config is None else config
-    if not isinstance(config, TinyCLIPConfig):
-        raise ValueError(f"config must be a TinyCLIPConfig, got {type(config).__name__}")
-    device = resolve_device(device)
-    tokenizer = Tokenizer(max_length=config.text.max_length)
-    if tokenizer.vocab_size != config.text.vocab_size:
-        raise ValueError(f"config.text.vocab_size must be {tokenizer.vocab_size} for the Shapes vocabulary")
-    out_dir = Path(out_dir) if out_dir is not None else None
-
-    def batch_fn(step: int) -> dict[str, torch.Tensor]:
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        return clip_batch(batch_size, generator, tokenizer, partial_fraction)
-
-    torch.manual_seed(seed)
-    clip = TinyCLIP(config).to(device)
-    decay = [p for n, p in clip.named_parameters() if p.dim() >= 2]  # no weight decay on gains, biases, the scale
-    no_decay = [p for n, p in clip.named_parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr)
-    run_config = {"model": "clip", "clip_config": config.to_dict(), "batch_size": batch_size, "lr": lr,
-                  "seed": seed, "partial_fraction": partial_fraction}
-    result = train(
-        clip,
-        lambda model, batch, step: clip_loss(model, batch),
-        batch_fn,
-        optimizer=optimizer,
-        max_steps=steps,
-        max_minutes=minutes,
-        **SHORT_RECIPE,
-        checkpoint_dir=out_dir,
-        checkpoint_name="clip_checkpoint",
-        resume=resume,
-        seed=seed,
-        config=run_config,
-        progress=progress,
-        desc="train clip",
-    )
-
-    clip.eval()
-    started = time.perf_counter()
-    accuracy = {split: zero_shot_accuracy(clip, eval_images, CLIP_EVAL_SEED, split, tokenizer) for split in ("train", "heldout")}
-    retrieval = {split: caption_retrieval_accuracy(clip, eval_images, CLIP_EVAL_SEED, split, tokenizer)
-                 for split in ("train", "heldout")}
-    training = training_record(
-        result, run_config, ("batch_size", "lr", "seed", "partial_fraction"), device, steps, minutes,
-        logit_scale=round(clip.scale().item(), 3),
-        zero_shot_accuracy={s: {k: round(v, 4) for k, v in acc.items()} for s, acc in accuracy.items()},
-        caption_retrieval_accuracy={s: round(v, 4) for s, v in retrieval.items()},
-        eval_images=f"ShapesDataset({eval_images}, split, seed={CLIP_EVAL_SEED}) for split in ('train', 'heldout')",
-        eval_seconds=round(time.perf_counter() - started, 1),
-    )
-    if out_dir is not None:
-        save_clip(clip, out_dir / "clip", training=training, tokenizer=tokenizer)
-    if progress:
-        where = f"; wrote {out_dir / 'clip.safetensors'}" if out_dir is not None else ""
-        shown = "; ".join(f"{s}: " + ", ".join(f"{k} {v:.1%}" for k, v in acc.items()) for s, acc in accuracy.items())
-        print(f"clip: {result.step} steps in {result.seconds / 60:.1f} min, loss {result.final_loss:.3g}; "
-              f"zero-shot accuracy {shown}; caption retrieval (1 of 320) train {retrieval['train']:.1%}, "
-              f"heldout {retrieval['heldout']:.1%}{where}")
-    clip.training_info = training
-    return clip, result
-
-
-def save_clip(clip: TinyCLIP, path, training: dict | None = None, tokenizer: Tokenizer | None = None) -> Path:
-    """Write a TinyCLIP as ``PATH.safetensors`` + ``PATH.json`` (its config, its tokenizer's vocabulary and
-    ``training`` notes), the format :func:`sdlearn.pretrained.load_clip` reads."""
-    from sdlearn.training import save_checkpoint
-
-    tokenizer = Tokenizer(max_length=clip.config.text.max_length) if tokenizer is None else tokenizer
-    return save_checkpoint(
-        path,
-        clip.state_dict(),
-        {"kind": "clip", "model_config": clip.config.to_dict(), "tokenizer": tokenizer.to_dict(),
-         "training": dict(training or {})},
-    )

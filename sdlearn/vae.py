@@ -26,26 +26,30 @@ Architecture: a small version of the LDM/SD autoencoder, without attention (8×8
 objects do not need it): conv → per level [residual blocks, stride-2 conv] → mid residual block →
 GroupNorm, SiLU, conv; the decoder mirrors it with nearest-neighbour upsampling + conv. The default
 widths are 16, 32, 64 channels at 32×32, 16×16, 8×8, with residual blocks only at 16×16 and 8×8:
-0.39M parameters (SD's VAE has 84M) and ≈ 41M multiply-adds per image for encode + decode, so that a
-2-core CPU encodes and decodes over 2,000 images/s (``benchmarks/vae.py``). Residual blocks at 32×32
-(``num_res_blocks=1``) reconstruct ≈ 1.5 dB better for the same number of steps but run ≈ 25% slower.
+0.39M parameters (SD's VAE has 84M) and ≈ 41M multiply-adds per image for encode + decode, small
+enough to encode every training batch of the denoiser on a laptop CPU (``python benchmarks/vae.py`` measures
+its speed). Residual blocks at 32×32 (``num_res_blocks=1``) reconstruct better for the same number of steps
+but run slower.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from sdlearn.checkpoint import ConfigMixin, count_parameters
+from sdlearn.checks import check_batch, warn_deprecated
+
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
 
 @dataclass
-class VAEConfig:
+class VAEConfig(ConfigMixin):
     """Hyperparameters of :class:`VAE`. ``len(channel_multipliers) - 1`` levels downsample by 2,
     so the default (1, 2, 4) gives f = 4: 32×32×3 → 8×8×4."""
 
@@ -61,10 +65,7 @@ class VAEConfig:
 
     def __post_init__(self):
         self.channel_multipliers = tuple(int(m) for m in self.channel_multipliers)
-        for name in ("in_channels", "image_size", "latent_channels", "base_channels", "norm_groups"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"VAEConfig.{name} must be a positive integer, got {value!r}")
+        self.check_positive_ints("in_channels", "image_size", "latent_channels", "base_channels", "norm_groups")
         if not self.channel_multipliers or min(self.channel_multipliers) < 1:
             raise ValueError(f"VAEConfig.channel_multipliers must be positive integers, got {self.channel_multipliers}")
         if not isinstance(self.num_res_blocks, int):
@@ -100,20 +101,6 @@ class VAEConfig:
     def downsample_factor(self) -> int:
         return 2 ** (len(self.channel_multipliers) - 1)
 
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["channel_multipliers"] = list(self.channel_multipliers)
-        if not isinstance(self.num_res_blocks, int):
-            d["num_res_blocks"] = list(self.num_res_blocks)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> VAEConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"unknown VAEConfig fields {unknown}; known fields: {sorted(known)}")
-        return cls(**d)
 
 
 class DiagonalGaussian:
@@ -268,7 +255,7 @@ class VAE(nn.Module):
 
     def __init__(self, config: VAEConfig | None = None):
         super().__init__()
-        self.config = dataclasses.replace(config) if config is not None else VAEConfig()  # a copy: we set scaling_factor
+        self.config = dataclasses.replace(VAEConfig.resolve(config))  # a copy: we set scaling_factor
         self.encoder = Encoder(self.config)
         self.decoder = Decoder(self.config)
 
@@ -298,14 +285,14 @@ class VAE(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """Images ``[B, 3, 32, 32]`` (float, in [-1, 1]) → the posterior q(z | x) over ``[B, 4, 8, 8]``."""
-        _check_batch(x, self.image_shape, "image")
+        check_batch(x, self.image_shape, "image")
         return DiagonalGaussian.from_moments(self.encoder(_fast_layout(x)).contiguous())  # [B, 2C, h, w] → q
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents ``[B, 4, 8, 8]`` (unscaled: divide by ``scaling_factor`` first) → images ``[B, 3, 32, 32]``.
 
         The output is not squashed (no tanh, as in LDM); clamp to [-1, 1] to display it."""
-        _check_batch(z, self.latent_shape, "latent")
+        check_batch(z, self.latent_shape, "latent")
         return self.decoder(_fast_layout(z)).contiguous()
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None, sample_posterior: bool = True):
@@ -315,7 +302,9 @@ class VAE(nn.Module):
         return self.decode(z), posterior
 
     def num_parameters(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        """Deprecated: use :func:`sdlearn.checkpoint.count_parameters` (``count_parameters(model)``)."""
+        warn_deprecated(f"{type(self).__name__}.num_parameters()", "sdlearn.checkpoint.count_parameters(model)")
+        return count_parameters(self)
 
 
 def vae_loss(vae: VAE, x: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict]:
@@ -352,17 +341,6 @@ def compute_scaling_factor(vae: VAE, images: torch.Tensor, batch_size: int = 256
 
 
 def _fast_layout(x: torch.Tensor) -> torch.Tensor:
-    """On CPU, oneDNN's convolutions run ≈1.5× faster on channels-last (NHWC) tensors; the values are
+    """On CPU, oneDNN's convolutions run faster on channels-last (NHWC) tensors; the values are
     the same, only the memory layout changes (outputs are made contiguous again)."""
     return x.contiguous(memory_format=torch.channels_last) if x.device.type == "cpu" else x
-
-
-def _check_batch(x: torch.Tensor, expected: tuple[int, ...], what: str) -> None:
-    expected_str = f"[B, {', '.join(str(s) for s in expected)}]"
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"expected the {what} batch as a torch.Tensor of shape {expected_str}, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"expected a floating-point {what} tensor of shape {expected_str}, got dtype {x.dtype}")
-    if x.dim() != len(expected) + 1 or tuple(x.shape[1:]) != tuple(expected):
-        hint = " (add a batch dimension with x[None])" if tuple(x.shape) == tuple(expected) else ""
-        raise ValueError(f"expected a {what} batch of shape {expected_str}, got {list(x.shape)}{hint}")

@@ -13,7 +13,11 @@ characters, is the same on every run.
 
 from __future__ import annotations
 
+import html
 import io
+import textwrap
+import time
+import warnings
 
 import ipywidgets as widgets
 import numpy as np
@@ -21,9 +25,13 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from sdlearn.checks import warn_deprecated
+from sdlearn.data import load_photo
 from sdlearn.plotting import to_image
+from sdlearn.pretrained import load_pipeline
+from sdlearn.samplers import SAMPLER_NAMES, alpha_bar_at, get_sampler, sample
 from sdlearn.schedules import (
-    _DEFAULT_RANGE,
+    DEFAULT_BETA_RANGE,
     SCHEDULE_NAMES,
     NoiseSchedule,
     make_betas,
@@ -34,8 +42,6 @@ _PHOTO_SIZE = 96  # the default picture: the bundled photograph, resized to 96×
 
 
 def _default_image() -> torch.Tensor:
-    from sdlearn.data import load_photo  # imported here: the explorers don't need the data module otherwise
-
     return load_photo(_PHOTO_SIZE)
 
 
@@ -193,7 +199,7 @@ class ScheduleExplorer(widgets.VBox):
 
     def _on_name(self, change) -> None:
         """A new schedule name resets the β sliders to that schedule's defaults, then redraws once."""
-        start, end = _DEFAULT_RANGE[change["new"]]
+        start, end = DEFAULT_BETA_RANGE[change["new"]]
         if start is not None:
             self._quiet = True
             try:
@@ -304,15 +310,12 @@ class SamplerScrubber(widgets.VBox):
     def __init__(self, model_fn, schedule: NoiseSchedule, shape=None, *, noise: torch.Tensor | None = None,
                  sampler: str = "ddim", num_inference_steps: int = 20, seed: int = 0, spacing: str = "leading",
                  decode=None, max_images: int = 4):
-        from sdlearn import samplers as S  # the samplers module is only needed here
-
-        self._samplers = S
         if not callable(model_fn):
             raise ValueError(f"model_fn must be a function model_fn(x_t, t) -> prediction, got {type(model_fn).__name__}")
         if not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-        if sampler not in S.SAMPLER_NAMES:
-            raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(S.SAMPLER_NAMES)}")
+        if sampler not in SAMPLER_NAMES:
+            raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
         if noise is None:
             if shape is None:
                 raise ValueError("give the shape of the batch to sample, e.g. shape=(4, 3, 32, 32), or the starting noise")
@@ -326,7 +329,7 @@ class SamplerScrubber(widgets.VBox):
         self.decode = decode if decode is not None else (lambda x: x)
         self.max_images = max_images
 
-        self.sampler = widgets.Dropdown(options=list(S.SAMPLER_NAMES), value=sampler, description="sampler")
+        self.sampler = widgets.Dropdown(options=list(SAMPLER_NAMES), value=sampler, description="sampler")
         self.steps = widgets.BoundedIntText(value=num_inference_steps, min=1, max=schedule.num_train_timesteps,
                                             description="steps")
         self.step = widgets.IntSlider(value=0, min=0, max=1, description="evaluation", continuous_update=True,
@@ -343,8 +346,7 @@ class SamplerScrubber(widgets.VBox):
 
     def run(self) -> None:
         """Sample anew with the chosen sampler and number of steps, recording every model evaluation."""
-        S = self._samplers
-        sampler = S.get_sampler(self.sampler.value, self.schedule)
+        sampler = get_sampler(self.sampler.value, self.schedule)
         frames: list[dict] = []
 
         def recording_model(x_t, t):
@@ -355,13 +357,13 @@ class SamplerScrubber(widgets.VBox):
             frames[-1]["x0"] = x0.detach().clone()
 
         with torch.no_grad():
-            self.sample = S.sample(recording_model, sampler, self.noise.shape, int(self.steps.value),
+            self.sample = sample(recording_model, sampler, self.noise.shape, int(self.steps.value),
                                    generator=torch.Generator().manual_seed(self.seed), progress=False,
                                    callback=record_x0, spacing=self.spacing, noise=self.noise)
         frames.append({"t": None, "x_t": self.sample, "x0": self.sample})
         self.frames = frames
         self._images = {}  # frame index → (x_t images, x̂₀ images), decoded once
-        alpha_bars = S.alpha_bar_at(self.schedule, torch.tensor([f["t"] for f in frames[:-1]]))  # [n] float64
+        alpha_bars = alpha_bar_at(self.schedule, torch.tensor([f["t"] for f in frames[:-1]]))  # [n] float64
         self._noise_levels = np.append((1 - alpha_bars).sqrt().numpy(), 0.0)  # [n + 1]
         self._build_figure()
         at_end = self.step.value == self.step.max
@@ -423,7 +425,7 @@ class SamplerScrubber(widgets.VBox):
         if frame["t"] is None:
             self.readout.value = f"<b>{self.sampler.value}</b>, {self.steps.value} steps: the finished sample after {n} model evaluations"
         else:
-            a = self._samplers.alpha_bar_at(self.schedule, frame["t"]).item()
+            a = alpha_bar_at(self.schedule, frame["t"]).item()
             self.readout.value = (f"<b>{self.sampler.value}</b>, {self.steps.value} steps: model evaluation {k + 1} of {n}"
                                   f" &nbsp;·&nbsp; t = {frame['t']:.4g} &nbsp;·&nbsp; ᾱ<sub>t</sub> = {a:.4f}"
                                   f" &nbsp;·&nbsp; noise √(1−ᾱ<sub>t</sub>) = {(1 - a) ** 0.5:.3f}")
@@ -448,7 +450,7 @@ class PromptPlayground(widgets.VBox):
     ``pipe`` is a :class:`sdlearn.pipeline.LatentDiffusionPipeline` (None: the shipped one, from
     :func:`sdlearn.pretrained.load_pipeline`). The controls are the pipeline's own arguments: ``prompt``,
     ``negative`` (the negative prompt; empty = the empty prompt), ``steps``, ``guidance`` (the scale w),
-    ``seed``, ``num_images`` (images of the prompt, each from its own starting noise) and ``sampler``.
+    ``seed``, ``num_images_per_prompt`` (images of the prompt, each from its own starting noise) and ``sampler``.
     Moving a control changes nothing until ``generate_button`` is pressed (or :meth:`generate` called), since
     a run costs a fraction of a second to a few seconds on a CPU.
 
@@ -458,13 +460,13 @@ class PromptPlayground(widgets.VBox):
     """
 
     def __init__(self, pipe=None, prompt: str = "a large red circle in the top left", *, negative_prompt: str = "",
-                 num_inference_steps: int = 20, guidance_scale: float = 4.0, seed: int = 0, num_images: int = 4,
-                 sampler: str = "dpm++", generate: bool = True):
-        from sdlearn.samplers import SAMPLER_NAMES  # imported here: the other explorers don't need it
-
+                 num_inference_steps: int = 20, guidance_scale: float = 4.0, seed: int = 0,
+                 num_images_per_prompt: int = 4, sampler: str = "dpm++", generate: bool = True,
+                 num_images: int | None = None):
+        if num_images is not None:
+            warn_deprecated("prompt_playground(num_images=...)", "num_images_per_prompt=...")
+            num_images_per_prompt = num_images
         if pipe is None:
-            from sdlearn.pretrained import load_pipeline
-
             pipe = load_pipeline()
         if not callable(pipe) or not hasattr(pipe, "denoiser"):
             raise ValueError(f"pipe must be a LatentDiffusionPipeline (or None for the shipped one), got {type(pipe).__name__}")
@@ -478,7 +480,7 @@ class PromptPlayground(widgets.VBox):
         self.steps = widgets.IntSlider(value=num_inference_steps, min=1, max=100, description="steps")
         self.guidance = widgets.FloatSlider(value=guidance_scale, min=0.0, max=12.0, step=0.5, description="guidance")
         self.seed = widgets.IntText(value=seed, description="seed", layout=widgets.Layout(width="180px"))
-        self.num_images = widgets.IntSlider(value=num_images, min=1, max=16, description="images")
+        self.num_images_per_prompt = widgets.IntSlider(value=num_images_per_prompt, min=1, max=16, description="images")
         self.sampler = widgets.Dropdown(options=list(SAMPLER_NAMES), value=sampler, description="sampler",
                                         layout=widgets.Layout(width="200px"))
         self.generate_button = widgets.Button(description="Generate", button_style="primary", icon="paint-brush")
@@ -488,7 +490,7 @@ class PromptPlayground(widgets.VBox):
             self.prompt,
             self.negative,
             widgets.HBox([self.steps, self.guidance]),
-            widgets.HBox([self.num_images, self.seed, self.sampler]),
+            widgets.HBox([self.num_images_per_prompt, self.seed, self.sampler]),
             self.generate_button,
             self.readout,
             self.picture,
@@ -499,17 +501,18 @@ class PromptPlayground(widgets.VBox):
         if generate:
             self.generate()
 
+    @property
+    def num_images(self) -> widgets.IntSlider:
+        """Deprecated: the slider is ``num_images_per_prompt``."""
+        warn_deprecated("PromptPlayground.num_images", "PromptPlayground.num_images_per_prompt")
+        return self.num_images_per_prompt
+
     def generate(self) -> None:
         """Run the pipeline with the controls' values; show the images, or say why it could not run."""
-        import html
-        import textwrap
-        import time
-        import warnings
-
         prompt, negative = self.prompt.value, self.negative.value.strip()
         kwargs = dict(negative_prompt=negative or None, num_inference_steps=int(self.steps.value),
                       guidance_scale=float(self.guidance.value), sampler=self.sampler.value, seed=int(self.seed.value),
-                      num_images_per_prompt=int(self.num_images.value), progress=False)
+                      num_images_per_prompt=int(self.num_images_per_prompt.value), progress=False)
         self.generate_button.disabled = True
         try:
             with warnings.catch_warnings(record=True) as caught:

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from sdlearn.__main__ import main
+from sdlearn.__main__ import TRAINERS, generate_to_files, main
+from sdlearn.recipes import train_all, train_classifier, train_clip, train_denoiser, train_vae
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -49,3 +50,26 @@ def test_train_vae_writes_loadable_weights(tmp_path):
     assert result.returncode == 0, result.stderr
     vae = load_vae(tmp_path)
     assert vae.training_info["steps"] == 3
+
+
+def test_train_names_the_recipes():
+    assert TRAINERS == {"vae": train_vae, "clip": train_clip, "classifier": train_classifier, "denoiser": train_denoiser,
+                        "all": train_all}
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, match",
+    [
+        ((), {}, "nothing to write"),
+        (("x.png",), {"sampler": "bogus"}, "unknown sampler"),
+        (("x.txt",), {}, "must name an image file"),
+        ((), {"out_dir": "a_file"}, "exists and is not a folder"),
+    ],
+)
+def test_generate_to_files_refuses_bad_arguments_before_loading_weights(tmp_path, args, kwargs, match):
+    (tmp_path / "a_file").write_text("")
+    args = tuple(str(tmp_path / a) for a in args)
+    kwargs = {k: str(tmp_path / v) if k == "out_dir" else v for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=match):  # not the missing weights folder: the arguments are checked first
+        generate_to_files("a red circle", *args, weights=tmp_path / "no such weights", **kwargs)
+    assert [p.name for p in tmp_path.iterdir()] == ["a_file"]  # nothing written

@@ -302,6 +302,25 @@ def test_random_captions_round_trip_and_are_deterministic_given_rng():
     assert len({caption_for(attrs, s) for s in range(50)}) > 10
 
 
+def test_the_public_word_tables_name_every_value_canonical_word_first():
+    assert data.ATTRIBUTE_VALUES == {"color": tuple(COLORS), "shape": SHAPES, "size": SIZES, "position": POSITIONS}
+    assert list(data.ATTRIBUTE_VALUES) == list(data.ATTRIBUTES)
+    for table, values in ((data.SIZE_WORDS, SIZES), (data.SHAPE_WORDS, SHAPES)):
+        assert tuple(table) == tuple(values)
+        for value, words in table.items():
+            assert words[0] == value  # the canonical word first
+    assert data.VERTICAL_WORDS["top"][0] == "top" and data.VERTICAL_WORDS["bottom"][0] == "bottom"
+    assert data.HORIZONTAL_WORDS == ("left", "right") and data.CENTER_WORDS[0] == "center"
+    for position in POSITIONS:
+        phrases = data.place_phrases(position)
+        assert phrases[0] == position and len(set(phrases)) == len(phrases)  # canonical first, no repeats
+        for phrase in phrases:
+            assert parse_prompt(phrase) == {"position": position}, phrase
+    assert "upper left corner" in data.place_phrases("top left") and "middle" in data.place_phrases("center")
+    every_word = {w for t in (data.SIZE_WORDS, data.SHAPE_WORDS, data.VERTICAL_WORDS) for ws in t.values() for w in ws}
+    assert every_word | set(data.HORIZONTAL_WORDS) | set(data.CENTER_WORDS) <= set(VOCABULARY)
+
+
 def test_parse_caption_ignores_case_punctuation_and_knows_synonyms():
     assert parse_caption("Big RED circle, upper-left corner!") == \
         dict(color="red", shape="circle", size="large", position="top left")

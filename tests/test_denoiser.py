@@ -224,7 +224,7 @@ def test_determinism_for_a_seed():
 def test_config_round_trips_through_json():
     cfg = DenoiserConfig(width=64, prediction_type="v_prediction")
     assert DenoiserConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(ValueError, match="unknown DenoiserConfig keys"):
+    with pytest.raises(ValueError, match=r"unknown DenoiserConfig fields \['widht'\]; known fields: \["):
         DenoiserConfig.from_dict({**cfg.to_dict(), "widht": 3})
 
 
@@ -243,7 +243,8 @@ def test_config_written_before_cross_attn_ratio_loads_with_full_width_cross_atte
         (dict(prediction_type="noise"), "epsilon, v_prediction, sample"),
         (dict(width=30, heads=4), "divisible by heads"),
         (dict(latent_size=8, patch_size=3), "divisible by patch_size"),
-        (dict(depth=0), "depth must be a positive integer"),
+        (dict(depth=0), r"DenoiserConfig\.depth must be a positive integer, got 0"),
+        (dict(heads=True), r"DenoiserConfig\.heads must be a positive integer, got True"),
         (dict(width=64, heads=4, cross_attn_ratio=0.1), "multiple of heads"),
         (dict(cross_attn_ratio=0), "multiple of heads"),
     ],
@@ -266,8 +267,10 @@ def _bad_calls():
         ("tokens wrong width", (x, t, torch.randn(3, 6, 8)), {}, "text_dim=16"),
         ("tokens wrong batch", (x, t, tokens[:2]), {}, "B=3"),
         ("no tokens", (x, t, tokens[:, :0]), {}, "at least one token"),
-        ("mask wrong shape", (x, t, tokens, mask[:, :4]), {}, r"\[B=3, L=6\]"),
-        ("float mask", (x, t, tokens, mask.float()), {}, "must be bool"),
+        ("mask wrong shape", (x, t, tokens, mask[:, :4]), {}, r"text_mask must be a bool tensor \[3, 6\].*got \[3, 4\]"),
+        ("float mask", (x, t, tokens, mask.float()), {}, "text_mask must be a bool tensor"),
+        ("int mask", (x, t, tokens, mask.long()), {}, r"text_mask must be a bool tensor \[3, 6\].*got dtype torch\.int64"),
+        ("uint8 mask", (x, t, tokens, mask.to(torch.uint8)), {}, "text_mask must be a bool tensor"),
         ("mask without tokens", (x, t, None, mask), {}, "need text_tokens"),
         ("pooled wrong width", (x, t, tokens, mask), {"pooled_text": torch.randn(3, 5)}, "pooled_text"),
     ]

@@ -6,21 +6,16 @@ import warnings
 import pytest
 import torch
 
-from sdlearn import training
+from sdlearn import recipes
+from sdlearn.checkpoint import load_checkpoint
 from sdlearn.data import COLORS, HELDOUT_PAIRS, SHAPES, parse_caption
-from sdlearn.denoiser import Denoiser, DenoiserConfig
-from sdlearn.pretrained import WEIGHTS_DIR, load_denoiser
+from sdlearn.denoiser import Denoiser, DenoiserConfig, denoiser_loss
+from sdlearn.pipeline import LatentDiffusionPipeline
+from sdlearn.pretrained import WEIGHTS_DIR, load_denoiser, save_denoiser
+from sdlearn.recipes import generate_for_eval, latent_batch_fn, train_denoiser
 from sdlearn.schedules import NoiseSchedule
 from sdlearn.text import TextEncoder, TextEncoderConfig, Tokenizer
-from sdlearn.training import (
-    _generate_for_eval,
-    _latent_batch_fn,
-    denoiser_loss,
-    load_checkpoint,
-    save_denoiser,
-    train,
-    train_denoiser,
-)
+from sdlearn.training import train
 from sdlearn.vae import VAE, VAEConfig
 
 TINY_VAE = VAEConfig(base_channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=(0, 1, 1), norm_groups=4)
@@ -55,7 +50,7 @@ def tiny_run(out_dir, steps, vae, text_encoder=None, **kwargs):
 
 
 def test_batches_are_scaled_latents_with_matching_captions(vae, text_encoder):
-    batch_fn = _latent_batch_fn(vae, SCHEDULE, 64, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
+    batch_fn = latent_batch_fn(vae, SCHEDULE, 64, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
                                 caption_dropout=0.0, window=128, refresh=8)
     batch = batch_fn(0)
     assert batch["x0"].shape == batch["noise"].shape == (64, 4, 8, 8)
@@ -76,17 +71,17 @@ def test_batches_are_scaled_latents_with_matching_captions(vae, text_encoder):
 
 
 def test_batches_are_a_function_of_the_step_so_a_resumed_window_matches(vae):
-    stepped = _latent_batch_fn(vae, SCHEDULE, 16, seed=3, window=32, refresh=4)
+    stepped = latent_batch_fn(vae, SCHEDULE, 16, seed=3, window=32, refresh=4)
     for step in range(6):
         last = stepped(step)  # slides the window 4 images per step
-    fresh = _latent_batch_fn(vae, SCHEDULE, 16, seed=3, window=32, refresh=4)(5)  # builds step 5's window at once
+    fresh = latent_batch_fn(vae, SCHEDULE, 16, seed=3, window=32, refresh=4)(5)  # builds step 5's window at once
     for key in ("x0", "noise", "t"):
         assert torch.equal(last[key], fresh[key])
     assert not torch.equal(stepped(6)["x0"], last["x0"])
 
 
 def test_caption_dropout_replaces_about_ten_percent_by_the_empty_prompt(vae, text_encoder):
-    batch_fn = _latent_batch_fn(vae, SCHEDULE, 512, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
+    batch_fn = latent_batch_fn(vae, SCHEDULE, 512, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
                                 caption_dropout=0.1, window=64, refresh=4)
     empty = 0
     for step in range(4):
@@ -97,7 +92,7 @@ def test_caption_dropout_replaces_about_ten_percent_by_the_empty_prompt(vae, tex
         assert (real_tokens[torch.tensor(dropped)] == 2).all()  # "" is <bos> <eos>
         assert (real_tokens[~torch.tensor(dropped)] > 4).all()
     assert 150 <= empty <= 260  # 2,048 draws at p = 0.1: 205 ± 14
-    none_dropped = _latent_batch_fn(vae, SCHEDULE, 512, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
+    none_dropped = latent_batch_fn(vae, SCHEDULE, 512, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
                                     caption_dropout=0.0, window=64, refresh=4)(0)
     assert "" not in none_dropped["captions"]
 
@@ -107,16 +102,31 @@ def test_caption_dropout_replaces_about_ten_percent_by_the_empty_prompt(vae, tex
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_loss_falls_on_a_fixed_batch(vae, text_encoder, prediction_type):
-    batch = _latent_batch_fn(vae, SCHEDULE, 32, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
+    batch = latent_batch_fn(vae, SCHEDULE, 32, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
                              window=64, refresh=4)(0)
     torch.manual_seed(0)
     model = Denoiser(tiny_config(prediction_type=prediction_type))
     with torch.no_grad():
-        first = denoiser_loss(model, batch, SCHEDULE).item()
+        first = denoiser_loss(model, batch, SCHEDULE)[0].item()
     result = train(model, lambda m, b, s: denoiser_loss(m, b, SCHEDULE), lambda step: batch,
                    lr=3e-3, max_steps=250, progress=False)
     assert result.losses[0] == pytest.approx(first)
     assert result.final_loss < 0.3 * first, (result.final_loss, first)
+
+
+def test_denoiser_loss_returns_the_loss_and_empty_logs_like_every_loss(vae, text_encoder):
+    batch = latent_batch_fn(vae, SCHEDULE, 8, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
+                            window=64, refresh=4)(0)
+    torch.manual_seed(0)
+    model = randomised(tiny_config())
+    out = denoiser_loss(model, batch, SCHEDULE)
+    assert isinstance(out, tuple) and len(out) == 2
+    loss, logs = out
+    assert logs == {}
+    assert loss.dim() == 0 and loss.requires_grad and torch.isfinite(loss)
+    x_t = SCHEDULE.add_noise(batch["x0"], batch["noise"], batch["t"])  # L_simple, by hand: ‖ε − ε̂(x_t, t, text)‖²
+    expected = (model(x_t, batch["t"], batch["tokens"], batch["mask"]) - batch["noise"]).pow(2).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
 def test_train_denoiser_returns_ema_weights_and_writes_loadable_files(tmp_path, vae, text_encoder):
@@ -136,7 +146,7 @@ def test_train_denoiser_returns_ema_weights_and_writes_loadable_files(tmp_path, 
 
 def test_resuming_an_interrupted_run_repeats_an_uninterrupted_one(tmp_path, vae, text_encoder, monkeypatch):
     whole, whole_result = tiny_run(tmp_path / "whole", 6, vae, text_encoder, checkpoint_every=3)
-    make_batch_fn = training._latent_batch_fn
+    make_batch_fn = recipes.latent_batch_fn  # train_denoiser looks the module-level name up at each call
 
     def interrupted(*args, **kwargs):  # Ctrl-C while step 4's batch is being made
         batch_fn = make_batch_fn(*args, **kwargs)
@@ -148,10 +158,10 @@ def test_resuming_an_interrupted_run_repeats_an_uninterrupted_one(tmp_path, vae,
 
         return wrapped
 
-    monkeypatch.setattr(training, "_latent_batch_fn", interrupted)
+    monkeypatch.setattr(recipes, "latent_batch_fn", interrupted)
     with pytest.raises(KeyboardInterrupt):
         tiny_run(tmp_path / "parts", 6, vae, text_encoder, checkpoint_every=3)
-    monkeypatch.setattr(training, "_latent_batch_fn", make_batch_fn)
+    monkeypatch.setattr(recipes, "latent_batch_fn", make_batch_fn)
     resumed, resumed_result = tiny_run(tmp_path / "parts", 6, vae, text_encoder, checkpoint_every=3)
     assert resumed_result.start_step == 3
     assert resumed_result.losses == whole_result.losses
@@ -162,8 +172,10 @@ def test_resuming_an_interrupted_run_repeats_an_uninterrupted_one(tmp_path, vae,
 def test_unconditional_training_needs_no_text(tmp_path, vae):
     denoiser, result = tiny_run(None, 4, vae, None)
     assert result.step == 4
-    images = _generate_for_eval(denoiser, vae, None, None, ["", ""], steps=3)
+    pipe = LatentDiffusionPipeline(vae, None, None, denoiser, "scaled_linear")
+    images = generate_for_eval(pipe, ["a red circle", "a blue square"], steps=3)  # the prompts only count the images
     assert images.shape == (2, 3, 32, 32)
+    assert torch.equal(images, generate_for_eval(pipe, ["", ""], steps=3))
 
 
 # -- the float16 weights ------------------------------------------------------------------------------------------
@@ -198,15 +210,18 @@ def test_float16_weights_round_trip(tmp_path):
 def test_generate_for_eval_guides_with_the_unconditional_pass_first(vae, text_encoder):
     model = randomised(tiny_config())
     prompts = ["a small red circle in the top left", "a large blue square in the center"]
+    pipe = LatentDiffusionPipeline(vae, text_encoder, Tokenizer(), model, "scaled_linear")
     common = {"steps": 4, "seed": 7}
-    scale0 = _generate_for_eval(model, vae, text_encoder, Tokenizer(), prompts, ["", "red"], guidance_scale=0.0, **common)
-    uncond = _generate_for_eval(model, vae, text_encoder, Tokenizer(), ["", "red"], prompts, guidance_scale=1.0, **common)
+    scale0 = generate_for_eval(pipe, prompts, ["", "red"], guidance_scale=0.0, **common)
+    uncond = generate_for_eval(pipe, ["", "red"], prompts, guidance_scale=1.0, **common)
     assert torch.allclose(scale0, uncond, atol=1e-5)
     assert scale0.shape == (2, 3, 32, 32) and scale0.abs().max() <= 1
-    guided = _generate_for_eval(model, vae, text_encoder, Tokenizer(), prompts, guidance_scale=4.0, **common)
+    guided = generate_for_eval(pipe, prompts, guidance_scale=4.0, **common)
     assert not torch.allclose(guided, scale0, atol=1e-3)
     with pytest.raises(ValueError, match="negative prompts"):
-        _generate_for_eval(model, vae, text_encoder, Tokenizer(), prompts, [""], **common)
+        generate_for_eval(pipe, prompts, [""], **common)
+    one_by_one = generate_for_eval(pipe, prompts, guidance_scale=4.0, batch_size=1, **common)
+    assert torch.allclose(one_by_one, guided, atol=1e-5)  # image i's noise comes from seed + i, whatever the chunks
 
 
 # -- bad arguments ------------------------------------------------------------------------------------------------

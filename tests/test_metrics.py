@@ -17,9 +17,9 @@ from sdlearn.metrics import (
     frechet_distance,
     prompt_accuracy,
     real_images,
-    train_classifier,
 )
 from sdlearn.pretrained import load_classifier, weights_path
+from sdlearn.recipes import train_classifier
 
 SHIPPED = weights_path("classifier").is_file()
 needs_shipped = pytest.mark.skipif(not SHIPPED, reason="shipped classifier weights not present")
@@ -71,15 +71,17 @@ def test_classifier_is_small_and_config_round_trips():
 @pytest.mark.parametrize(
     "bad, match",
     [
-        (torch.zeros(3, 32, 32), r"images\[None\]"),
-        (torch.zeros(2, 1, 32, 32), r"\[N, 3, 32, 32\]"),
-        (torch.zeros(2, 3, 16, 16), r"\[N, 3, 32, 32\]"),
-        (torch.zeros(2, 3, 32, 32, dtype=torch.long), "floating point"),
+        (torch.zeros(3, 32, 32), r"got one image \[3, 32, 32\]: add the batch dimension with x\[None\]"),
+        (torch.zeros(2, 1, 32, 32), r"\[B, 3, 32, 32\]"),
+        (torch.zeros(2, 3, 16, 16), r"\[B, 3, 32, 32\]"),
+        (torch.zeros(2, 3, 32, 32, dtype=torch.long), "floating-point"),
         (torch.full((2, 3, 32, 32), math.nan), "NaN"),
-        ([[0.0]], "must be a tensor"),
+        ([[0.0]], "must be a torch.Tensor"),
     ],
 )
 def test_bad_images_raise(untrained, bad, match):
+    with pytest.raises(ValueError, match=match):
+        untrained(bad)
     with pytest.raises(ValueError, match=match):
         untrained.predict(bad)
     with pytest.raises(ValueError, match=match):

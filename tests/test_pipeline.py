@@ -5,6 +5,7 @@ Most tests use a tiny randomly initialised pipeline (so they do not depend on tr
 """
 
 import argparse
+import json
 import subprocess
 import sys
 import warnings
@@ -14,13 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
+from sdlearn.checkpoint import CheckpointError, file_sha256
 from sdlearn.denoiser import Denoiser, DenoiserConfig
 from sdlearn.pipeline import LatentDiffusionPipeline, to_numpy, to_pil
-from sdlearn.pretrained import WEIGHTS_DIR, load_pipeline
+from sdlearn.pretrained import WEIGHTS_DIR, load_pipeline, save_clip, save_denoiser, save_vae
 from sdlearn.samplers import SAMPLER_NAMES, get_sampler, sample
 from sdlearn.schedules import NoiseSchedule
 from sdlearn.text import TextEncoderConfig, TinyCLIP, TinyCLIPConfig, Tokenizer
-from sdlearn.training import CheckpointError, _file_sha256, save_denoiser, save_vae
 from sdlearn.vae import VAE, VAEConfig, psnr
 
 TINY_TEXT = TextEncoderConfig(width=32, depth=1, heads=2)
@@ -58,12 +59,10 @@ def pipe():
 @pytest.fixture(scope="module")
 def weights_dir(tmp_path_factory):
     """A folder as `train all` writes it (vae, clip, denoiser), holding the tiny models."""
-    from sdlearn.text import save_clip
-
     folder = tmp_path_factory.mktemp("tiny_weights")
     save_vae(tiny_vae(), folder / "vae")
     save_clip(tiny_clip(), folder / "clip")
-    record = {"source": str(folder / "clip.safetensors"), "sha256": _file_sha256(folder / "clip.safetensors")}
+    record = {"source": str(folder / "clip.safetensors"), "sha256": file_sha256(folder / "clip.safetensors")}
     save_denoiser(tiny_denoiser(), folder / "denoiser", schedule="cosine", text_encoder=record)
     return folder
 
@@ -255,9 +254,9 @@ def test_img2img_runs_strength_times_steps_and_depends_on_the_image(pipe):
     c = pipe.img2img(PROMPT, shapes(2), strength=0.5, num_inference_steps=10, generator=gens(1, 2), progress=False)
     d = pipe.img2img(PROMPT, shapes(2).flip(0), strength=0.5, num_inference_steps=10, generator=gens(2, 1), progress=False)
     torch.testing.assert_close(c, d.flip(0), atol=1e-5, rtol=0)
-    several = pipe.img2img([PROMPT, "a blue square"], shapes(1)[0], strength=0.5, num_images_per_prompt=2,
+    several = pipe.img2img([PROMPT, "a blue square"], shapes(1), strength=0.5, num_images_per_prompt=2,
                            num_inference_steps=4, seed=0, progress=False)
-    assert several.shape == (4, 3, 32, 32)
+    assert several.shape == (4, 3, 32, 32)  # one image [1, 3, 32, 32] pairs with every prompt
 
 
 @pytest.mark.parametrize(
@@ -266,8 +265,9 @@ def test_img2img_runs_strength_times_steps_and_depends_on_the_image(pipe):
         (torch.zeros(2, 3, 32, 32), dict(strength=1.5), r"strength must be a number in \[0, 1\]"),
         (torch.zeros(2, 3, 32, 32), dict(strength=-0.1), r"strength must be a number in \[0, 1\]"),
         (torch.zeros(2, 3, 16, 16), {}, r"\[B, 3, 32, 32\]"),
-        (torch.zeros(2, 1, 32, 32), {}, "3 channels"),
-        (torch.zeros(2, 4, 32, 32), {}, "3 channels"),
+        (torch.zeros(2, 1, 32, 32), {}, r"\[B, 3, 32, 32\], got \[2, 1, 32, 32\]"),
+        (torch.zeros(2, 4, 32, 32), {}, r"\[B, 3, 32, 32\], got \[2, 4, 32, 32\]"),
+        (torch.zeros(3, 32, 32), {}, r"got one image \[3, 32, 32\]: add the batch dimension with x\[None\]"),
         (torch.zeros(32, 32), {}, r"\[B, 3, 32, 32\]"),
         (torch.full((1, 3, 32, 32), 255.0), {}, r"values must lie in \[-1, 1\]"),
         (torch.zeros(1, 3, 32, 32, dtype=torch.uint8), {}, "floating-point"),
@@ -377,8 +377,6 @@ def test_load_pipeline_names_the_missing_or_damaged_file(weights_dir, tmp_path):
 
 
 def test_load_pipeline_warns_when_the_text_tower_is_not_the_denoisers(weights_dir, tmp_path):
-    from sdlearn.text import save_clip
-
     for name in ("vae", "denoiser"):
         for suffix in (".safetensors", ".json"):
             (tmp_path / f"{name}{suffix}").write_bytes((weights_dir / f"{name}{suffix}").read_bytes())
@@ -393,7 +391,8 @@ def test_load_pipeline_warns_when_the_text_tower_is_not_the_denoisers(weights_di
 
 def test_train_all_writes_a_folder_load_pipeline_accepts(tmp_path, capsys):
     from sdlearn.metrics import ClassifierConfig
-    from sdlearn.training import train_all
+    from sdlearn.recipes import TRAIN_ALL_SPLIT, train_all
+    from sdlearn.training import TrainResult
 
     options = {
         "vae": {"config": VAEConfig(base_channels=8, num_res_blocks=0), "batch_size": 8},
@@ -402,11 +401,16 @@ def test_train_all_writes_a_folder_load_pipeline_accepts(tmp_path, capsys):
         "classifier": {"config": ClassifierConfig(widths=(8, 8), feature_dim=16), "batch_size": 8},
         "denoiser": {"config": TINY_DENOISER, "batch_size": 8, "latent_window": 64, "latent_refresh": 8},
     }
-    pipe, summary = train_all(tmp_path, steps=2, device="cpu", eval_prompts=4, options=options)
-    assert isinstance(load_pipeline(tmp_path), LatentDiffusionPipeline)
+    pipe, result = train_all(tmp_path, steps=2, device="cpu", eval_prompts=4, options=options)
+    assert isinstance(pipe, LatentDiffusionPipeline) and isinstance(load_pipeline(tmp_path), LatentDiffusionPipeline)
+    assert isinstance(result, TrainResult) and result.stopped_reason == "all stages done"
+    summary = result.record
+    assert list(summary["stages"]) == list(TRAIN_ALL_SPLIT) == ["vae", "clip", "classifier", "denoiser"]
     assert {name: s["steps"] for name, s in summary["stages"].items()} == {"vae": 2, "clip": 2, "classifier": 2, "denoiser": 2}
+    assert result.step == 8  # the steps of all four stages
     assert set(summary["evaluation"]["prompt_accuracy"]) == {"train", "heldout"}
     assert (tmp_path / "train_all.json").is_file() and (tmp_path / "classifier.safetensors").is_file()
+    assert json.loads((tmp_path / "train_all.json").read_text()) == json.loads(json.dumps(summary))
     out = capsys.readouterr().out
     assert "[4/4] denoiser" in out and "prompt accuracy" in out
     with pytest.raises(ValueError, match="unknown stage"):
@@ -511,6 +515,22 @@ def test_cli_generate_writes_a_png_grid_and_one_png_per_image(weights_dir, tmp_p
     for path in files:
         with Image.open(path) as picture:
             assert picture.format == "PNG" and picture.size == (32, 32)
+
+
+def test_generate_to_files_writes_num_images_per_prompt_images(weights_dir, tmp_path):
+    from sdlearn.__main__ import generate_to_files
+
+    out, out_dir = tmp_path / "grid.png", tmp_path / "each"
+    written = generate_to_files(PROMPT, out, out_dir=out_dir, num_inference_steps=2, num_images_per_prompt=3,
+                                weights=weights_dir, progress=False)
+    assert written == [out, *(out_dir / f"{i:03d}.png" for i in range(3))]
+    with Image.open(out) as grid:
+        assert grid.format == "PNG" and grid.width > 3 * 32
+    for path in written[1:]:
+        with Image.open(path) as picture:
+            assert picture.size == (32, 32)
+    with pytest.raises(TypeError, match="num_images"):
+        generate_to_files(PROMPT, out, num_images=2, weights=weights_dir, progress=False)  # the old name is gone
 
 
 def run_main(argv, capsys) -> tuple[int, str]:

@@ -1,5 +1,7 @@
-"""Tests for sdlearn.samplers: parity with diffusers, the analytic Gaussian check, guidance, bad input."""
+"""Tests for sdlearn.samplers: parity with diffusers, the analytic Gaussian check, guidance, dtypes,
+deprecated forms, bad input."""
 
+import inspect
 import warnings
 
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 import torch
 
 from sdlearn import samplers as S
+from sdlearn import schedules
 from sdlearn.schedules import NoiseSchedule
 
 # diffusers 0.42 calls np.array(tensor, copy=False)-style conversions that numpy 2 flags; not ours to fix
@@ -158,7 +161,7 @@ def test_step_counts_equal_diffusers(diffusers, name, num_steps):
 
 
 def test_schedules_and_dpm_defaults_match_diffusers(diffusers):
-    # our zero-terminal-SNR schedule is diffusers' rescale up to float rounding (DESIGN.md: within 1e-6)
+    # our zero-terminal-SNR schedule is diffusers' rescale up to float rounding (within 1e-6)
     ddpm = diffusers.DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, rescale_betas_zero_snr=True)
     torch.testing.assert_close(ZERO_SNR.alphas_cumprod, ddpm.alphas_cumprod, rtol=0, atol=1e-6)
     # DPMSolverSampler is DPM-Solver++(2M) with diffusers' defaults; fail loudly if those change
@@ -475,3 +478,185 @@ def test_bad_guidance_and_sample_arguments_raise():
         S.sample(toy_model, S.DDIMSampler(SCHEDULE), SHAPE, 5, x0=a, strength=1.5, progress=False)
     with pytest.raises(ValueError, match="num_inference_steps"):
         S.sample(toy_model, S.DDIMSampler(SCHEDULE), SHAPE, 0, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# One conversion between ε, x₀ and v
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("name", S.SAMPLER_NAMES)
+def test_every_sampler_reads_the_model_output_through_the_one_conversion(monkeypatch, name, prediction_type):
+    calls = []
+    original = schedules.convert_prediction_alpha_sigma
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    # convert_prediction calls it through sdlearn.schedules; the samplers that work in σ call it directly
+    monkeypatch.setattr(schedules, "convert_prediction_alpha_sigma", counting)
+    monkeypatch.setattr(S, "convert_prediction_alpha_sigma", counting)
+    sampler = S.get_sampler(name, SCHEDULE, prediction_type=prediction_type)
+    S.sample(toy_model, sampler, SHAPE, 6, generator=torch.Generator().manual_seed(0), progress=False)
+    assert len(calls) == len(sampler.timesteps)  # once per model evaluation
+
+
+# ---------------------------------------------------------------------------------------------------
+# Constructors: prediction_type keyword-only and first; former positional orders deprecated
+# ---------------------------------------------------------------------------------------------------
+CLASSES = [S.DDPMSampler, S.DDIMSampler, S.EulerSampler, S.HeunSampler, S.DPMSolverSampler]
+
+
+@pytest.mark.parametrize("cls", CLASSES + [S.GaussianDataModel])
+def test_prediction_type_is_keyword_only_and_first_of_the_options(cls):
+    parameters = list(inspect.signature(cls).parameters.values())
+    keyword_only = [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY]
+    assert keyword_only[0] == "prediction_type"
+    assert all(p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD for p in parameters if p.name in ("schedule", "mean", "std"))
+
+
+# (class, former positional arguments after the schedule, the same by keyword)
+FORMER_ORDERS = [
+    (S.DDPMSampler, ("fixed_large", "v_prediction", True), dict(variance_type="fixed_large", prediction_type="v_prediction", clip_sample=True)),
+    (S.DDIMSampler, (0.5, "sample", False, True), dict(eta=0.5, prediction_type="sample", set_alpha_to_one=False, clip_sample=True)),
+    (S.EulerSampler, (True, "v_prediction"), dict(use_karras_sigmas=True, prediction_type="v_prediction")),
+    (S.HeunSampler, ("v_prediction",), dict(prediction_type="v_prediction")),
+    (S.DPMSolverSampler, ("v_prediction", 1), dict(prediction_type="v_prediction", solver_order=1)),
+]
+
+
+@pytest.mark.parametrize("cls,positional,keywords", FORMER_ORDERS, ids=[c.__name__ for c, *_ in FORMER_ORDERS])
+def test_former_positional_options_still_work_with_a_deprecation_warning(cls, positional, keywords):
+    new = cls(SCHEDULE, **keywords)
+    with pytest.warns(DeprecationWarning, match="by keyword") as caught:
+        old = cls(SCHEDULE, *positional)
+    assert caught[0].filename == __file__  # stacklevel points at the caller
+    assert repr(old) == repr(new)
+    a = S.sample(toy_model, old, SHAPE, 5, generator=torch.Generator().manual_seed(0), progress=False)
+    b = S.sample(toy_model, new, SHAPE, 5, generator=torch.Generator().manual_seed(0), progress=False)
+    assert torch.equal(a, b)
+    # the first positional options only, the rest by keyword
+    with pytest.warns(DeprecationWarning):
+        partly = cls(SCHEDULE, positional[0], **{k: v for k, v in list(keywords.items())[1:]})
+    assert repr(partly) == repr(cls(SCHEDULE, **keywords))
+
+
+def test_former_positional_forms_that_cannot_be_read_raise():
+    with pytest.raises(TypeError, match="at most"):
+        S.HeunSampler(SCHEDULE, "epsilon", "extra")
+    with pytest.raises(TypeError, match="multiple values"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        S.DDPMSampler(SCHEDULE, "fixed_large", variance_type="fixed_small")
+
+
+def test_gaussian_model_prediction_type_by_position_is_deprecated():
+    with pytest.warns(DeprecationWarning, match="prediction_type='v_prediction'"):
+        old = S.GaussianDataModel(SCHEDULE, 0.5, 0.3, "v_prediction")
+    assert old.prediction_type == "v_prediction"
+    assert repr(old) == repr(S.GaussianDataModel(SCHEDULE, 0.5, 0.3, prediction_type="v_prediction"))
+
+
+def test_keyword_construction_and_get_sampler_do_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        S.DDPMSampler(SCHEDULE, prediction_type="v_prediction", variance_type="fixed_large", clip_sample=True)
+        S.get_sampler("ddim", SCHEDULE, prediction_type="sample", eta=0.5)
+        S.get_sampler("dpm++", SCHEDULE, solver_order=1)
+        S.GaussianDataModel(SCHEDULE, 0.5, 0.3, prediction_type="sample")
+
+
+def test_guidance_former_keyword_names_still_work_with_a_deprecation_warning():
+    g = torch.Generator().manual_seed(0)
+    uncond, cond = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
+    new = S.classifier_free_guidance(eps_uncond=uncond, eps_cond=cond, scale=3.0, rescale=0.5)
+    with pytest.warns(DeprecationWarning, match=r"eps_uncond=, eps_cond=") as caught:
+        old = S.classifier_free_guidance(pred_uncond=uncond, pred_cond=cond, scale=3.0, rescale=0.5)
+    assert len(caught) == 1 and caught[0].filename == __file__
+    assert torch.equal(old, new)
+    with pytest.warns(DeprecationWarning, match="eps_cond"):
+        assert torch.equal(S.classifier_free_guidance(uncond, pred_cond=cond, scale=3.0, rescale=0.5), new)
+    with pytest.raises(TypeError, match="both"):
+        S.classifier_free_guidance(uncond, eps_cond=cond, pred_cond=cond, scale=3.0)
+    assert list(inspect.signature(S.classifier_free_guidance).parameters) == ["eps_uncond", "eps_cond", "scale", "rescale"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# dtypes: steps computed in (at least) float32, returned in the input's dtype
+# ---------------------------------------------------------------------------------------------------
+def started(name, prediction_type="epsilon", evaluations=3):
+    """A sampler of each kind, stepped a few times in float32 so that the next step is a typical one (for
+    Heun, the next is an Euler half-step; DPM++ has its history)."""
+    sampler = S.get_sampler(name, SCHEDULE, prediction_type=prediction_type)
+    sampler.set_timesteps(10)
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) * sampler.init_noise_sigma
+    for t in sampler.timesteps[:evaluations]:
+        x = sampler.step(toy_model(sampler.scale_model_input(x, t), t), t, x, generator=torch.Generator().manual_seed(1))
+    return sampler, x, sampler.timesteps[evaluations]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("evaluations", [0, 3, 4])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("name", S.SAMPLER_NAMES)
+def test_half_precision_steps_are_computed_in_float32(name, prediction_type, evaluations, dtype):
+    """bfloat16/float16 → float32 is exact, so a half-precision step equals the float32 step on the same
+    values, cast back: the step itself loses nothing to half precision."""
+    half, x, t = started(name, prediction_type, evaluations)
+    full, _, _ = started(name, prediction_type, evaluations)
+    x = x.to(dtype)
+    output = toy_model(half.scale_model_input(x, t), t).to(dtype)
+    got = half.step(output, t, x, generator=torch.Generator().manual_seed(2))
+    want = full.step(output.float(), t, x.float(), generator=torch.Generator().manual_seed(2))
+    assert got.dtype == dtype and half.last_x0.dtype == dtype
+    assert torch.equal(got, want.to(dtype))
+    assert torch.equal(half.last_x0, full.last_x0.to(dtype))
+
+
+@pytest.mark.parametrize("name", S.SAMPLER_NAMES)
+def test_float64_steps_stay_float64(name):
+    double, x, t = started(name)
+    single, _, _ = started(name)
+    output = toy_model(single.scale_model_input(x, t), t)
+    got = double.step(output.double(), t, x.double(), generator=torch.Generator().manual_seed(2))
+    want = single.step(output, t, x, generator=torch.Generator().manual_seed(2))
+    assert got.dtype == torch.float64 and double.last_x0.dtype == torch.float64
+    torch.testing.assert_close(double.last_x0.float(), single.last_x0, rtol=1e-5, atol=1e-5)
+    if name != "ddpm":  # DDPM's noise is drawn in float64 here, in float32 there: another draw
+        torch.testing.assert_close(got.float(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", S.SAMPLER_NAMES)
+def test_step_returns_the_dtype_of_x_whatever_the_model_returns(name):
+    sampler, x, t = started(name)
+    output = toy_model(sampler.scale_model_input(x, t), t)
+    assert sampler.step(output.to(torch.bfloat16), t, x, generator=torch.Generator().manual_seed(2)).dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("name", S.SAMPLER_NAMES)
+def test_sample_returns_its_dtype_and_draws_the_same_noise_in_every_dtype(name, dtype):
+    inputs = []
+
+    def recording(x, t):
+        inputs.append(x)
+        return toy_model(x.float(), t).to(x.dtype)
+
+    sampler = S.get_sampler(name, SCHEDULE)
+    out = S.sample(recording, sampler, SHAPE, 4, generator=torch.Generator().manual_seed(5), progress=False, dtype=dtype)
+    assert out.dtype == dtype and all(x.dtype == dtype for x in inputs)
+    assert torch.isfinite(out.float()).all()
+    # the starting noise: drawn in float32 (float64 for float64) from the generator, then cast
+    draw_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5), dtype=draw_dtype).to(dtype)
+    sampler.set_timesteps(4)
+    assert torch.equal(inputs[0], sampler.scale_model_input(noise * sampler.init_noise_sigma, sampler.timesteps[0]))
+
+
+def test_half_precision_samples_stay_close_to_float32_ones():
+    model = S.GaussianDataModel(SCHEDULE, MU, STD)
+    for name in S.SAMPLER_NAMES:
+        full = S.sample(model, S.get_sampler(name, SCHEDULE), (512,), 20, generator=torch.Generator().manual_seed(0),
+                        progress=False)
+        half = S.sample(model, S.get_sampler(name, SCHEDULE), (512,), 20, generator=torch.Generator().manual_seed(0),
+                        progress=False, dtype=torch.bfloat16)
+        assert (half.float() - full).abs().max() < 0.1, name  # bfloat16 keeps 8 bits: ≈ 0.4% of |x| per rounding

@@ -8,8 +8,11 @@ import warnings
 import pytest
 import torch
 
+from sdlearn import data, metrics
+from sdlearn.checkpoint import count_parameters
 from sdlearn.data import VOCABULARY, ShapesDataset, caption_variants, split_words
-from sdlearn.pretrained import WEIGHTS_DIR
+from sdlearn.pretrained import WEIGHTS_DIR, save_clip
+from sdlearn.recipes import train_clip
 from sdlearn.text import (
     ATTRIBUTE_VALUES,
     BOS_ID,
@@ -25,7 +28,6 @@ from sdlearn.text import (
     contrastive_loss,
     partial_caption,
     soft_contrastive_loss,
-    train_clip,
     zero_shot_accuracy,
     zero_shot_prompts,
 )
@@ -142,7 +144,7 @@ def test_text_encoder_shapes_and_default_width(tokenizer):
     # pooled is the <eos> token's vector
     eos = mask.sum(1) - 1
     assert torch.equal(out.pooled, out.tokens[torch.arange(3), eos])
-    same = encoder.encode_text(["a red circle", "", "a big green square at the upper right corner"])
+    same = encoder.encode_prompts(["a red circle", "", "a big green square at the upper right corner"])
     assert torch.equal(same.tokens, out.tokens)
 
 
@@ -170,8 +172,12 @@ def test_text_encoder_bad_input(tokenizer):
     ids, mask = tokenizer("red")
     with pytest.raises(ValueError, match="LongTensor"):
         encoder(ids.float(), mask)
-    with pytest.raises(ValueError, match="BoolTensor"):
-        encoder(ids, mask.long())
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor \[1, 16\].*got dtype torch\.int64"):
+        encoder(ids, mask.long())  # an integer mask is refused, as by the denoiser
+    with pytest.raises(ValueError, match="mask must be a bool tensor"):
+        encoder(ids, mask.float())
+    with pytest.raises(ValueError, match=r"mask must be a bool tensor \[1, 16\]"):
+        encoder(ids, mask[:, :8])
     with pytest.raises(ValueError, match="vocab_size"):
         encoder(ids + 100, mask)
     with pytest.raises(ValueError, match="1..16"):
@@ -181,7 +187,7 @@ def test_text_encoder_bad_input(tokenizer):
     with pytest.raises(ValueError, match="prefix"):
         encoder(ids, holes)
     with pytest.raises(ValueError, match="tokenizer"):
-        encoder.encode_text("red", Tokenizer(["red"]))
+        encoder.encode_prompts("red", Tokenizer(["red"]))
 
 
 # ---------------------------------------------------------------------------------------------- contrastive loss
@@ -244,6 +250,13 @@ def test_clip_batch_positives_are_exactly_the_captions_true_of_each_image():
     assert not positives.all()
 
 
+def test_there_is_one_table_of_attribute_values():
+    assert ATTRIBUTE_VALUES is data.ATTRIBUTE_VALUES is metrics.CLASS_NAMES
+    assert list(ATTRIBUTE_VALUES) == list(data.ATTRIBUTES)
+    assert ATTRIBUTE_VALUES["color"] == tuple(data.COLORS) and ATTRIBUTE_VALUES["shape"] == data.SHAPES
+    assert {k: len(v) for k, v in ATTRIBUTE_VALUES.items()} == metrics.NUM_CLASSES
+
+
 def test_partial_captions_and_zero_shot_prompts_use_known_words():
     assert partial_caption({"color": "red"}) == "red"
     assert partial_caption({"shape": "circle", "size": "small"}) == "a small circle"
@@ -279,7 +292,7 @@ def test_logit_scale_starts_at_clip_value_and_is_clamped_at_100():
 
 
 def test_default_clip_fits_in_3_mb():
-    assert TinyCLIP().num_parameters() * 4 <= 3e6
+    assert count_parameters(TinyCLIP()) * 4 <= 3e6
 
 
 def test_a_short_training_run_lowers_the_loss():
@@ -292,7 +305,6 @@ def test_a_short_training_run_lowers_the_loss():
 
 def test_checkpoint_round_trip(tmp_path):
     from sdlearn.pretrained import load_clip, load_text_encoder, load_tokenizer
-    from sdlearn.text import save_clip
 
     torch.manual_seed(0)
     clip = TinyCLIP(TINY_CLIP).eval()
@@ -303,7 +315,7 @@ def test_checkpoint_round_trip(tmp_path):
     assert loaded.training_info == {"note": "test"}
     encoder = load_text_encoder(tmp_path / "clip.safetensors")
     assert isinstance(encoder, TextEncoder) and not encoder.training
-    assert torch.equal(encoder.encode_text("red").tokens, clip.text_encoder.encode_text("red").tokens)
+    assert torch.equal(encoder.encode_prompts("red").tokens, clip.text_encoder.encode_prompts("red").tokens)
     assert load_tokenizer(tmp_path).id_to_token == Tokenizer().id_to_token
 
 
@@ -323,3 +335,20 @@ def test_shipped_clip_classifies_attributes_zero_shot():
     encoder = load_text_encoder()
     assert torch.equal(encoder.token_embedding.weight, clip.text_encoder.token_embedding.weight)
     assert encoder.training_info == clip.training_info
+
+
+def test_deprecated_text_names_still_work_and_warn():
+    from sdlearn.text import encode_text
+
+    torch.manual_seed(0)
+    encoder = TextEncoder(TextEncoderConfig(width=16, depth=1, heads=2)).eval()
+    expected = encoder.encode_prompts(["a red circle", ""])
+    with pytest.warns(DeprecationWarning, match="encode_prompts"):
+        method = encoder.encode_text(["a red circle", ""])
+    with pytest.warns(DeprecationWarning, match="encode_prompts"):
+        function = encode_text(encoder, ["a red circle", ""])
+    for got in (method, function):
+        assert torch.equal(got.tokens, expected.tokens) and torch.equal(got.mask, expected.mask)
+    for model in (encoder, TinyCLIP(TinyCLIPConfig(text=TextEncoderConfig(width=16, depth=1, heads=2)))):
+        with pytest.warns(DeprecationWarning, match="count_parameters"):
+            assert model.num_parameters() == count_parameters(model)

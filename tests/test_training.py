@@ -1,27 +1,18 @@
-"""The shared training loop: budgets, EMA, checkpoints (atomic, validated, resumable), the divergence guard."""
+"""The shared training loop: budgets, EMA, resumable checkpoints, the divergence guard; and the VAE recipe on it.
+
+The checkpoint file format itself is tested in test_checkpoint.py."""
 
 import json
 import math
-import os
 
 import pytest
 import torch
 import torch.nn as nn
 
-from sdlearn import training
-from sdlearn.training import (
-    EMA,
-    CheckpointError,
-    NonFiniteLossError,
-    checkpoint_paths,
-    load_checkpoint,
-    load_module_state,
-    resolve_device,
-    save_checkpoint,
-    train,
-    train_vae,
-)
-from sdlearn.vae import VAE, VAEConfig
+from sdlearn.checkpoint import CheckpointError, load_checkpoint
+from sdlearn.recipes import train_vae
+from sdlearn.training import EMA, NonFiniteLossError, TrainResult, resolve_device, train
+from sdlearn.vae import VAEConfig
 
 TINY_VAE = VAEConfig(base_channels=8, channel_multipliers=(1, 2, 2), num_res_blocks=(0, 1, 1), norm_groups=4)
 
@@ -49,130 +40,6 @@ def run(model, **kwargs):
 
 
 # ------------------------------------------------------------------------------------------------
-# Checkpoint files
-
-
-def test_save_load_round_trip(tmp_path):
-    tensors = {"a": torch.randn(3, 4), "b/c": torch.arange(5), "scalar": torch.tensor(2.5), "bytes": torch.zeros(3, dtype=torch.uint8)}
-    written = save_checkpoint(tmp_path / "ckpt", tensors, {"kind": "test", "step": 7, "nested": {"x": [1, 2]}})
-    assert written == tmp_path / "ckpt.safetensors" and (tmp_path / "ckpt.json").is_file()
-    document = json.loads((tmp_path / "ckpt.json").read_text())
-    assert document["format_version"] == training.FORMAT_VERSION
-    assert document["tensors"]["a"] == {"dtype": "float32", "shape": [3, 4]}
-    for path in (tmp_path / "ckpt", tmp_path / "ckpt.safetensors", tmp_path / "ckpt.json"):
-        loaded, config = load_checkpoint(path)
-        assert config == {"kind": "test", "step": 7, "nested": {"x": [1, 2]}}
-        assert loaded.keys() == tensors.keys()
-        assert all(torch.equal(loaded[k], tensors[k]) and loaded[k].dtype == tensors[k].dtype for k in tensors)
-    assert not [p for p in tmp_path.iterdir() if p.suffix == ".tmp"]
-
-
-def test_checkpoint_paths():
-    assert checkpoint_paths("d/x") == checkpoint_paths("d/x.json") == checkpoint_paths("d/x.safetensors")
-    assert [p.name for p in checkpoint_paths("d/vae")] == ["vae.safetensors", "vae.json"]
-
-
-def test_interrupted_save_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    old = {"w": torch.ones(4)}
-    save_checkpoint(tmp_path / "ckpt", old, {"step": 1})
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-
-    def crash(*args, **kwargs):
-        raise OSError("simulated power cut during the rename")
-
-    monkeypatch.setattr(training.os, "replace", crash)  # dies after the temporary file is written
-    with pytest.raises(OSError, match="simulated"):
-        save_checkpoint(tmp_path / "ckpt", {"w": torch.zeros(4)}, {"step": 2})
-    monkeypatch.undo()
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp files left, old bytes kept
-    tensors, config = load_checkpoint(tmp_path / "ckpt")
-    assert torch.equal(tensors["w"], old["w"]) and config == {"step": 1}
-
-
-def test_interrupted_write_midway_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
-    save_checkpoint(tmp_path / "ckpt", {"w": torch.ones(4)}, {"step": 1})
-    real_fsync = os.fsync
-
-    def crash(fd):
-        raise OSError("simulated crash before the data reached the disk")
-
-    monkeypatch.setattr(training.os, "fsync", crash)
-    with pytest.raises(OSError, match="simulated"):
-        save_checkpoint(tmp_path / "ckpt", {"w": torch.zeros(4)}, {"step": 2})
-    monkeypatch.setattr(training.os, "fsync", real_fsync)
-    tensors, config = load_checkpoint(tmp_path / "ckpt")
-    assert torch.equal(tensors["w"], torch.ones(4)) and config == {"step": 1}
-
-
-def test_save_interrupted_between_the_two_files_still_loads_one_consistent_checkpoint(tmp_path, monkeypatch):
-    save_checkpoint(tmp_path / "ckpt", {"w": torch.ones(4)}, {"step": 1})
-    real_replace, calls = os.replace, []
-
-    def replace_then_crash(src, dst):
-        calls.append(dst)
-        if len(calls) == 2:  # the .safetensors was renamed; crash before the .json is
-            raise OSError("simulated crash between the two renames")
-        real_replace(src, dst)
-
-    monkeypatch.setattr(training.os, "replace", replace_then_crash)
-    with pytest.raises(OSError, match="simulated"):
-        save_checkpoint(tmp_path / "ckpt", {"w": torch.zeros(4)}, {"step": 2})
-    monkeypatch.undo()
-    with pytest.warns(UserWarning, match="another save"):
-        tensors, config = load_checkpoint(tmp_path / "ckpt")
-    assert torch.equal(tensors["w"], torch.zeros(4)) and config == {"step": 2}  # the new pair, consistent
-
-
-def test_missing_files_are_named(tmp_path):
-    with pytest.raises(CheckpointError, match="nothing.safetensors.*not found"):
-        load_checkpoint(tmp_path / "nothing")
-
-
-def test_truncated_file_is_reported_with_its_name(tmp_path):
-    path = save_checkpoint(tmp_path / "ckpt", {"w": torch.randn(100, 100)}, {})
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    with pytest.raises(CheckpointError, match=r"ckpt\.safetensors.*not a readable safetensors file"):
-        load_checkpoint(path)
-
-
-@pytest.mark.parametrize("garbage", [b"", b"hello, I am not a weights file\n", b"\xff" * 64])
-def test_not_safetensors_is_reported_with_its_name(tmp_path, garbage):
-    path = save_checkpoint(tmp_path / "ckpt", {"w": torch.ones(2)}, {})
-    path.write_bytes(garbage)
-    with pytest.raises(CheckpointError, match=r"ckpt\.safetensors"):
-        load_checkpoint(path)
-
-
-def test_damaged_or_missing_json_falls_back_to_the_copy_in_the_weights_file(tmp_path):
-    save_checkpoint(tmp_path / "ckpt", {"w": torch.ones(2)}, {"step": 3})
-    (tmp_path / "ckpt.json").write_text("{ not json")
-    with pytest.warns(UserWarning, match="not valid JSON"):
-        assert load_checkpoint(tmp_path / "ckpt")[1] == {"step": 3}
-    (tmp_path / "ckpt.json").unlink()
-    with pytest.warns(UserWarning, match="not found"):
-        assert load_checkpoint(tmp_path / "ckpt")[1] == {"step": 3}
-
-
-def test_foreign_safetensors_without_config_is_rejected(tmp_path):
-    from safetensors.torch import save_file
-
-    save_file({"w": torch.ones(2)}, tmp_path / "other.safetensors")
-    with pytest.raises(CheckpointError, match="other.json.*not found"):
-        load_checkpoint(tmp_path / "other")
-
-
-def test_wrong_shapes_and_names_are_listed(tmp_path):
-    small = VAE(VAEConfig(base_channels=8, num_res_blocks=1, norm_groups=4))
-    path = save_checkpoint(tmp_path / "vae", small.state_dict(), {})
-    tensors, _ = load_checkpoint(path)
-    with pytest.raises(CheckpointError, match=r"vae\.safetensors.*wrong shape: decoder\.") as error:
-        load_module_state(VAE(VAEConfig()), tensors, path)
-    assert "expected [" in str(error.value)
-    with pytest.raises(CheckpointError, match="missing: .*unexpected: "):
-        load_module_state(VAE(TINY_VAE), tensors, path)
-
-
-# ------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -180,6 +47,7 @@ def test_budget_is_required_and_respected():
     with pytest.raises(ValueError, match="budget"):
         run(make_model())
     result = run(make_model(), max_steps=7)
+    assert isinstance(result, TrainResult) and result.record is None  # record: only train_all's summary
     assert result.step == 7 and len(result.losses) == 7 and result.stopped_reason == "max_steps"
     result = run(make_model(), max_minutes=0)
     assert result.step == 0 and result.stopped_reason == "max_minutes"
@@ -286,6 +154,19 @@ def test_resolve_device():
             resolve_device("cuda")
 
 
+def test_non_finite_logged_metrics_do_not_break_checkpoints(tmp_path):
+    def loss_with_odd_metric(model, batch, step):
+        loss, _ = loss_fn(model, batch, step)
+        return loss, {"ratio": float("inf")}
+
+    result = train(make_model(), loss_with_odd_metric, batch_fn, max_steps=2, checkpoint_dir=tmp_path, progress=False)
+    assert result.logs[0]["ratio"] == "inf" and load_checkpoint(tmp_path / "checkpoint")[1]["step"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# The VAE recipe (sdlearn.recipes.train_vae) on the loop
+
+
 def test_train_vae_writes_loadable_weights_and_resumes(tmp_path):
     from sdlearn.pretrained import load_vae
 
@@ -301,22 +182,6 @@ def test_train_vae_writes_loadable_weights_and_resumes(tmp_path):
     assert more.start_step == 3 and more.step == 5
 
 
-def test_load_vae_errors_name_the_file(tmp_path):
-    from sdlearn.pretrained import load_vae
-
-    with pytest.raises(CheckpointError, match="vae.safetensors.*not found"):
-        load_vae(tmp_path)
-    save_checkpoint(tmp_path / "vae", {"w": torch.ones(1)}, {"kind": "denoiser", "model_config": {}})
-    with pytest.raises(CheckpointError, match="'denoiser' model, not a 'vae'"):
-        load_vae(tmp_path / "vae.safetensors")
-    small = VAE(TINY_VAE)
-    config = TINY_VAE.to_dict()
-    config["base_channels"] = 16
-    save_checkpoint(tmp_path / "vae", small.state_dict(), {"kind": "vae", "model_config": config})
-    with pytest.raises(CheckpointError, match=r"vae\.safetensors.*does not match VAE's configuration: wrong shape"):
-        load_vae(tmp_path)
-
-
 def test_train_vae_on_a_folder_of_images(tmp_path):
     from PIL import Image
 
@@ -330,12 +195,3 @@ def test_train_vae_on_a_folder_of_images(tmp_path):
     assert result.step == 2 and vae.training_info["eval_images"].startswith("3 training images")
     with pytest.raises(FileNotFoundError):
         train_vae(None, steps=1, data=tmp_path / "no such folder", config=TINY_VAE, progress=False)
-
-
-def test_non_finite_logged_metrics_do_not_break_checkpoints(tmp_path):
-    def loss_with_odd_metric(model, batch, step):
-        loss, _ = loss_fn(model, batch, step)
-        return loss, {"ratio": float("inf")}
-
-    result = train(make_model(), loss_with_odd_metric, batch_fn, max_steps=2, checkpoint_dir=tmp_path, progress=False)
-    assert result.logs[0]["ratio"] == "inf" and load_checkpoint(tmp_path / "checkpoint")[1]["step"] == 2

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from sdlearn.checkpoint import count_parameters
 from sdlearn.data import ShapesDataset
 from sdlearn.training import train
 from sdlearn.vae import VAE, DiagonalGaussian, VAEConfig, compute_scaling_factor, psnr, vae_loss
@@ -38,7 +39,7 @@ def test_other_configurations_change_the_latent_shape():
 
 def test_default_model_fits_the_weights_budget(vae):
     # DESIGN: ≈ 1–3M parameters is the order of magnitude; the weights file must stay ≤ 8 MB (float32).
-    assert vae.num_parameters() * 4 <= 8e6
+    assert count_parameters(vae) * 4 <= 8e6
 
 
 def test_kl_closed_form():
@@ -92,7 +93,7 @@ def test_logvar_is_clamped():
     [
         (torch.zeros(2, 1, 32, 32), "[B, 3, 32, 32]"),  # wrong channels
         (torch.zeros(2, 3, 28, 28), "[B, 3, 32, 32]"),  # wrong size
-        (torch.zeros(3, 32, 32), "add a batch dimension"),  # unbatched
+        (torch.zeros(3, 32, 32), "got one image [3, 32, 32]: add the batch dimension with x[None]"),  # unbatched
         (torch.zeros(2, 3, 32, 32, dtype=torch.uint8), "floating-point"),  # integer pixels
         ([[0.0]], "torch.Tensor"),
     ],
@@ -107,6 +108,9 @@ def test_bad_images_raise_value_error_naming_the_shape(vae, bad, fragment):
 def test_bad_latents_raise_value_error_naming_the_shape(vae, bad):
     with pytest.raises(ValueError, match=r"\[B, 4, 8, 8\]"):
         vae.decode(bad)
+    if tuple(bad.shape) == (4, 8, 8):
+        with pytest.raises(ValueError, match=r"add the batch dimension with x\[None\]"):
+            vae.decode(bad)
 
 
 @pytest.mark.parametrize(
@@ -128,8 +132,14 @@ def test_bad_configs_raise_value_error(kwargs):
 def test_config_round_trips_through_a_dict():
     cfg = VAEConfig(num_res_blocks=(0, 1, 2), scaling_factor=0.5)
     assert VAEConfig.from_dict(cfg.to_dict()) == cfg
-    with pytest.raises(ValueError, match="unknown VAEConfig fields"):
+    with pytest.raises(ValueError, match=r"unknown VAEConfig fields \['colour'\]; known fields: \["):
         VAEConfig.from_dict({**cfg.to_dict(), "colour": 1})
+
+
+@pytest.mark.parametrize("name", ["in_channels", "image_size", "latent_channels", "base_channels", "norm_groups"])
+def test_config_refuses_true_where_an_int_is_due(name):
+    with pytest.raises(ValueError, match=rf"VAEConfig\.{name} must be a positive integer, got True"):
+        VAEConfig(**{name: True})
 
 
 def test_psnr_of_a_known_error():
@@ -174,3 +184,8 @@ def test_shipped_weights_reconstruct_shapes():
     mse = (recon - images).pow(2).mean().item()
     assert 10 * math.log10(4 / mse) > 28  # benchmarks/vae.py measures ≥ 30 dB on 1,024 images
     assert 0.8 < z.std().item() < 1.2
+
+
+def test_num_parameters_is_deprecated_for_count_parameters(vae):
+    with pytest.warns(DeprecationWarning, match="count_parameters"):
+        assert vae.num_parameters() == count_parameters(vae)

@@ -175,7 +175,7 @@ def test_prompt_playground_generates_what_its_controls_say_when_generate_is_clic
     from sdlearn.widgets import prompt_playground
 
     pipe = _tiny_pipeline()
-    playground = prompt_playground(pipe, "a small blue square", num_inference_steps=3, num_images=2, seed=5)
+    playground = prompt_playground(pipe, "a small blue square", num_inference_steps=3, num_images_per_prompt=2, seed=5)
     assert isinstance(playground, ipywidgets.Widget)
     expected = pipe("a small blue square", num_inference_steps=3, seed=5, num_images_per_prompt=2, progress=False)
     torch.testing.assert_close(playground.images, expected)
@@ -187,7 +187,7 @@ def test_prompt_playground_generates_what_its_controls_say_when_generate_is_clic
     playground.prompt.value = "a big green triangle in the center"
     playground.negative.value = "red"
     playground.steps.value, playground.guidance.value, playground.seed.value = 4, 2.5, 9
-    playground.num_images.value, playground.sampler.value = 3, "ddim"
+    playground.num_images_per_prompt.value, playground.sampler.value = 3, "ddim"
     torch.testing.assert_close(playground.images, expected)
     playground.generate_button.click()
     expected = pipe("a big green triangle in the center", negative_prompt="red", num_inference_steps=4,
@@ -202,7 +202,7 @@ def test_prompt_playground_reports_warnings_and_errors_in_words():
     from sdlearn.widgets import prompt_playground
 
     pipe = _tiny_pipeline()
-    playground = prompt_playground(pipe, "a red zebra", num_inference_steps=2, num_images=1)
+    playground = prompt_playground(pipe, "a red zebra", num_inference_steps=2, num_images_per_prompt=1)
     assert playground.images.shape == (1, 3, 32, 32)
     assert "unknown word" in playground.readout.value and "zebra" in playground.readout.value
 
@@ -216,3 +216,14 @@ def test_prompt_playground_reports_warnings_and_errors_in_words():
         prompt_playground(pipe, sampler="plms", generate=False)
     with pytest.raises(ValueError, match="LatentDiffusionPipeline"):
         prompt_playground("not a pipeline")
+
+
+def test_prompt_playground_old_num_images_keyword_still_works_with_a_deprecation_warning():
+    from sdlearn.widgets import prompt_playground
+
+    pipe = _tiny_pipeline()
+    with pytest.warns(DeprecationWarning, match="num_images_per_prompt"):
+        playground = prompt_playground(pipe, "a red circle", num_inference_steps=2, num_images=2)
+    assert playground.images.shape == (2, 3, 32, 32)
+    with pytest.warns(DeprecationWarning, match="num_images_per_prompt"):
+        assert playground.num_images is playground.num_images_per_prompt

@@ -1,0 +1,83 @@
+"""Exercises: auto-checkers for the learner's code, and student copies of the notebooks.
+
+- :mod:`sdlearn.exercises.framework`: :class:`Checker`, :func:`check` and how to write an exercise.
+- :mod:`sdlearn.exercises.student_copies`: ``python -m sdlearn exercises OUT_DIR``, the notebooks
+  with their solutions stubbed.
+- ``checks_01_forward_noising`` … ``checks_09_code_review``: each notebook's checkers, in the order
+  it uses them. Importing this package registers them all in :data:`CHECKERS`.
+"""
+
+from sdlearn.exercises.checks_01_forward_noising import (
+    check_add_noise,
+    check_alphas_cumprod,
+    check_x0_from_noise,
+)
+from sdlearn.exercises.checks_02_noise_schedules import (
+    check_cosine_betas,
+    check_log_snr,
+    check_zero_terminal_snr,
+)
+from sdlearn.exercises.checks_03_vae import check_gaussian_kl, check_psnr, check_reparameterize
+from sdlearn.exercises.checks_04_transformer_denoiser import (
+    check_attention,
+    check_modulate,
+    check_patchify,
+    check_timestep_embedding,
+)
+from sdlearn.exercises.checks_05_training import check_diffusion_loss, check_ema_update, check_v_target
+from sdlearn.exercises.checks_06_samplers import check_ddim_step, check_ddpm_posterior_mean, check_heun_step
+from sdlearn.exercises.checks_07_text_and_guidance import check_cfg, check_contrastive_loss, check_tokenize
+from sdlearn.exercises.checks_08_stable_diffusion import (
+    check_inpaint_blend,
+    check_latent_mask,
+    check_sdedit_start,
+)
+from sdlearn.exercises.checks_09_code_review import (
+    check_cfg_batched,
+    check_ddpm_reverse_step,
+    check_schedule_sanity,
+)
+from sdlearn.exercises.framework import (
+    CHECKERS,
+    Case,
+    Checker,
+    ExerciseFailed,
+    ExerciseNotDone,
+    Mistake,
+    check,
+    register,
+)
+from sdlearn.exercises.student_copies import (
+    BEGIN_MARKER,
+    END_MARKER,
+    GUIDANCE,
+    GUIDANCE_TITLE,
+    RAISES_TAG,
+    STUB,
+    STUB_COMMENT,
+    default_notebooks_dir,
+    find_solution_regions,
+    make_student_copy,
+    strip_solutions,
+    student_notebook,
+    write_student_copies,
+)
+
+__all__ = [
+    # student copies
+    "BEGIN_MARKER", "END_MARKER", "STUB_COMMENT", "STUB", "RAISES_TAG", "GUIDANCE_TITLE", "GUIDANCE",
+    "find_solution_regions", "strip_solutions", "student_notebook", "make_student_copy", "default_notebooks_dir",
+    "write_student_copies",
+    # the checker framework
+    "ExerciseFailed", "ExerciseNotDone", "Case", "Mistake", "check", "Checker", "CHECKERS", "register",
+    # the checkers, notebook by notebook
+    "check_alphas_cumprod", "check_add_noise", "check_x0_from_noise",
+    "check_cosine_betas", "check_log_snr", "check_zero_terminal_snr",
+    "check_psnr", "check_reparameterize", "check_gaussian_kl",
+    "check_patchify", "check_timestep_embedding", "check_attention", "check_modulate",
+    "check_diffusion_loss", "check_ema_update", "check_v_target",
+    "check_ddpm_posterior_mean", "check_ddim_step", "check_heun_step",
+    "check_tokenize", "check_contrastive_loss", "check_cfg",
+    "check_sdedit_start", "check_latent_mask", "check_inpaint_blend",
+    "check_schedule_sanity", "check_ddpm_reverse_step", "check_cfg_batched",
+]

@@ -1,0 +1,168 @@
+"""Student copies of the course notebooks: solutions stubbed, outputs cleared, exercise cells tagged.
+
+``python -m sdlearn exercises OUT_DIR`` (:func:`write_student_copies`) writes every ``NN_*.ipynb``
+with each solution region replaced by ``# YOUR CODE HERE`` and
+``raise NotImplementedError("Exercise: fill this in")`` at the marker's indentation, and with all
+outputs and execution counts cleared. Cells holding a stub, and cells calling a checker, get the
+cell tag ``raises-exception``: JupyterLab's "Run All" and nbclient then carry on past an
+unfinished exercise instead of stopping there. A checker given an unfinished function raises
+:class:`~sdlearn.exercises.framework.ExerciseNotDone`, which is both an
+:class:`~sdlearn.exercises.framework.ExerciseFailed` and a ``NotImplementedError``.
+If a notebook has no "How to check your answer" markdown cell, one is inserted before its first
+exercise.
+
+A solution region is the lines between two marker lines, ``# BEGIN SOLUTION`` and ``# END SOLUTION``
+(:mod:`sdlearn.exercises.framework` explains how an exercise is written).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+BEGIN_MARKER = "# BEGIN SOLUTION"
+END_MARKER = "# END SOLUTION"
+STUB_COMMENT = "# YOUR CODE HERE"
+STUB = 'raise NotImplementedError("Exercise: fill this in")'
+RAISES_TAG = "raises-exception"
+GUIDANCE_TITLE = "How to check your answer"
+GUIDANCE = (
+    f"**{GUIDANCE_TITLE}.** In each exercise cell, replace `raise NotImplementedError(...)` with your code and "
+    "run the cell. The `check_...(...)` call that follows runs your function on several inputs and compares it "
+    "with `sdlearn`'s reference: it prints **✓ Correct!** or tells you which case failed, what it expected and "
+    "what it got. Stuck? The rest of the notebook does not depend on your answer, so you can move on and come back."
+)
+
+_BEGIN_RE = re.compile(r"^(?P<indent>[ \t]*)#\s*BEGIN SOLUTION\s*$")
+_END_RE = re.compile(r"^[ \t]*#\s*END SOLUTION\s*$")
+_CHECK_CALL_RE = re.compile(r"(?<!def )\bcheck_\w+\s*\(")  # a call to a checker, not its definition
+_NOTEBOOK_NAME_RE = re.compile(r"^\d\d_.*\.ipynb$")
+
+
+def find_solution_regions(source: str, where: str = "this cell") -> list[tuple[int, int]]:
+    """Line indices ``(begin, end)`` (0-based, of the two marker lines) of each solution region in ``source``.
+
+    Raises ``ValueError`` naming ``where`` (e.g. ``"01_forward_noising.ipynb, cell 12"``) and the line
+    for an END without a BEGIN, a BEGIN inside a region, or a BEGIN never closed.
+    """
+    regions, begin = [], None
+    for i, line in enumerate(source.splitlines()):
+        if _BEGIN_RE.match(line):
+            if begin is not None:
+                raise ValueError(f"{where}, line {i + 1}: '{BEGIN_MARKER}' inside the solution region opened at line {begin + 1}; regions cannot nest")
+            begin = i
+        elif _END_RE.match(line):
+            if begin is None:
+                raise ValueError(f"{where}, line {i + 1}: '{END_MARKER}' without a '{BEGIN_MARKER}' before it")
+            regions.append((begin, i))
+            begin = None
+        elif BEGIN_MARKER in line or END_MARKER in line:
+            raise ValueError(f"{where}, line {i + 1}: a solution marker must be alone on its line, got {line.strip()!r}")
+    if begin is not None:
+        raise ValueError(f"{where}, line {begin + 1}: '{BEGIN_MARKER}' is never closed by '{END_MARKER}'")
+    return regions
+
+
+def strip_solutions(source: str, where: str = "this cell") -> str:
+    """Replace every solution region (markers included) by a stub at the BEGIN marker's indentation::
+
+        # YOUR CODE HERE
+        raise NotImplementedError("Exercise: fill this in")
+
+    Lines outside the regions are kept exactly. Unbalanced or nested markers raise ``ValueError``
+    naming ``where``.
+    """
+    regions = find_solution_regions(source, where)
+    if not regions:
+        return source
+    lines = source.splitlines()
+    out, start = [], 0
+    for begin, end in regions:
+        indent = _BEGIN_RE.match(lines[begin])["indent"]
+        out += lines[start:begin] + [indent + STUB_COMMENT, indent + STUB]
+        start = end + 1
+    out += lines[start:]
+    return "\n".join(out) + ("\n" if source.endswith("\n") else "")
+
+
+def student_notebook(nb, name: str = "notebook"):
+    """A student copy of an nbformat v4 notebook (the input is not modified): solutions stubbed, outputs
+    and execution counts cleared, exercise cells tagged ``raises-exception``, guidance added if missing."""
+    import nbformat
+
+    nb = copy.deepcopy(nb)
+    nb.metadata.pop("widgets", None)  # saved widget state belongs to the cleared outputs
+    has_guidance = any(
+        cell.cell_type == "markdown" and GUIDANCE_TITLE.lower() in cell.source.lower() for cell in nb.cells
+    )
+    first_exercise = None
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        cell.outputs, cell.execution_count = [], None
+        cell.metadata.pop("execution", None)
+        stripped = strip_solutions(cell.source, where=f"{name}, cell {index + 1}")
+        is_exercise = stripped != cell.source
+        if is_exercise and first_exercise is None:
+            first_exercise = index
+        if is_exercise or _CHECK_CALL_RE.search(stripped):
+            tags = list(cell.metadata.get("tags", []))
+            if RAISES_TAG not in tags:
+                cell.metadata["tags"] = tags + [RAISES_TAG]
+        cell.source = stripped
+    if first_exercise is not None and not has_guidance:
+        guidance = nbformat.v4.new_markdown_cell(GUIDANCE)
+        if (nb.nbformat, nb.nbformat_minor) < (4, 5):
+            del guidance["id"]  # cell ids exist from nbformat 4.5 on
+        nb.cells.insert(first_exercise, guidance)
+    return nb
+
+
+def make_student_copy(src_nb_path: str | Path, dst_path: str | Path) -> Path:
+    """Write the student copy of the notebook ``src_nb_path`` to ``dst_path`` (see :func:`student_notebook`)."""
+    import nbformat
+
+    src, dst = Path(src_nb_path), Path(dst_path)
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"refusing to overwrite the course notebook {src} with its student copy; choose another path")
+    nb = nbformat.read(src, as_version=4)
+    nbformat.write(student_notebook(nb, src.name), dst)
+    return dst
+
+
+def default_notebooks_dir() -> Path:
+    """The course's ``notebooks/`` folder, next to the ``sdlearn`` package in a source checkout."""
+    return Path(__file__).resolve().parent.parent.parent / "notebooks"
+
+
+def write_student_copies(out_dir: str | Path, notebooks_dir: str | Path | None = None, force: bool = False) -> list[Path]:
+    """Write a student copy of every ``NN_*.ipynb`` in ``notebooks_dir`` (default: the course's) into ``out_dir``.
+
+    Only the notebooks are written. ``out_dir`` is created if needed; an existing non-empty folder
+    is refused (``FileExistsError``) unless ``force``, which overwrites same-named notebooks and leaves
+    every other file alone. ``out_dir`` may never be the notebooks folder or lie inside it
+    (``ValueError``). Every notebook is converted before anything is written, so a malformed
+    solution region leaves ``out_dir`` untouched. Returns the written paths, in course order.
+    """
+    import nbformat
+
+    source = Path(notebooks_dir) if notebooks_dir is not None else default_notebooks_dir()
+    if not source.is_dir():
+        raise FileNotFoundError(f"no notebooks folder at {source}; pass the folder holding the NN_*.ipynb notebooks")
+    out = Path(out_dir)
+    source_resolved, out_resolved = source.resolve(), out.resolve()
+    if out_resolved == source_resolved or source_resolved in out_resolved.parents:
+        raise ValueError(f"refusing to write student copies into the course's own notebooks folder ({source}); choose a folder outside it")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise FileExistsError(f"{out} exists and is not empty; choose an empty folder or pass --force (force=True) to overwrite its notebooks")
+    paths = sorted(p for p in source.iterdir() if _NOTEBOOK_NAME_RE.match(p.name) and p.is_file())
+    if not paths:
+        raise FileNotFoundError(f"no NN_*.ipynb notebooks in {source}")
+    copies = [(out / p.name, student_notebook(nbformat.read(p, as_version=4), p.name)) for p in paths]
+    out.mkdir(parents=True, exist_ok=True)
+    for dst, nb in copies:
+        nbformat.write(nb, dst)
+    return [dst for dst, _ in copies]
