@@ -155,6 +155,28 @@ def _draw_noise(shape: tuple[int, ...], generator, device: torch.device) -> torc
 # The pipeline
 
 
+def check_compatible(vae, text_encoder, tokenizer, denoiser_config, schedule: NoiseSchedule) -> None:
+    """Raise a ValueError saying what does not fit, unless these parts can make one pipeline: the VAE's latents are
+    what the denoiser (of ``denoiser_config``) reads, the schedule has its T, and the text encoder (with its
+    tokenizer, or neither of them) emits tokens as wide as its ``text_dim``."""
+    cfg = denoiser_config
+    latent = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+    if tuple(vae.latent_shape) != latent:
+        raise ValueError(f"the VAE makes latents {list(vae.latent_shape)} but the denoiser expects {list(latent)}")
+    if cfg.num_train_timesteps != schedule.num_train_timesteps:
+        raise ValueError(f"the denoiser was built for T = {cfg.num_train_timesteps} timesteps, the schedule has "
+                         f"{schedule.num_train_timesteps}")
+    if (text_encoder is None) != (tokenizer is None):
+        raise ValueError("give both a text encoder and its tokenizer, or neither (an unconditional denoiser)")
+    if text_encoder is not None:
+        if text_encoder.config.width != cfg.text_dim:
+            raise ValueError(f"the text encoder's tokens are {text_encoder.config.width} wide, but the denoiser "
+                             f"reads text_dim = {cfg.text_dim}")
+        if tokenizer.vocab_size != text_encoder.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the text encoder "
+                             f"{text_encoder.config.vocab_size}: use the tokenizer it was trained with")
+
+
 class LatentDiffusionPipeline:
     """Text-to-image with a VAE, a text encoder (+ its tokenizer), a denoiser and a noise schedule.
 
@@ -171,22 +193,7 @@ class LatentDiffusionPipeline:
             schedule = NoiseSchedule.from_name(schedule)
         if not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"schedule must be a NoiseSchedule or a schedule name, got {type(schedule).__name__}")
-        cfg = denoiser.config
-        latent = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-        if tuple(vae.latent_shape) != latent:
-            raise ValueError(f"the VAE makes latents {list(vae.latent_shape)} but the denoiser expects {list(latent)}")
-        if cfg.num_train_timesteps != schedule.num_train_timesteps:
-            raise ValueError(f"the denoiser was built for T = {cfg.num_train_timesteps} timesteps, the schedule has "
-                             f"{schedule.num_train_timesteps}")
-        if (text_encoder is None) != (tokenizer is None):
-            raise ValueError("give both a text encoder and its tokenizer, or neither (an unconditional denoiser)")
-        if text_encoder is not None:
-            if text_encoder.config.width != cfg.text_dim:
-                raise ValueError(f"the text encoder's tokens are {text_encoder.config.width} wide, but the denoiser "
-                                 f"reads text_dim = {cfg.text_dim}")
-            if tokenizer.vocab_size != text_encoder.config.vocab_size:
-                raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the text encoder "
-                                 f"{text_encoder.config.vocab_size}: use the tokenizer it was trained with")
+        check_compatible(vae, text_encoder, tokenizer, denoiser.config, schedule)
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
         self.denoiser, self.schedule = denoiser, schedule
 

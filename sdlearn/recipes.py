@@ -53,7 +53,7 @@ from sdlearn.metrics import (
     classifier_loss,
     prompt_accuracy,
 )
-from sdlearn.pipeline import LatentDiffusionPipeline
+from sdlearn.pipeline import LatentDiffusionPipeline, check_compatible
 from sdlearn.pretrained import (
     load_classifier,
     load_pipeline,
@@ -637,14 +637,7 @@ def train_denoiser(
         raise ValueError(f"config must be a DenoiserConfig, got {type(config).__name__}")
     if config.prediction_type != prediction_type:
         raise ValueError(f"config.prediction_type is {config.prediction_type!r} but prediction_type={prediction_type!r}; make them agree")
-    if (config.latent_channels, config.latent_size, config.latent_size) != tuple(vae.latent_shape):
-        raise ValueError(f"the VAE's latents are {list(vae.latent_shape)}, but the config expects "
-                         f"[{config.latent_channels}, {config.latent_size}, {config.latent_size}]")
-    if text_encoder is not None and config.text_dim != text_encoder.width:
-        raise ValueError(f"config.text_dim is {config.text_dim}, but the text encoder's tokens are {text_encoder.width} wide")
-    if config.num_train_timesteps != noise_schedule.num_train_timesteps:
-        raise ValueError(f"config.num_train_timesteps ({config.num_train_timesteps}) must equal the schedule's T "
-                         f"({noise_schedule.num_train_timesteps})")
+    check_compatible(vae, text_encoder, tokenizer, config, noise_schedule)
     out_dir = Path(out_dir) if out_dir is not None else None
 
     for name, value in (("latent_window", latent_window), ("latent_refresh", latent_refresh)):

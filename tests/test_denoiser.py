@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 from sdlearn.denoiser import (
-    PREDICTION_TYPES,
     CrossAttention,
     Denoiser,
     DenoiserConfig,
@@ -21,6 +20,7 @@ from sdlearn.denoiser import (
     timestep_embedding,
     unpatchify,
 )
+from sdlearn.schedules import PREDICTION_TYPES
 
 TINY = dict(width=32, depth=2, heads=2, text_dim=16, frequency_dim=32)
 
