@@ -1,7 +1,8 @@
 """Data: the procedural Shapes dataset, a captioned image folder, and a bundled photograph.
 
-Shapes is the course's stand-in for LAION: every image is a 32×32 RGB picture of one coloured
-object on a black background, with an English caption that names its four attributes,
+Shapes is the course's stand-in for LAION: every image is a 32×32 RGB picture of one (or, in a
+scene, two) coloured objects on a black background, with an English caption that names an
+object's four attributes,
 
     colour (8) × shape (4) × size (2) × position (5),
 
@@ -28,9 +29,16 @@ points, and the fraction inside the shape is its coverage α ∈ [0, 1]. The pix
 - position: the box's centre moves by a continuous uniform offset in [−1, +1] px along x and y
   (continuous rather than whole pixels, so sub-pixel placement and anti-aliasing both show).
 
+Scenes (``num_objects=2``): the two objects sit at two different corners (never the centre) and
+have two different colours; sizes and shapes are free. Each is rendered exactly as a single
+object is (its own jitter, its own coverage α), and the later one is composited over the earlier
+one with its coverage, premultiplied: pixel = α₂·colour₂ + (1 − α₂)·α₁·colour₁. Away from the
+other object, an object's pixels are bit for bit those of its single-object image.
+
 Captions come from several templates and synonyms; :func:`parse_caption` is their exact inverse.
-Four (colour, shape) pairs are held out of ``split="train"`` to measure compositional
-generalisation: ``HELDOUT_PAIRS``.
+:func:`object_phrase` words one object, naming only the attributes it is given. Four (colour,
+shape) pairs are held out of ``split="train"`` to measure compositional generalisation:
+``HELDOUT_PAIRS``.
 """
 
 from __future__ import annotations
@@ -80,6 +88,8 @@ HELDOUT_PAIRS: tuple[tuple[str, str], ...] = (
     ("cyan", "circle"),
     ("white", "square"),
 )
+CORNERS: tuple[str, ...] = POSITIONS[:4]  # where the objects of a two-object scene may sit
+MAX_OBJECTS = 2  # objects per scene, at most
 SPLITS: tuple[str, ...] = ("train", "heldout", "all")
 ATTRIBUTES: tuple[str, ...] = ("color", "shape", "size", "position")
 
@@ -175,6 +185,23 @@ def random_jitter(batch_size: int, generator: torch.Generator | None = None) -> 
     return (2 * u[:, :3] - 1) * COLOR_JITTER, (2 * u[:, 3:] - 1) * POSITION_JITTER
 
 
+def _jitter_for(lead: tuple[int, ...], generator, jitter: bool, rgb_offset, xy_offset) -> tuple[torch.Tensor, torch.Tensor]:
+    """The jitter of ``lead`` objects (``(B,)`` images or ``(B, K)`` scene objects): ``rgb_offset``
+    ``[*lead, 3]`` and ``xy_offset`` ``[*lead, 2]``, as given, else drawn (``jitter``) or zero."""
+    if jitter and (rgb_offset is None or xy_offset is None):
+        rgb, xy = random_jitter(int(np.prod(lead)), generator)  # [N, 3], [N, 2]
+        drawn_rgb, drawn_xy = rgb.view(*lead, 3), xy.view(*lead, 2)
+    else:
+        drawn_rgb, drawn_xy = torch.zeros(*lead, 3), torch.zeros(*lead, 2)
+    rgb_offset = drawn_rgb if rgb_offset is None else torch.as_tensor(rgb_offset, dtype=torch.float32)
+    xy_offset = drawn_xy if xy_offset is None else torch.as_tensor(xy_offset, dtype=torch.float32)
+    if rgb_offset.shape != (*lead, 3) or xy_offset.shape != (*lead, 2):
+        dims = ", ".join(map(str, lead))
+        raise ValueError(f"rgb_offset must be [{dims}, 3] and xy_offset [{dims}, 2], got "
+                         f"{list(rgb_offset.shape)} and {list(xy_offset.shape)}")
+    return rgb_offset, xy_offset
+
+
 def render_batch(
     colors,
     shapes,
@@ -202,14 +229,14 @@ def render_batch(
     if not (s.numel() == z.numel() == p.numel() == B):
         raise ValueError(f"colors, shapes, sizes and positions must have the same length, got "
                          f"{B}, {s.numel()}, {z.numel()}, {p.numel()}")
-    drawn_rgb, drawn_xy = (random_jitter(B, generator) if jitter and (rgb_offset is None or xy_offset is None)
-                           else (torch.zeros(B, 3), torch.zeros(B, 2)))
-    rgb_offset = drawn_rgb if rgb_offset is None else torch.as_tensor(rgb_offset, dtype=torch.float32)
-    xy_offset = drawn_xy if xy_offset is None else torch.as_tensor(xy_offset, dtype=torch.float32)
-    if rgb_offset.shape != (B, 3) or xy_offset.shape != (B, 2):
-        raise ValueError(f"rgb_offset must be [{B}, 3] and xy_offset [{B}, 2], got "
-                         f"{list(rgb_offset.shape)} and {list(xy_offset.shape)}")
+    rgb_offset, xy_offset = _jitter_for((B,), generator, jitter, rgb_offset, xy_offset)
+    return _paint(c, s, z, p, rgb_offset, xy_offset)[1] - 1  # [B, 3, 32, 32]: α · colour over black is α · colour − 1
 
+
+def _paint(c, s, z, p, rgb_offset, xy_offset) -> tuple[torch.Tensor, torch.Tensor]:
+    """One object per row → its coverage α ``[B, 32, 32]`` and α · colour ``[B, 3, 32, 32]`` in 0..2
+    (colour mapped from 0..255 to 0..2, so that subtracting 1 puts it over black in [-1, 1])."""
+    B = c.numel()
     rgb = (_COLOR_TABLE[c] + rgb_offset).clamp(0, 255)  # [B, 3]
     center = _CENTER_TABLE[p] + xy_offset  # [B, 2] (x, y)
     half = _HALF_SIDE[z]  # [B]
@@ -237,8 +264,7 @@ def render_batch(
     cols = (ox[:, None] + window)[:, None, :]  # [B, 1, W]
     canvas[torch.arange(B)[:, None, None], rows, cols] = coverage
 
-    # α · colour over black, mapped from 0..255 to [-1, 1]: black is -1.
-    return canvas[:, None] * (rgb * (2 / 255))[:, :, None, None] - 1  # [B, 3, 32, 32]
+    return canvas, canvas[:, None] * (rgb * (2 / 255))[:, :, None, None]  # [B, 32, 32], [B, 3, 32, 32]
 
 
 def _uniforms_from(rng, count: int) -> list[float]:
@@ -269,6 +295,121 @@ def render_shape(color: str, shape: str, size: str, position: str, rng=None) -> 
     rgb_offset = ((2 * u[:3] - 1) * COLOR_JITTER)[None]  # [1, 3]
     xy_offset = ((2 * u[3:] - 1) * POSITION_JITTER)[None]  # [1, 2]
     return render_batch(*([i] for i in idx), rgb_offset=rgb_offset, xy_offset=xy_offset)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Scenes: one or two objects per image
+
+
+def _as_object_indices(values, kind: str) -> torch.Tensor:
+    """Per-scene, per-object attribute values ``[B, K]`` (names or indices; None or -1 where a
+    scene has no K-th object) → a long tensor ``[B, K]`` with -1 for no object."""
+    if not isinstance(values, torch.Tensor | np.ndarray):
+        rows = [list(x) if isinstance(x, list | tuple | torch.Tensor | np.ndarray) else x for x in values]
+        if not all(isinstance(r, list) for r in rows):
+            raise ValueError(f"{kind}s must be [B, K] (scene, object): one list per scene, got {values!r}")
+        if len({len(r) for r in rows}) > 1:
+            raise ValueError(f"{kind}s must give every scene the same number of slots (None or -1 for no object), "
+                             f"got rows of lengths {sorted({len(r) for r in rows})}")
+        values = torch.tensor([[-1 if x is None else _check_name(kind, x) if isinstance(x, str) else int(x)
+                                for x in r] for r in rows], dtype=torch.long).reshape(len(rows), -1)
+    idx = torch.as_tensor(values)
+    if idx.dim() != 2:
+        raise ValueError(f"{kind}s must be [B, K] (scene, object), got shape {list(idx.shape)}")
+    _as_indices(idx[idx != -1], kind)  # the dtype and range of the objects that are there
+    return idx.long()
+
+
+def _check_scenes(c: torch.Tensor, s, z, p) -> torch.Tensor:
+    """The scene rules on index tensors ``[B, K]`` (-1: no object); returns ``[B, K]`` bool, True where an object is."""
+    B, K = c.shape
+    if K > MAX_OBJECTS:
+        raise ValueError(f"a scene holds at most two objects, got {K} per scene")
+    there = c >= 0  # [B, K]
+    if K == 0 or not all(torch.equal(there, x >= 0) for x in (s, z, p)) or not there[:, 0].all() \
+            or (there[:, 1:] & ~there[:, :1]).any():
+        raise ValueError("every scene needs its first object, and an object all four of its attributes "
+                         "(-1 or None in every attribute where a scene has no second object)")
+    if K < 2:
+        return there
+    two = there[:, 1]  # [B]
+    problems = (
+        (two & (p[:, 0] == p[:, 1]), lambda j: f"both objects are at the {POSITIONS[p[j, 0]]}",
+         "two objects sit at two different corners"),
+        (two & ((p[:, 0] == 4) | (p[:, 1] == 4)), lambda j: "an object of a two-object scene is at the center",
+         "two objects sit at two different corners, never the center"),
+        (two & (c[:, 0] == c[:, 1]), lambda j: f"both objects are {ATTRIBUTE_VALUES['color'][c[j, 0]]}",
+         "the two objects of a scene have two different colours"),
+    )
+    for bad, what, rule in problems:
+        if bad.any():
+            j = int(bad.nonzero()[0, 0])
+            raise ValueError(f"{f'scene {j}: ' if B > 1 else ''}{what(j)}; {rule}")
+    return there
+
+
+def render_scene_batch(
+    colors,
+    shapes,
+    sizes,
+    positions,
+    generator: torch.Generator | None = None,
+    *,
+    jitter: bool = True,
+    rgb_offset: torch.Tensor | None = None,
+    xy_offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Render a batch of scenes of one or two objects → float32 ``[B, 3, 32, 32]`` in [-1, 1].
+
+    ``colors``, ``shapes``, ``sizes``, ``positions``: ``[B, K]`` (K ≤ 2; tensors, arrays or nested
+    lists) of indices or names per scene and object, with -1 (or None) where a scene has no
+    second object. Jitter is per object: ``rgb_offset`` ``[B, K, 3]``, ``xy_offset`` ``[B, K, 2]``,
+    drawn or zeroed as in :func:`render_batch` when left out. Each object is drawn by the same
+    code as :func:`render_batch`, and object k is composited over objects < k with its coverage α:
+    a one-object scene equals its :func:`render_batch` image bit for bit. Scenes breaking the rules
+    (two objects at one corner or at the centre, or of one colour) raise ``ValueError``.
+    """
+    c, s, z, p = (_as_object_indices(v, k) for v, k in zip((colors, shapes, sizes, positions), ATTRIBUTES))
+    if not (c.shape == s.shape == z.shape == p.shape):
+        raise ValueError(f"colors, shapes, sizes and positions must have the same shape [B, K], got "
+                         f"{list(c.shape)}, {list(s.shape)}, {list(z.shape)}, {list(p.shape)}")
+    there = _check_scenes(c, s, z, p)  # [B, K]
+    B, K = c.shape
+    rgb_offset, xy_offset = _jitter_for((B, K), generator, jitter, rgb_offset, xy_offset)
+    out = _paint(c[:, 0], s[:, 0], z[:, 0], p[:, 0], rgb_offset[:, 0], xy_offset[:, 0])[1]  # [B, 3, 32, 32] α · colour
+    for k in range(1, K):  # later objects over earlier ones
+        rows = there[:, k].nonzero().squeeze(1)  # [b] scenes with a k-th object
+        if rows.numel() == 0:
+            continue
+        alpha, layer = _paint(c[rows, k], s[rows, k], z[rows, k], p[rows, k], rgb_offset[rows, k], xy_offset[rows, k])
+        out[rows] = layer + (1 - alpha[:, None]) * out[rows]  # premultiplied "over": exact where α = 0
+    return out - 1  # over black
+
+
+def _check_objects(objects) -> list[tuple[str, str, str, str]]:
+    """A scene's list of one or two attribute dicts → their (color, shape, size, position) tuples."""
+    if isinstance(objects, dict) or not isinstance(objects, list | tuple):
+        raise ValueError(f"objects must be a list of one or two attribute dicts, got {type(objects).__name__}")
+    if not 1 <= len(objects) <= MAX_OBJECTS:
+        raise ValueError(f"a scene holds at most two objects (and at least one), got {len(objects)}")
+    return [_check_attributes(a) for a in objects]
+
+
+def render_scene(objects: Sequence[dict], rng=None) -> torch.Tensor:
+    """Render one scene of one or two objects → ``[3, 32, 32]`` in [-1, 1].
+
+    ``objects``: a list of attribute dicts (color, shape, size, position), drawn in order, the
+    second over the first. Two objects must sit at two different corners and have two different
+    colours (``ValueError`` otherwise). ``rng`` as in :func:`render_shape`: None for no jitter, or a
+    source from which each object's five jitter uniforms are drawn in turn, so a one-object scene
+    equals ``render_shape(**objects[0], rng=rng)``.
+    """
+    rows = _check_objects(objects)
+    idx = [[[_check_name(k, obj[a]) for obj in rows]] for a, k in enumerate(ATTRIBUTES)]  # 4 × [1, K]
+    if rng is None:
+        return render_scene_batch(*idx, jitter=False)[0]
+    u = 2 * torch.tensor(_uniforms_from(rng, 5 * len(rows)), dtype=torch.float32).view(1, len(rows), 5) - 1
+    return render_scene_batch(*idx, rgb_offset=u[..., :3] * COLOR_JITTER, xy_offset=u[..., 3:] * POSITION_JITTER)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -333,11 +474,14 @@ def _fill(color: str, template: str, size_word: str, shape_word: str, place: str
     return template.format(size=size_word, color=color, shape=shape_word, place=place)
 
 
+def _pick_each(choices, u: Sequence[float]) -> list[str]:
+    """One option from each tuple of ``choices``, by one uniform in [0, 1) each."""
+    return [opts[min(int(x * len(opts)), len(opts) - 1)] for opts, x in zip(choices, u)]
+
+
 def _caption_from_uniforms(attributes, u: Sequence[float]) -> str:
     """The caption picked by four uniforms in [0, 1) (template, size word, shape word, place)."""
-    choices = _choices(attributes)
-    picked = [opts[min(int(x * len(opts)), len(opts) - 1)] for opts, x in zip(choices, u)]
-    return _fill(attributes["color"], *picked)
+    return _fill(attributes["color"], *_pick_each(_choices(attributes), u))
 
 
 def caption_for(attributes: dict, rng=None) -> str:
@@ -356,6 +500,56 @@ def caption_for(attributes: dict, rng=None) -> str:
 def caption_variants(attributes: dict) -> list[str]:
     """Every caption :func:`caption_for` can produce for ``attributes``, canonical first."""
     return [_fill(attributes["color"], *picked) for picked in itertools.product(*_choices(attributes))]
+
+
+# An object's phrase: the templates that are noun phrases (so that two can later be joined), with
+# the slots of the attributes a phrase leaves out removed along with their linking words.
+PHRASE_TEMPLATES: tuple[str, ...] = tuple(TEMPLATES[i] for i in (0, 1, 2, 5))
+_SLOT_FORMS = (" in the {%s}", " at the {%s}", ", {%s}", "{%s} ")  # tried in turn
+
+
+def _phrase_choices(attributes) -> tuple[tuple[str, ...], ...]:
+    """Like :func:`_choices` for an object that may leave out its size, colour or position."""
+    if not isinstance(attributes, dict):
+        raise ValueError(f"attributes must be a dict with some of the keys {', '.join(ATTRIBUTES)}, "
+                         f"got {type(attributes).__name__}")
+    unknown = [k for k in attributes if k not in ATTRIBUTES]
+    if unknown:
+        raise ValueError(f"unknown attribute(s) {', '.join(map(repr, unknown))}; expected some of {', '.join(ATTRIBUTES)}")
+    if "shape" not in attributes:
+        raise ValueError("an object's phrase needs its shape: the nouns for an object of any shape "
+                         "('shape', 'object') are not yet in the vocabulary")
+    for k, v in attributes.items():
+        _check_name(k, v)
+    templates = []
+    for template in PHRASE_TEMPLATES:
+        for slot in ("size", "color", "place"):
+            if ("position" if slot == "place" else slot) not in attributes:
+                form = next(f % slot for f in _SLOT_FORMS if f % slot in template)
+                template = template.replace(form, "", 1)
+        templates.append(template)
+    size, position = attributes.get("size"), attributes.get("position")
+    return (tuple(templates), SIZE_WORDS[size] if size else ("",), SHAPE_WORDS[attributes["shape"]],
+            place_phrases(position) if position else ("",))
+
+
+def _phrase_from_uniforms(attributes, u: Sequence[float]) -> str:
+    """The phrase picked by four uniforms in [0, 1) (template, size word, shape word, place)."""
+    picked = _pick_each(_phrase_choices(attributes), u)  # validates attributes first
+    return _fill(attributes.get("color", ""), *picked)
+
+
+def object_phrase(attributes: dict, rng=None) -> str:
+    """A noun phrase for one object, naming only the attributes in ``attributes`` (``shape`` is
+    required; any of ``size``, ``color``, ``position`` may be left out).
+
+    ``rng=None`` gives the canonical phrase: {"color": "red", "shape": "circle"} → "a red circle",
+    {"shape": "square", "position": "top left"} → "a square in the top left"; with all four
+    attributes it is :func:`caption_for`'s canonical caption. With ``rng`` (as in
+    :func:`caption_for`) a template and synonyms are drawn from it ("big red disc, upper left").
+    Only the vocabulary's words are used, and :func:`parse_prompt` reads back exactly ``attributes``.
+    """
+    return _phrase_from_uniforms(attributes, (0.0,) * 4 if rng is None else _uniforms_from(rng, 4))
 
 
 # Each word's role when reading a caption back.
@@ -425,9 +619,12 @@ def parse_caption(text: str) -> dict[str, str]:
 
 
 # ----------------------------------------------------------------------------------------------
-# The dataset: counter-based randomness, so item i depends only on (n, split, seed, i)
+# The dataset: counter-based randomness, so item i depends only on (n, split, seed, num_objects, i)
 
 _STREAMS = 12  # uniforms per item: pair, size, position, 3 × colour jitter, 2 × position jitter, 4 × caption
+# A scene's item draws 11 more, after those 12 (which a one-object item uses exactly as above):
+# one or two objects (mixed mode), the second object's size, its 5 jitters and its 4 caption choices.
+_SCENE_STREAMS = _STREAMS + 11
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 
@@ -438,13 +635,21 @@ def _mix64(z: np.ndarray) -> np.ndarray:
     return z ^ (z >> np.uint64(31))
 
 
-def _hashed_uniforms(seed: int, indices: np.ndarray) -> np.ndarray:
-    """Uniforms in [0, 1), float64 ``[len(indices), _STREAMS]``, a pure function of (seed, index, stream)."""
+def _hashed_uniforms(seed: int, indices: np.ndarray, count: int = _STREAMS) -> np.ndarray:
+    """Uniforms in [0, 1), float64 ``[len(indices), count]``, a pure function of (seed, index, stream):
+    the first ``_STREAMS`` columns do not depend on ``count``."""
     key = _mix64(np.array([seed % 2**64], dtype=np.uint64))  # [1]
     state = _mix64(key + indices.astype(np.uint64) * _GOLDEN)[:, None]  # [N, 1]
-    streams = np.arange(1, _STREAMS + 1, dtype=np.uint64) * _GOLDEN  # [K]
+    streams = np.arange(1, count + 1, dtype=np.uint64) * _GOLDEN  # [K]
     bits = _mix64(state + streams)  # [N, K]
     return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+
+def _item_objects(objects, j: int) -> list[dict[str, str]]:
+    """The objects of scene ``j`` of per-object indices ``[B, K]`` (tensors or nested lists; -1: no
+    object), as name dicts."""
+    return [{k: ATTRIBUTE_VALUES[k][int(objects[k][j][o])] for k in ATTRIBUTES}
+            for o in range(len(objects["color"][j])) if objects["color"][j][o] >= 0]
 
 
 class ShapesBatch(NamedTuple):
@@ -459,63 +664,155 @@ class ShapesBatch(NamedTuple):
         """The attributes of item ``j`` as names, e.g. {"color": "red", ...}."""
         return {k: ATTRIBUTE_VALUES[k][int(self.attributes[k][j])] for k in ATTRIBUTES}
 
+    @property
+    def objects(self) -> dict[str, torch.Tensor]:
+        """Per-object indices ``[B, 2]`` as in :class:`SceneBatch`: the second column is all -1."""
+        return {k: torch.stack([v, torch.full_like(v, -1)], dim=1) for k, v in self.attributes.items()}
+
+    def item_objects(self, j: int) -> list[dict[str, str]]:
+        """The objects of item ``j``: a list of one attribute dict."""
+        return [self.item_attributes(j)]
+
+
+class SceneBatch(NamedTuple):
+    """A batch of scenes of one or two objects. ``objects`` maps each attribute name to a long
+    tensor ``[B, 2]`` of indices (object 0, object 1), -1 where an item has no second object."""
+
+    images: torch.Tensor  # [B, 3, 32, 32] in [-1, 1]
+    captions: list[str]
+    objects: dict[str, torch.Tensor]  # each [B, 2]
+
+    def item_objects(self, j: int) -> list[dict[str, str]]:
+        """The objects of item ``j`` as a list of name dicts, in drawing order."""
+        return _item_objects(self.objects, j)
+
+
+def _scene_pairs_for(split: str) -> np.ndarray:
+    """The ((colour, shape), (colour, shape)) index pairs a split's two-object scenes draw from,
+    ``[P, 2, 2]``: two different colours; in "train" no held-out pair, in "heldout" at least one."""
+    train, every = set(_pairs_for("train")), _pairs_for("all")
+    keep = {"train": lambda n: n == 2, "heldout": lambda n: n < 2, "all": lambda n: True}[split]
+    return np.array([(a, b) for a in every for b in every if a[0] != b[0] and keep((a in train) + (b in train))])
+
+
+_CORNER_PAIRS = np.array([(a, b) for a in range(len(CORNERS)) for b in range(len(CORNERS)) if a != b])  # [12, 2]
+_SCENE_PAIRS = {split: _scene_pairs_for(split) for split in SPLITS}  # train 684, heldout 212, all 896
+
+
+def _pick(x: np.ndarray, n: int) -> np.ndarray:
+    """Uniforms in [0, 1) → indices in 0..n-1, uniformly."""
+    return np.minimum((x * n).astype(np.int64), n - 1)
+
+
+def _make_scenes(u: np.ndarray, split: str, two: np.ndarray) -> SceneBatch:
+    """Per-item uniforms ``[B, _STREAMS]`` (or ``[B, _SCENE_STREAMS]`` where ``two`` [B] has a
+    True) → the items, with two objects where ``two``. A one-object item uses only the first
+    ``_STREAMS`` columns: its (colour, shape) pair, size, position, jitter and caption wording."""
+    B, one = len(u), ~two
+    idx = {k: np.full((B, MAX_OBJECTS), -1, dtype=np.int64) for k in ATTRIBUTES}  # [B, 2] each
+    pairs = np.array(_pairs_for(split))  # [P, 2]
+    idx["color"][one, 0], idx["shape"][one, 0] = pairs[_pick(u[one, 0], len(pairs))].T
+    idx["size"][one, 0], idx["position"][one, 0] = _pick(u[one, 1], len(SIZES)), _pick(u[one, 2], len(POSITIONS))
+    jitter = np.zeros((B, MAX_OBJECTS, 5))  # [B, 2, 5] in [-1, 1): rgb, then xy
+    jitter[:, 0] = 2 * u[:, 3:8] - 1
+    if two.any():
+        scene_pairs = _SCENE_PAIRS[split][_pick(u[two, 0], len(_SCENE_PAIRS[split]))]  # [b, 2 objects, 2]
+        idx["color"][two], idx["shape"][two] = scene_pairs[..., 0], scene_pairs[..., 1]
+        idx["size"][two] = _pick(u[two][:, [1, _STREAMS + 1]], len(SIZES))
+        idx["position"][two] = _CORNER_PAIRS[_pick(u[two, 2], len(_CORNER_PAIRS))]
+        jitter[two, 1] = 2 * u[two, _STREAMS + 2:_STREAMS + 7] - 1
+    jitter = torch.from_numpy(jitter).float()
+    objects = {k: torch.from_numpy(v) for k, v in idx.items()}
+    images = render_scene_batch(*(objects[k] for k in ATTRIBUTES),
+                                rgb_offset=jitter[..., :3] * COLOR_JITTER, xy_offset=jitter[..., 3:] * POSITION_JITTER)
+    captions, rows = [], {k: v.tolist() for k, v in idx.items()}
+    for j, row in enumerate(u.tolist()):
+        items = _item_objects(rows, j)
+        if len(items) == 1:
+            captions.append(_caption_from_uniforms(items[0], row[8:12]))
+        else:  # until the vocabulary has "and": the two objects' phrases, joined by a comma
+            captions.append(", ".join(_phrase_from_uniforms(a, uc) for a, uc in
+                                      zip(items, (row[8:12], row[_STREAMS + 7:_STREAMS + 11]))))
+    return SceneBatch(images, captions, objects)
+
 
 def _make_batch(u: np.ndarray, split: str) -> ShapesBatch:
-    """Turn per-item uniforms ``[B, _STREAMS]`` into images, captions and attributes."""
-    pairs = np.array(_pairs_for(split))  # [P, 2]
-    pick = lambda x, n: np.minimum((x * n).astype(np.int64), n - 1)
-    pair = pairs[pick(u[:, 0], len(pairs))]  # [B, 2]
-    idx = {
-        "color": torch.from_numpy(pair[:, 0].copy()),
-        "shape": torch.from_numpy(pair[:, 1].copy()),
-        "size": torch.from_numpy(pick(u[:, 1], len(SIZES))),
-        "position": torch.from_numpy(pick(u[:, 2], len(POSITIONS))),
-    }
-    jitter = torch.from_numpy(2 * u[:, 3:8] - 1).float()  # [B, 5] in [-1, 1)
-    images = render_batch(*(idx[k] for k in ATTRIBUTES),
-                          rgb_offset=jitter[:, :3] * COLOR_JITTER, xy_offset=jitter[:, 3:] * POSITION_JITTER)
-    columns = [[ATTRIBUTE_VALUES[k][i] for i in idx[k].tolist()] for k in ATTRIBUTES]
-    captions = [_caption_from_uniforms(dict(zip(ATTRIBUTES, names)), uc)
-                for names, uc in zip(zip(*columns), u[:, 8:12].tolist())]
-    return ShapesBatch(images, captions, idx)
+    """Turn per-item uniforms ``[B, _STREAMS]`` into one-object images, captions and attributes."""
+    b = _make_scenes(u, split, np.zeros(len(u), dtype=bool))
+    return ShapesBatch(b.images, b.captions, {k: v[:, 0].contiguous() for k, v in b.objects.items()})
 
 
-def sample_batch(batch_size: int, split: str = "train", generator: torch.Generator | None = None) -> ShapesBatch:
+def _check_num_objects(num_objects) -> int | tuple[int, int]:
+    if isinstance(num_objects, list | tuple) and list(num_objects) == [1, 2]:
+        return (1, 2)
+    whole = isinstance(num_objects, int | np.integer) and not isinstance(num_objects, bool)
+    if whole and num_objects in (1, 2):
+        return int(num_objects)
+    limit = "a scene holds at most two objects; " if whole and num_objects > 2 else ""
+    raise ValueError(f"{limit}num_objects must be 1, 2 or (1, 2) (mixed, half each), got {num_objects!r}")
+
+
+def _two_objects(u: np.ndarray, num_objects) -> np.ndarray:
+    """Which items ``[B]`` hold two objects: all, none, or (mixed) those whose uniform says so, half."""
+    if num_objects == (1, 2):
+        return u[:, _STREAMS] >= 0.5
+    return np.full(len(u), num_objects == 2)
+
+
+def sample_batch(batch_size: int, split: str = "train", generator: torch.Generator | None = None,
+                 num_objects: int | tuple[int, int] = 1) -> ShapesBatch | SceneBatch:
     """Fresh random Shapes items for a training loop, with no DataLoader in between.
 
     Returns ``ShapesBatch(images [B, 3, 32, 32], captions, attributes)``; unpacks as a tuple.
+    With ``num_objects`` 2 or (1, 2), a :class:`SceneBatch` as :meth:`ShapesDataset.batch` gives.
     Draws from ``generator`` (torch's global generator if None).
     """
     if not isinstance(batch_size, int) or batch_size <= 0:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     _pairs_for(split)  # validates the split name
-    u = torch.rand(batch_size, _STREAMS, generator=generator, dtype=torch.float64).numpy()
-    return _make_batch(u, split)
+    num_objects = _check_num_objects(num_objects)
+    u = torch.rand(batch_size, _STREAMS if num_objects == 1 else _SCENE_STREAMS, generator=generator,
+                   dtype=torch.float64).numpy()  # [B, streams]
+    return _make_batch(u, split) if num_objects == 1 else _make_scenes(u, split, _two_objects(u, num_objects))
 
 
 class ShapesDataset(Dataset):
-    """``n`` captioned Shapes images: ``ds[i]`` → {"image": [3, 32, 32], "caption": str, "attributes": dict}.
+    """``n`` captioned Shapes images: ``ds[i]`` → {"image": [3, 32, 32], "caption": str, "attributes": dict,
+    "objects": [dict]}.
 
     ``split``: "train" (every (colour, shape) pair except ``HELDOUT_PAIRS``), "heldout" (only
     those four pairs) or "all". Each item's randomness (attributes, jitter, caption wording) is a
     counter-based hash of ``(seed, i)``: items are uniform over the split's pairs, sizes and
-    positions, cost no memory until read, and the same ``(n, split, seed, i)`` always gives the
-    same item whatever the access order. ``ds.batch(indices)`` renders many at once, identically.
+    positions, cost no memory until read, and the same ``(n, split, seed, num_objects, i)`` always
+    gives the same item whatever the access order. ``ds.batch(indices)`` renders many at once, identically.
+
+    ``num_objects``: 1 (the default), 2 (scenes of two objects) or (1, 2) (mixed: each item holds
+    one or two objects, half each, decided by its own hash). A two-object item is uniform over
+    the split's allowed scenes: two different corners (in either order), two different colours,
+    any sizes and shapes; in "train" neither object is a held-out pair, in "heldout" at least one
+    is (the scenes "all" has and "train" never shows; for one object, exactly the held-out pairs).
+    A two-object item is {"image", "caption", "objects": [dict, dict]}; its caption, until the
+    vocabulary has "and", is the two objects' phrases (:func:`object_phrase`) joined by a comma.
+    A one-object item is the same as ``num_objects=1`` gives for its index, and keeps "attributes"
+    (the same dict as ``objects[0]``). With num_objects 2 or (1, 2), ``batch`` returns a
+    :class:`SceneBatch`, and a DataLoader needs ``collate_fn=list`` (items differ in their keys).
     """
 
-    def __init__(self, n: int, split: str = "train", seed: int = 0):
+    def __init__(self, n: int, split: str = "train", seed: int = 0, num_objects: int | tuple[int, int] = 1):
         if isinstance(n, bool) or not isinstance(n, int | np.integer) or n <= 0:
             raise ValueError(f"n must be a positive integer (the number of items), got {n!r}")
         if isinstance(seed, bool) or not isinstance(seed, int | np.integer):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         _pairs_for(split)  # validates the split name
         self.n, self.split, self.seed = int(n), split, int(seed)
+        self.num_objects = _check_num_objects(num_objects)
 
     def __len__(self) -> int:
         return self.n
 
     def __repr__(self) -> str:
-        return f"ShapesDataset(n={self.n}, split={self.split!r}, seed={self.seed})"
+        scenes = "" if self.num_objects == 1 else f", num_objects={self.num_objects}"
+        return f"ShapesDataset(n={self.n}, split={self.split!r}, seed={self.seed}{scenes})"
 
     def _indices(self, indices: Iterable[int]) -> np.ndarray:
         idx = np.asarray(indices if isinstance(indices, torch.Tensor | np.ndarray) else list(indices)).reshape(-1)
@@ -527,15 +824,20 @@ class ShapesDataset(Dataset):
             raise IndexError(f"index {int(bad[0])} out of range for {self!r}")
         return np.where(idx < 0, idx + self.n, idx)
 
-    def batch(self, indices: Iterable[int]) -> ShapesBatch:
+    def batch(self, indices: Iterable[int]) -> ShapesBatch | SceneBatch:
         """Items ``indices`` rendered in one vectorised pass; ``batch([i]).images[0]`` equals ``ds[i]["image"]``."""
-        return _make_batch(_hashed_uniforms(self.seed, self._indices(indices)), self.split)
+        if self.num_objects == 1:
+            return _make_batch(_hashed_uniforms(self.seed, self._indices(indices)), self.split)
+        u = _hashed_uniforms(self.seed, self._indices(indices), _SCENE_STREAMS)  # [B, _SCENE_STREAMS]
+        return _make_scenes(u, self.split, _two_objects(u, self.num_objects))
 
     def __getitem__(self, i: int) -> dict:
         if isinstance(i, bool) or not isinstance(i, int | np.integer):
             raise TypeError(f"ShapesDataset indices must be integers, got {type(i).__name__}")
         b = self.batch([int(i)])
-        return {"image": b.images[0], "caption": b.captions[0], "attributes": b.item_attributes(0)}
+        objects = b.item_objects(0)
+        item = {"image": b.images[0], "caption": b.captions[0]}
+        return item | ({"attributes": objects[0], "objects": objects} if len(objects) == 1 else {"objects": objects})
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,9 +10,10 @@ match 400M image–caption pairs, then frozen. The course does the same at Shape
    unconditional prompt of classifier-free guidance.
 2. **TextEncoder** — ids → one vector per token. Token + learned positional embedding, pre-LN
    transformer blocks (self-attention, MLP), a final LayerNorm (GPT-2's layout, as CLIP's text tower).
-   Attention is bidirectional (every token sees the whole prompt; CLIP's is causal, a relic of its
-   language-model heritage that a 16-token prompt does not need) and padded tokens are masked out of
-   the keys, so padding never changes a real token's output. The *pooled* embedding is the final
+   Attention is bidirectional by default (every token sees the whole prompt) and padded tokens are
+   masked out of the keys, so padding never changes a real token's output. ``causal=True`` makes it
+   causal as CLIP's text tower is (token i reads tokens ≤ i only, so the pooled ``<eos>`` state is the
+   only one that has read the whole prompt); the shipped tower is bidirectional. The *pooled* embedding is the final
    state of the ``<eos>`` token, as in CLIP (§2.4: "the activations of the highest layer of the
    transformer at the [EOS] token"): it has attended to every word, and the empty prompt still has one.
 3. **TinyCLIP** — the text encoder + a small CNN image encoder, each followed by a linear projection
@@ -185,6 +186,7 @@ class TextEncoderConfig(ConfigMixin):
     depth: int = 3  # transformer blocks
     heads: int = 4  # head size D / heads = 32
     mlp_ratio: float = 2.0  # MLP hidden width = mlp_ratio · D
+    causal: bool = False  # True: token i attends to tokens ≤ i only, as in CLIP's text tower (Radford et al. 2021)
 
     def __post_init__(self):
         self.check_positive_ints("vocab_size", "max_length", "width", "depth", "heads")
@@ -192,6 +194,8 @@ class TextEncoderConfig(ConfigMixin):
             raise ValueError(f"TextEncoderConfig.width ({self.width}) must be divisible by heads ({self.heads})")
         if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, int | float) or self.mlp_ratio <= 0:
             raise ValueError(f"TextEncoderConfig.mlp_ratio must be a positive number, got {self.mlp_ratio!r}")
+        if not isinstance(self.causal, bool):
+            raise ValueError(f"TextEncoderConfig.causal must be True or False, got {self.causal!r}")
 
 
 
@@ -269,6 +273,8 @@ class TextEncoder(nn.Module):
         positions = torch.arange(L, device=ids.device)
         x = self.token_embedding(ids) + self.position_embedding(positions)  # [B, L, D]
         key_mask = mask[:, None, None, :]  # [B, 1, 1, L]: no query attends to padding
+        if self.config.causal:  # and, in a causal tower, none to a later token
+            key_mask = key_mask & torch.ones(L, L, dtype=torch.bool, device=ids.device).tril()  # [B, 1, L, L]
         for block in self.blocks:
             x = block(x, key_mask)
         x = self.ln_final(x) * mask[:, :, None]  # [B, L, D], padded positions zeroed

@@ -1,5 +1,6 @@
 """Tests of sdlearn.data: the Shapes dataset, captions, the image folder and the bundled photo."""
 
+import hashlib
 import itertools
 import json
 import math
@@ -247,6 +248,38 @@ def test_heldout_split_only_yields_heldout_pairs_and_all_covers_everything():
     b = ShapesDataset(2000, split="heldout").batch(range(2000))
     assert pair_names(b) == set(HELDOUT_PAIRS)
     assert len(pair_names(ShapesDataset(3000, split="all").batch(range(3000)))) == 32
+
+
+# SHA-256 of what the code at the shipped models' training gave (images as float32 bytes, captions
+# joined by newlines, attribute indices as int64 bytes, in ATTRIBUTES order): one-object items must
+# never move, since the committed notebooks' outputs and the shipped weights depend on them.
+PINNED = {
+    ("train", "images"): "4f456f564869e88403fda50a9bb9e15064012e3671c1f0f5703701e09b0f36c1",
+    ("train", "captions"): "7acd7a41495091f1e0813fcdb1a77af7fb6481c96c2e0218bfbd7f2a581f2b8b",
+    ("train", "attributes"): "e4195fd90731e09be6c2fd20a73cafb367b8777943d83faaad39a93dbcf64fc1",
+    ("heldout", "images"): "04a48d02f4fda240a7bf3a9f759fb54492d3b0bff3594b764df72a9bc4d9cf2f",
+    ("heldout", "captions"): "d1a6e0aaa73e27eb16691121b1e85423bcd8159be7ff40bf8ca9188d8ed670c4",
+    ("heldout", "attributes"): "c83547aa9249a4da6e1394c5ae837ad2d8f69848ae47508ac93c14fa8abc46f3",
+    ("train", "sample_batch"): "1d1702242af9f05849a36724bbe446fb342cc5836141d6b1fd967544e90095ac",
+    ("heldout", "sample_batch"): "800e85e848150f7c9709015dfc2b9f5592b7a87e7fa9d46bdcdfba2c825e822d",
+}
+VOCABULARY_SHA = "fab02a6695633bb60a2c782acc754b3cc1fa8e2d39eb70c7d2415d010731053f"  # " ".join(VOCABULARY)
+
+
+def sha(*parts: bytes) -> str:
+    return hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+@pytest.mark.parametrize("split", ["train", "heldout"])
+def test_one_object_items_are_exactly_those_the_shipped_models_trained_on(split):
+    b = ShapesDataset(2000, split, seed=0).batch(range(2000))
+    assert sha(b.images.numpy().tobytes()) == PINNED[split, "images"]
+    assert sha("\n".join(b.captions).encode()) == PINNED[split, "captions"]
+    assert sha(*(b.attributes[k].numpy().tobytes() for k in data.ATTRIBUTES)) == PINNED[split, "attributes"]
+    s = sample_batch(500, split, torch.Generator().manual_seed(0))
+    assert sha(s.images.numpy().tobytes(), "\n".join(s.captions).encode(),
+               *(s.attributes[k].numpy().tobytes() for k in data.ATTRIBUTES)) == PINNED[split, "sample_batch"]
+    assert hashlib.sha256(" ".join(VOCABULARY).encode()).hexdigest() == VOCABULARY_SHA  # token ids unchanged
 
 
 def test_sample_batch_is_deterministic_given_a_generator():

@@ -352,3 +352,24 @@ def test_deprecated_text_names_still_work_and_warn():
     for model in (encoder, TinyCLIP(TinyCLIPConfig(text=TextEncoderConfig(width=16, depth=1, heads=2)))):
         with pytest.warns(DeprecationWarning, match="count_parameters"):
             assert model.num_parameters() == count_parameters(model)
+
+
+def test_causal_text_tower_reads_only_earlier_tokens_and_defaults_off(tokenizer):
+    torch.manual_seed(0)
+    config = TextEncoderConfig(width=16, depth=2, heads=2, causal=True)
+    encoder = TextEncoder(config).eval()
+    ids, mask = tokenizer(["a red circle in the top left", "a red square in the top left"])
+    out = encoder(ids, mask)
+    same_prefix = 3  # <bos> a red: identical up to "circle"/"square"
+    assert torch.equal(ids[0, :same_prefix], ids[1, :same_prefix]) and ids[0, same_prefix] != ids[1, same_prefix]
+    torch.testing.assert_close(out.tokens[0, :same_prefix], out.tokens[1, :same_prefix])  # blind to what follows
+    assert not torch.allclose(out.pooled[0], out.pooled[1])  # but <eos> has read the whole prompt
+    bidirectional = TextEncoder(TextEncoderConfig(width=16, depth=2, heads=2)).eval()
+    bidirectional.load_state_dict(encoder.state_dict())
+    both = bidirectional(ids, mask)
+    assert not torch.allclose(both.tokens[0, :same_prefix], both.tokens[1, :same_prefix])
+    assert TextEncoderConfig().causal is False  # the shipped tower is bidirectional
+    old = {k: v for k, v in TextEncoderConfig().to_dict().items() if k != "causal"}  # a JSON written before the field
+    assert TextEncoderConfig.from_dict(old).causal is False
+    with pytest.raises(ValueError, match="causal must be True or False"):
+        TextEncoderConfig(causal=1)
