@@ -13,12 +13,14 @@ foundations           ``checks`` (shared input checks), ``checkpoint`` (file for
                       ``schedules`` (β, ᾱ, SNR, add_noise, ε/x₀/v conversions)
 models and losses     ``vae``, ``denoiser`` (DiT, ``denoiser_loss``), ``text`` (tokenizer, text
                       encoder, TinyCLIP; uses the denoiser's attention block), ``metrics`` (the
-                      attribute classifier, prompt accuracy, FID), ``samplers``
+                      attribute classifier, the scene reader, prompt accuracy, KID, FID,
+                      diversity, memorisation), ``samplers``
 the generic loop      ``training`` (``train``, EMA, ``TrainResult``, ``resolve_device``)
 assembly              ``pipeline`` (text→image, img2img, inpainting), ``pretrained`` (every
                       ``save_X`` with its ``load_X``, ``load_pipeline``)
 recipes               ``recipes`` (``train_vae``, ``train_clip``, ``train_classifier``,
-                      ``train_denoiser``, ``train_all`` on one skeleton)
+                      ``train_scene_reader``, ``train_denoiser``, ``train_all`` on one
+                      skeleton)
 interfaces            ``plotting``, ``widgets``, ``exercises/``, ``__main__`` (the command line)
 ====================  ===========================================================================
 """

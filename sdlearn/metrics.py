@@ -1,4 +1,4 @@
-"""Metrics: an attribute classifier, prompt accuracy, and FID on the classifier's features.
+"""Metrics: an attribute classifier, prompt accuracy, KID and FID on the classifier's features, diversity, memorisation.
 
 How do we know a text-to-image model draws what it is told? Stable Diffusion is judged with a CLIP
 score (does CLIP think image and prompt match?) and FID (Heusel et al. 2017: do the generated images
@@ -10,11 +10,23 @@ an image obeys its prompt.
   position 5), trained on fresh Shapes images (``python -m sdlearn train classifier``) and shipped in
   ``sdlearn/weights/classifier.*``. Its penultimate layer (:meth:`AttributeClassifier.features`, 128
   numbers) plays the role of Inception-v3's pool features in FID.
+- :class:`SceneReader` — the same trunk (:func:`conv_trunk`), reading for each of the five places empty or
+  (colour, shape, size): :meth:`SceneReader.read` lists each image's objects; :func:`scene_targets`,
+  :func:`scene_reader_loss` and :func:`scene_accuracy` train and check it (``sdlearn.recipes.train_scene_reader``).
+  Its features serve KID, FID and the memorisation check as the classifier's do.
 - :func:`prompt_accuracy` — the fraction of images whose predicted attributes match *every* attribute
   their prompt names (the course's answer to a CLIP score), plus per-attribute accuracy.
 - :func:`fid` — the Fréchet distance between Gaussians fitted to the features of two image sets,
   and :func:`fid_baseline`, the FID between two independent sets of real images of the same size:
   FID is biased upwards at small sample sizes, so it is only meaningful beside that baseline.
+- :func:`kid` — the Kernel Inception Distance (Bińkowski et al. 2018) with a bootstrap interval: unbiased, so
+  meaningful at small sample sizes; the course's distribution metric. :func:`fid_with_interval` — FID with its
+  interval, refused when a set has too few images for a full-rank covariance. Both return a
+  :class:`DistributionDistance`; both read :func:`features`.
+- :func:`open_attribute_tv` — diversity: the total-variation distance between the distribution of what a
+  prompt leaves open and the data's, beside :func:`perfect_sampler_tv`, what exact sampling scores.
+- :func:`nearest_training_images` and :func:`memorisation_check` — generated images against their nearest
+  training images, beside the same distance for fresh real images.
 
 Decisions, written down:
 
@@ -28,15 +40,17 @@ Decisions, written down:
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from sdlearn.checkpoint import ConfigMixin, load_module
-from sdlearn.checks import check_batch
+from sdlearn.checks import check_batch, check_positive_int
 from sdlearn.data import ATTRIBUTE_VALUES, ATTRIBUTES, IMAGE_SIZE, ShapesDataset, parse_prompt
 
 CLASS_NAMES: dict[str, tuple[str, ...]] = ATTRIBUTE_VALUES  # each head's classes, in index order
@@ -64,7 +78,7 @@ class ClassifierConfig(ConfigMixin):
         self.widths = tuple(int(w) for w in self.widths)
         self.check_positive_ints("in_channels", "image_size", "feature_dim")
         if not self.widths or min(self.widths) < 1:
-            raise ValueError(f"ClassifierConfig.widths must be positive integers, got {self.widths}")
+            raise ValueError(f"{type(self).__name__}.widths must be positive integers, got {self.widths}")
         if self.image_size % 2 ** len(self.widths):
             raise ValueError(f"image_size={self.image_size} must be divisible by 2**len(widths) = {2 ** len(self.widths)}")
 
@@ -73,6 +87,34 @@ class ClassifierConfig(ConfigMixin):
 def check_images(images, name: str = "images", image_size: int = IMAGE_SIZE, min_count: int = 1) -> torch.Tensor:
     """``images`` as a finite float batch ``[N, 3, S, S]`` with N ≥ ``min_count``, or a clear ValueError."""
     return check_batch(images, (3, image_size, image_size), "image", name, min_count, finite=True)
+
+
+def conv_trunk(config: ClassifierConfig) -> tuple[nn.Sequential, nn.Sequential]:
+    """The convolutional trunk the attribute classifier and the scene reader share → ``(body, to_features)``:
+    per level of ``config.widths`` conv3×3, SiLU, conv3×3, SiLU, avg-pool 2×2; then flatten → linear → SiLU to
+    ``[B, feature_dim]``."""
+    layers: list[nn.Module] = []
+    channels = config.in_channels
+    for width in config.widths:
+        layers += [nn.Conv2d(channels, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2)]
+        channels = width
+    side = config.image_size // 2 ** len(config.widths)
+    return nn.Sequential(*layers), nn.Sequential(nn.Flatten(), nn.Linear(channels * side * side, config.feature_dim), nn.SiLU())
+
+
+@torch.no_grad()
+def in_eval_chunks(model: nn.Module, fn, images: torch.Tensor, batch_size: int = 512) -> list:
+    """``fn`` (the model, or one of its methods) on ``images`` ``[N, 3, S, S]``, ``batch_size`` at a time, clamped
+    to [-1, 1], on the model's device and in eval mode (the model's mode is restored after) → the list of outputs."""
+    check_images(images, image_size=model.config.image_size)
+    check_positive_int(batch_size, "batch_size")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        return [fn(images[i : i + batch_size].to(device).clamp(-1, 1)) for i in range(0, len(images), batch_size)]
+    finally:
+        model.train(was_training)
 
 
 class AttributeClassifier(nn.Module):
@@ -90,14 +132,7 @@ class AttributeClassifier(nn.Module):
     def __init__(self, config: ClassifierConfig | None = None):
         super().__init__()
         self.config = config = ClassifierConfig.resolve(config)
-        layers: list[nn.Module] = []
-        channels = config.in_channels
-        for width in config.widths:
-            layers += [nn.Conv2d(channels, width, 3, padding=1), nn.SiLU(), nn.Conv2d(width, width, 3, padding=1), nn.SiLU(), nn.AvgPool2d(2)]
-            channels = width
-        self.body = nn.Sequential(*layers)
-        side = config.image_size // 2 ** len(config.widths)
-        self.to_features = nn.Sequential(nn.Flatten(), nn.Linear(channels * side * side, config.feature_dim), nn.SiLU())
+        self.body, self.to_features = conv_trunk(config)
         self.heads = nn.ModuleDict({name: nn.Linear(config.feature_dim, n) for name, n in NUM_CLASSES.items()})
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -113,16 +148,10 @@ class AttributeClassifier(nn.Module):
     @torch.no_grad()
     def predict(self, images: torch.Tensor, batch_size: int = 512) -> dict[str, torch.Tensor]:
         """The most likely class per attribute, long tensors ``[B]`` of indices into ``CLASS_NAMES[name]``.
-        Images are clamped to [-1, 1] and moved to the classifier's device; the result is on the images' device."""
-        check_images(images, image_size=self.config.image_size)
-        device = next(self.parameters()).device
-        was_training = self.training
-        self.eval()
-        try:
-            chunks = [self(images[i : i + batch_size].to(device).clamp(-1, 1)) for i in range(0, len(images), batch_size)]
-        finally:
-            self.train(was_training)
-        return {name: torch.cat([c[name] for c in chunks]).argmax(dim=1).to(images.device) for name in NUM_CLASSES}
+        Images are clamped to [-1, 1] and moved to the classifier's device; the result stays there, as every
+        model's output in the package does (the pipeline's images live on ``pipe.device`` too)."""
+        chunks = in_eval_chunks(self, self, images, batch_size)
+        return {name: torch.cat([c[name] for c in chunks]).argmax(dim=1) for name in NUM_CLASSES}
 
 
 _DEFAULT: dict[str, AttributeClassifier] = {}
@@ -135,11 +164,14 @@ def default_classifier() -> AttributeClassifier:
     return _DEFAULT["shipped"]
 
 
-def _resolve(classifier: AttributeClassifier | None) -> AttributeClassifier:
+def _resolve(classifier: AttributeClassifier | None, features_only: bool = False) -> AttributeClassifier:
+    """None → the shipped classifier. Where only features are read (KID, FID, the memorisation check), a
+    :class:`SceneReader` serves too."""
     if classifier is None:
         return default_classifier()
-    if not isinstance(classifier, AttributeClassifier):
-        raise ValueError(f"classifier must be an AttributeClassifier or None (the shipped one), got {type(classifier).__name__}")
+    if not isinstance(classifier, (AttributeClassifier, SceneReader) if features_only else AttributeClassifier):
+        also = ", a SceneReader" if features_only else ""
+        raise ValueError(f"classifier must be an AttributeClassifier{also} or None (the shipped one), got {type(classifier).__name__}")
     return classifier
 
 
@@ -181,9 +213,136 @@ def attribute_accuracy(classifier: AttributeClassifier, n: int = 2048, split: st
     fraction with all four right."""
     batch = ShapesDataset(n, split, seed=seed).batch(range(n))
     predicted = classifier.predict(batch.images)
-    right = {name: predicted[name] == batch.attributes[name] for name in NUM_CLASSES}
+    right = {name: predicted[name].cpu() == batch.attributes[name] for name in NUM_CLASSES}
     accuracy = {name: r.float().mean().item() for name, r in right.items()}
     accuracy["all"] = torch.stack(list(right.values())).all(0).float().mean().item()
+    return accuracy
+
+
+# ------------------------------------------------------------------------------------------------
+# The scene reader: for each of the five places, empty or (colour, shape, size)
+
+PLACES: tuple[str, ...] = ATTRIBUTE_VALUES["position"]  # the five places a scene reader reads, in index order
+OBJECT_FIELDS: tuple[str, ...] = ("color", "shape", "size")  # what it reads of an occupied place
+SCENE_EVAL_SEED = 31_000  # scene_accuracy's default: ShapesDataset(n, split, seed=31_000, num_objects=(1, 2))
+
+
+@dataclass
+class SceneReaderConfig(ClassifierConfig):
+    """Hyperparameters of :class:`SceneReader`: the trunk of :class:`ClassifierConfig` (same fields, same checks)."""
+
+
+class SceneReader(nn.Module):
+    """A small CNN that reads a scene: for each of the five places (``PLACES``), empty or (colour, shape, size).
+
+    The trunk is the attribute classifier's (:func:`conv_trunk`: 32×32 → features ``[B, 128]``); then one linear
+    head per output, read per place. The encoding: an ``occupied`` logit per place, and colour (8), shape (4) and
+    size (2) logits per place that count only where the place is occupied. In the tensor form of a scene
+    (:func:`scene_targets`, :meth:`predict`) each field is a long ``[B, 5]`` of value indices, -1 where the place
+    is empty (the dataset's "no object" too), so the loss is one cross-entropy with ``ignore_index=-1`` per field.
+    """
+
+    def __init__(self, config: SceneReaderConfig | None = None):
+        super().__init__()
+        self.config = config = SceneReaderConfig.resolve(config)
+        self.body, self.to_features = conv_trunk(config)
+        sizes = {"occupied": 1, **{name: NUM_CLASSES[name] for name in OBJECT_FIELDS}}
+        self.heads = nn.ModuleDict({name: nn.Linear(config.feature_dim, len(PLACES) * k) for name, k in sizes.items()})
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The penultimate features ``[B, feature_dim]`` (what :func:`kid` and :func:`fid` may compare)."""
+        check_images(images, image_size=self.config.image_size)
+        return self.to_features(self.body(images))
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Logits: {"occupied": [B, 5], "color": [B, 5, 8], "shape": [B, 5, 4], "size": [B, 5, 2]}."""
+        h = self.features(images)  # [B, F]
+        out = {name: head(h).view(len(h), len(PLACES), -1) for name, head in self.heads.items()}
+        out["occupied"] = out["occupied"][..., 0]
+        return out
+
+    def predict(self, images: torch.Tensor, batch_size: int = 512) -> dict[str, torch.Tensor]:
+        """The scene of each image in tensor form (:func:`decode_scene`), on the reader's device; images are
+        clamped to [-1, 1]."""
+        chunks = in_eval_chunks(self, self, images, batch_size)
+        return decode_scene({name: torch.cat([c[name] for c in chunks]) for name in chunks[0]})
+
+    def read(self, images: torch.Tensor, batch_size: int = 512) -> list[list[dict[str, str]]]:
+        """The objects of each image, place by place: [[{"color", "shape", "size", "position"}, ...], ...]."""
+        return scene_objects(self.predict(images, batch_size))
+
+
+def decode_scene(logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Logits (as :meth:`SceneReader.forward` gives) → the tensor form: {field: long [B, 5]}, the most likely value
+    per place, -1 where the ``occupied`` logit is negative (probability < ½)."""
+    empty = logits["occupied"] < 0  # [B, 5]
+    return {name: logits[name].argmax(-1).masked_fill(empty, -1) for name in OBJECT_FIELDS}
+
+
+def scene_objects(scene: dict[str, torch.Tensor]) -> list[list[dict[str, str]]]:
+    """The tensor form {field: long [B, 5]} → per image, the list of its objects as name dicts, in place order."""
+    rows = {name: scene[name].tolist() for name in OBJECT_FIELDS}
+    return [[{**{name: CLASS_NAMES[name][rows[name][j][p]] for name in OBJECT_FIELDS}, "position": place}
+             for p, place in enumerate(PLACES) if rows["color"][j][p] >= 0] for j in range(len(rows["color"]))]
+
+
+def scene_targets(objects) -> dict[str, torch.Tensor]:
+    """What a :class:`SceneReader` should read, in tensor form: {"color", "shape", "size": long ``[B, 5]``}, the
+    value at each place, -1 where it is empty. ``objects``: a ``SceneBatch`` or ``ShapesBatch`` (or its
+    ``.objects``): {attribute: long ``[B, K]``} of value indices, -1 where an image has fewer than K objects."""
+    objects = getattr(objects, "objects", objects)
+    if not isinstance(objects, dict) or set(objects) != set(ATTRIBUTES):
+        raise ValueError(f"objects must be a SceneBatch, a ShapesBatch or a dict of {', '.join(ATTRIBUTES)} index tensors")
+    t = {name: torch.as_tensor(objects[name]) for name in ATTRIBUTES}
+    shape = t["color"].shape
+    if len(shape) != 2 or any(v.shape != shape or v.dtype != torch.long for v in t.values()):
+        raise ValueError(f"objects' tensors must all be long [B, K], got {', '.join(f'{k} {list(v.shape)} {v.dtype}' for k, v in t.items())}")
+    present = t["color"] >= 0  # [B, K]
+    for name, v in t.items():
+        if ((v >= 0) != present).any() or (v >= NUM_CLASSES[name]).any():
+            raise ValueError(f"objects[{name!r}] must hold indices in 0..{NUM_CLASSES[name] - 1}, -1 exactly where colour is -1")
+    b = torch.arange(shape[0])[:, None].expand(shape)[present]  # image of each object
+    p = t["position"][present]
+    if torch.bincount(b * len(PLACES) + p, minlength=1).max() > 1:
+        raise ValueError("two objects of one image sit in the same place; a scene reader reads one object per place")
+    targets = {name: torch.full((shape[0], len(PLACES)), -1, dtype=torch.long) for name in OBJECT_FIELDS}
+    for name in OBJECT_FIELDS:
+        targets[name][b, p] = t[name][present]
+    return targets
+
+
+def scene_reader_loss(model: SceneReader, images: torch.Tensor, targets: dict[str, torch.Tensor]):
+    """Binary cross-entropy of ``occupied`` at every place + the cross-entropy of each of colour, shape and size
+    at the occupied places (``targets`` from :func:`scene_targets`) → ``(loss, logs)``: batch accuracies
+    ``acc_occupied`` (per place) and ``acc_color``, ``acc_shape``, ``acc_size`` (per object)."""
+    logits = model(images)
+    if set(targets) != set(OBJECT_FIELDS) or any(targets[n].shape != logits["occupied"].shape for n in OBJECT_FIELDS):
+        raise ValueError(f"targets must be {{color, shape, size}} long tensors [B, {len(PLACES)}] (scene_targets) for {len(images)} images")
+    occupied = targets["color"] >= 0  # [B, 5]
+    loss = F.binary_cross_entropy_with_logits(logits["occupied"], occupied.float())
+    logs = {"acc_occupied": ((logits["occupied"] >= 0) == occupied).float().mean().item()}
+    for name in OBJECT_FIELDS:
+        loss = loss + F.cross_entropy(logits[name].flatten(0, 1), targets[name].flatten(), ignore_index=-1)
+        logs[f"acc_{name}"] = (logits[name].argmax(-1) == targets[name])[occupied].float().mean().item()
+    return loss, logs
+
+
+@torch.no_grad()
+def scene_accuracy(reader: SceneReader, n: int = 2048, split: str = "all", seed: int = SCENE_EVAL_SEED,
+                   num_objects: int | tuple[int, int] = (1, 2)) -> dict[str, float]:
+    """How well ``reader`` reads ``ShapesDataset(n, split, seed, num_objects)`` (clean real images):
+    ``"occupied"``, the fraction of the 5·n places read rightly as empty or not; ``"color"``, ``"shape"``,
+    ``"size"``, the fraction of the objects whose place is read with that field right; ``"all"``, the fraction of
+    images read exactly (every place's occupancy and every object's fields)."""
+    if not isinstance(reader, SceneReader):
+        raise ValueError(f"reader must be a SceneReader, got {type(reader).__name__}")
+    check_positive_int(n, "n")
+    batch = ShapesDataset(n, split, seed=seed, num_objects=num_objects).batch(range(n))
+    truth, read = scene_targets(batch), {k: v.cpu() for k, v in reader.predict(batch.images).items()}
+    occupied = truth["color"] >= 0  # [n, 5]
+    accuracy = {"occupied": ((read["color"] >= 0) == occupied).float().mean().item()}
+    accuracy.update({name: (read[name] == truth[name])[occupied].float().mean().item() for name in OBJECT_FIELDS})
+    accuracy["all"] = torch.stack([read[name] == truth[name] for name in OBJECT_FIELDS]).all(0).all(1).float().mean().item()
     return accuracy
 
 
@@ -297,28 +456,33 @@ def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, c
 
 
 @torch.no_grad()
+def features(images: torch.Tensor, classifier: AttributeClassifier | None = None, batch_size: int = 512) -> torch.Tensor:
+    """The classifier's penultimate features of ``images`` ``[N, 3, 32, 32]`` (clamped to [-1, 1]), as float64
+    ``[N, F]`` on the CPU: what FID, KID and the feature-space memorisation check compare (the role that
+    Inception-v3's pool features play for photographs). ``classifier``: None for the shipped one."""
+    classifier = _resolve(classifier, features_only=True)
+    feats = torch.cat(in_eval_chunks(classifier, classifier.features, images, batch_size))
+    return feats.to("cpu", torch.float64)  # [N, F]
+
+
 def feature_statistics(images: torch.Tensor, classifier: AttributeClassifier | None = None, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean ``[F]`` and covariance ``[F, F]`` (float64, unbiased) of the classifier's penultimate
     features of ``images`` ``[N, 3, 32, 32]`` (clamped to [-1, 1]). Compute a real set's statistics once
-    and compare many generated sets with :func:`frechet_distance`."""
-    classifier = _resolve(classifier)
+    and compare many generated sets with :func:`frechet_distance`. Warns when N < F: N images span at most
+    N − 1 directions about their mean, so the covariance is singular (:func:`fid_with_interval` refuses
+    N ≤ F outright)."""
+    classifier = _resolve(classifier, features_only=True)
     check_images(images, min_count=2)
     n, f = len(images), classifier.config.feature_dim
     if n < f:
         warnings.warn(
-            f"FID from {n} images with {f} features: the covariance estimate has rank < {f} and the value is "
-            f"strongly biased; use at least {f} images (several times more for a stable figure), and compare "
-            f"with fid_baseline at the same n",
+            f"FID from {n} images with {f} features: the covariance estimate has rank < {f} (at most {n - 1}: "
+            f"{n} images span at most {n - 1} directions about their mean) and the value is "
+            f"strongly biased; use at least {f} images (more than {f} for a full-rank covariance, several times "
+            f"more for a stable figure), and compare with fid_baseline at the same n, or use kid",
             stacklevel=3,
         )
-    device = next(classifier.parameters()).device
-    was_training = classifier.training
-    classifier.eval()
-    try:
-        feats = torch.cat([classifier.features(images[i : i + batch_size].to(device).clamp(-1, 1)) for i in range(0, n, batch_size)])
-    finally:
-        classifier.train(was_training)
-    feats = feats.to("cpu", torch.float64)  # [N, F]
+    feats = features(images, classifier, batch_size)  # [N, F]
     return feats.mean(0), torch.cov(feats.T)
 
 
@@ -331,7 +495,7 @@ def fid(real: torch.Tensor, fake: torch.Tensor, classifier: AttributeClassifier 
     The scale is the features' own (the shipped classifier's features are large and clustered by attribute,
     so real-vs-real FID is ≈ 2,500 at 256 images per set, ≈ 650 at 1,024, and pure noise ≈ 55,000): only a
     ratio to the baseline means anything, never a comparison with Inception-FID figures."""
-    classifier = _resolve(classifier)
+    classifier = _resolve(classifier, features_only=True)
     check_images(real, "real", min_count=2)
     check_images(fake, "fake", min_count=2)
     return frechet_distance(*feature_statistics(real, classifier), *feature_statistics(fake, classifier))
@@ -350,18 +514,408 @@ def fid_baseline(n: int, seed: int = BASELINE_SEED, split: str = "all", classifi
     return fid(real_images(n, split, seed), real_images(n, split, seed + 1), classifier)
 
 
+# ------------------------------------------------------------------------------------------------
+# Distances with intervals: KID, and FID where it is well posed
+
+CONFIDENCE = 0.95  # the bootstrap intervals' level
+BOOTSTRAP_SEED = 0  # the resampling generator's seed when none is given: every call is deterministic
+_KERNEL_BLOCK = 1024  # kernel matrices are built [1024, 1024] at a time (8 MB of float64)
+_REPLICATE_CHUNK = 128  # bootstrap resamples handled together: count matrices [128, N]
+
+
+@dataclass(frozen=True)
+class DistributionDistance:
+    """A distance between two image distributions, with its bootstrap interval (from :func:`kid` and
+    :func:`fid_with_interval`).
+
+    ``name``: "KID" or "FID". ``value``: the estimate on all the images. ``low``, ``high``: the 95% bootstrap
+    percentile interval. ``num_real``, ``num_fake``: images per set. ``bootstrap``: resamples drawn.
+    ``float(d)`` is ``d.value``."""
+
+    name: str
+    value: float
+    low: float
+    high: float
+    num_real: int
+    num_fake: int
+    bootstrap: int
+
+    def __float__(self) -> float:
+        return self.value
+
+    def __str__(self) -> str:
+        scale = max(abs(self.value), abs(self.low), abs(self.high), 1e-12)
+        decimals = min(max(2 - math.floor(math.log10(scale)), 0), 8)  # two or three significant digits
+        low, value, high = (f"{x:,.{decimals}f}" for x in (self.low, self.value, self.high))
+        return f"{self.name} {value} ({100 * CONFIDENCE:.0f}% CI {low}–{high}, n = {self.num_real} vs {self.num_fake})"
+
+
+def _bootstrap_setup(real, fake, classifier, bootstrap, generator):
+    """Check the arguments shared by :func:`kid` and :func:`fid_with_interval`; → (classifier, generator)."""
+    classifier = _resolve(classifier, features_only=True)
+    check_images(real, "real", min_count=2)
+    check_images(fake, "fake", min_count=2)
+    check_positive_int(bootstrap, "bootstrap")
+    if generator is None:
+        generator = torch.Generator().manual_seed(BOOTSTRAP_SEED)
+    elif not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator or None (seeded with {BOOTSTRAP_SEED}), got {type(generator).__name__}")
+    return classifier, generator
+
+
+def _interval(name: str, value: float, replicates: torch.Tensor, num_real: int, num_fake: int) -> DistributionDistance:
+    """The percentile interval of the bootstrap ``replicates`` ``[B]`` (resamples where the statistic is undefined,
+    NaN, are left out)."""
+    finite = replicates[torch.isfinite(replicates)]
+    tail = (1 - CONFIDENCE) / 2
+    low, high = torch.quantile(finite, torch.tensor([tail, 1 - tail], dtype=finite.dtype)).tolist()
+    return DistributionDistance(name, float(value), low, high, num_real, num_fake, len(replicates))
+
+
+def _resample_counts(n: int, rows: int, generator: torch.Generator) -> torch.Tensor:
+    """``rows`` bootstrap resamples of ``n`` images (drawn with replacement) as counts: float64 ``[rows, n]``,
+    how many times each image was drawn; each row sums to ``n``."""
+    drawn = torch.randint(n, (rows, n), generator=generator)  # [rows, n] image indices
+    return torch.zeros(rows, n, dtype=torch.float64).scatter_add_(1, drawn, torch.ones(rows, n, dtype=torch.float64))
+
+
+def _polynomial_kernel_sums(a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
+    """Σ_ij wa[r, i] wb[r, j] k(a_i, b_j) for every row r of the weights, with KID's kernel
+    k(x, y) = (xᵀy / d + 1)³. ``a`` ``[m, d]``, ``b`` ``[n, d]``, ``wa`` ``[R, m]``, ``wb`` ``[R, n]`` → ``[R]``.
+    The kernel matrix is built one block at a time, so memory stays bounded whatever m and n."""
+    d = a.shape[1]
+    total = torch.zeros(len(wa), dtype=torch.float64)
+    for i in range(0, len(a), _KERNEL_BLOCK):
+        for j in range(0, len(b), _KERNEL_BLOCK):
+            k = (a[i : i + _KERNEL_BLOCK] @ b[j : j + _KERNEL_BLOCK].T / d + 1) ** 3  # [m_i, n_j]
+            total += ((wa[:, i : i + _KERNEL_BLOCK] @ k) * wb[:, j : j + _KERNEL_BLOCK]).sum(1)  # [R]
+    return total
+
+
+def _mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
+    """MMD²_u of features ``x`` ``[m, d]`` and ``y`` ``[n, d]`` for each row of counts ``cx`` ``[R, m]``,
+    ``cy`` ``[R, n]`` (all ones: the images as given; else a bootstrap resample). The sums over i ≠ j run over
+    pairs of *distinct* images: with counts c, Σ_{a≠b} c_a c_b k(x_a, x_b) over Σ_{a≠b} c_a c_b such pairs."""
+    def within(z, c):
+        self_similarity = ((z * z).sum(1) / z.shape[1] + 1) ** 3  # k(z_a, z_a), [N]
+        pairs = c.sum(1) ** 2 - (c * c).sum(1)  # ordered pairs of distinct images, [R]
+        return (_polynomial_kernel_sums(z, z, c, c) - (c * c) @ self_similarity) / pairs
+
+    between = _polynomial_kernel_sums(x, y, cx, cy) / (cx.sum(1) * cy.sum(1))
+    return within(x, cx) + within(y, cy) - 2 * between  # [R]
+
+
+def kid(real: torch.Tensor, fake: torch.Tensor, classifier: AttributeClassifier | None = None, *,
+        bootstrap: int = 1000, generator: torch.Generator | None = None) -> DistributionDistance:
+    """The Kernel Inception Distance (Bińkowski et al. 2018, "Demystifying MMD GANs") on the classifier's
+    features, with a 95% bootstrap interval: the course's distribution metric.
+
+    KID is the squared maximum mean discrepancy (Gretton et al. 2012) between the feature distributions P of
+    ``real`` and Q of ``fake``, MMD² = E k(x, x') + E k(y, y') − 2 E k(x, y) (x, x' ~ P and y, y' ~ Q
+    independent), with the cubic polynomial kernel k(x, y) = (xᵀy / d + 1)³ on d-dimensional features.
+    Replacing each expectation by an average over pairs of *different* samples gives the unbiased estimate
+    (Gretton et al. 2012, Lemma 6)
+
+        MMD²_u = 1/(m(m−1)) Σ_{i≠j} k(x_i, x_j) + 1/(n(n−1)) Σ_{i≠j} k(y_i, y_j) − 2/(mn) Σ_{i,j} k(x_i, y_j):
+
+    each term's expectation is the matching term of MMD², because x_i and x_j (i ≠ j) are independent.
+    (Keeping i = j, the V-statistic, adds E k(x, x)/m − E k(x, x')/m > 0: FID's kind of bias.) So KID means
+    something at small n, unlike FID: two sets from one distribution score 0 on average, negative as often as
+    positive. Bińkowski et al.'s code averages over random subsets of 1,000 images to bound memory; here the
+    kernel sums are accumulated block by block, so the estimate uses every pair (the subset average is a
+    noisier estimate of the same quantity).
+
+    The interval: ``bootstrap`` times, both sets are resampled with replacement and the estimate recomputed;
+    the 2.5% and 97.5% quantiles of those replicates. In a resample, "i ≠ j" runs over pairs of distinct
+    images (a copy is not a second sample: counting it would put the V-statistic's bias back). Resampling
+    draws from ``generator`` (a new one seeded with ``BOOTSTRAP_SEED`` if None), so a call is deterministic.
+    Costs O(bootstrap · (m + n)²) multiply-adds.
+
+    ``real``, ``fake``: ``[m, 3, 32, 32]`` and ``[n, 3, 32, 32]`` in [-1, 1], m, n ≥ 2 (clamped). The scale is
+    the features' own: compare with another KID on the same classifier, never with Inception-KID figures.
+    """
+    classifier, generator = _bootstrap_setup(real, fake, classifier, bootstrap, generator)
+    x, y = features(real, classifier), features(fake, classifier)  # [m, d], [n, d]
+    m, n = len(x), len(y)
+    value = _mmd2_unbiased(x, y, torch.ones(1, m, dtype=torch.float64), torch.ones(1, n, dtype=torch.float64))
+    replicates = []
+    for start in range(0, bootstrap, _REPLICATE_CHUNK):
+        rows = min(_REPLICATE_CHUNK, bootstrap - start)
+        cx = _resample_counts(m, rows, generator)  # [rows, m]
+        cy = _resample_counts(n, rows, generator)  # [rows, n]
+        replicates.append(_mmd2_unbiased(x, y, cx, cy))
+    return _interval("KID", value.item(), torch.cat(replicates), m, n)
+
+
+def fid_with_interval(real: torch.Tensor, fake: torch.Tensor, classifier: AttributeClassifier | None = None, *,
+                      bootstrap: int = 200, generator: torch.Generator | None = None) -> DistributionDistance:
+    """FID (:func:`fid`, the same value) with a 95% bootstrap interval; only where FID is well posed.
+
+    Each set needs at least F + 1 images (F: the feature dimension, 128 for the shipped classifier): the
+    covariance of N images has rank at most N − 1, so with fewer it is singular, (Σ1 Σ2)^{1/2} is fitted to
+    directions the data never spanned, and the value mostly measures N. Raises ``ValueError`` then; use
+    :func:`kid`, which is unbiased at any N.
+
+    The interval: ``bootstrap`` times, both sets are resampled with replacement and FID recomputed. FID is
+    biased upwards by an amount that grows as the sample shrinks, and a resample holds only ≈ 63% distinct
+    images, so the replicates sit above the estimate by about that bias (Efron & Tibshirani 1993, §10.2, the
+    bootstrap estimate of bias). They are shifted down by it (their mean minus the estimate) before the 2.5%
+    and 97.5% quantiles are taken: the interval shows how far FID at this N moves from one draw of the images
+    to another. It is approximate, and errs wide: a resample's covariance is noisier than the sample's, and
+    the matrix square root passes that noise on. ``generator`` as in :func:`kid`: a call is deterministic.
+    Each resample costs two eigendecompositions of an F × F matrix, hence the smaller default ``bootstrap``.
+    """
+    classifier, generator = _bootstrap_setup(real, fake, classifier, bootstrap, generator)
+    f = classifier.config.feature_dim
+    if min(len(real), len(fake)) < f + 1:
+        raise ValueError(
+            f"fid_with_interval needs at least {f + 1} images per set (the feature dimension {f} + 1; with fewer "
+            f"the covariance is singular and FID is ill-posed), got {len(real)} real and {len(fake)} fake; use kid"
+        )
+    x, y = features(real, classifier), features(fake, classifier)  # [m, F], [n, F]
+    value = frechet_distance(x.mean(0), torch.cov(x.T), y.mean(0), torch.cov(y.T))
+    replicates = torch.empty(bootstrap, dtype=torch.float64)
+    for b in range(bootstrap):
+        xb = x[torch.randint(len(x), (len(x),), generator=generator)]  # [m, F], a resample
+        yb = y[torch.randint(len(y), (len(y),), generator=generator)]  # [n, F]
+        replicates[b] = frechet_distance(xb.mean(0), torch.cov(xb.T), yb.mean(0), torch.cov(yb.T))
+    return _interval("FID", value, replicates - (replicates.mean() - value), len(x), len(y))
+
+
+# ------------------------------------------------------------------------------------------------
+# Diversity: what a prompt leaves open, against the data's distribution
+
+
+def perfect_sampler_tv(num_values: int, n: int) -> float:
+    """The expected total-variation distance between the empirical distribution of ``n`` independent uniform
+    draws from ``num_values`` values and the uniform distribution itself: what a perfect sampler scores.
+
+    TV(p, q) = ½ Σ_i |p_i − q_i|. A histogram of n samples is never exactly uniform, so TV is biased upwards
+    and a measured TV is only meaningful beside this figure at the same n. Exact, by linearity of expectation:
+    each count N_i is Binomial(n, 1/k) (k = ``num_values``), so
+
+        E TV = ½ Σ_i E |N_i / n − 1/k| = (k / 2) Σ_{j=0}^{n} C(n, j) k^{−j} (1 − 1/k)^{n−j} |j / n − 1/k|,
+
+    summed in float64 with log-binomial coefficients (O(n) work; no multinomial enumeration is needed). For large
+    n the normal approximation E|N_i/n − 1/k| ≈ √(2/π) · √((1/k)(1 − 1/k)/n) gives E TV ≈ √((k − 1) / (2πn)).
+    """
+    check_positive_int(num_values, "num_values")
+    check_positive_int(n, "n")
+    if num_values == 1:
+        return 0.0
+    p = 1.0 / num_values
+    j = torch.arange(n + 1, dtype=torch.float64)  # [n + 1] the possible counts of one value
+    log_pmf = math.lgamma(n + 1) - torch.lgamma(j + 1) - torch.lgamma(n - j + 1) + j * math.log(p) + (n - j) * math.log1p(-p)
+    return float(num_values / 2 * (log_pmf.exp() * (j / n - p).abs()).sum())
+
+
+@dataclass
+class OpenAttributeTV:
+    """What :func:`open_attribute_tv` measured, per attribute the prompt left open.
+
+    ``tv[name]``: the TV distance between the classifier's predicted distribution of ``name`` over the images
+    and the data's (uniform); ``perfect_sampler[name]``: :func:`perfect_sampler_tv` at the same count, what
+    sampling the data's distribution exactly would score on average; ``histogram[name]``: predicted counts
+    per value, long ``[len(CLASS_NAMES[name])]``; ``count``: number of images."""
+
+    prompt: str
+    tv: dict[str, float]
+    perfect_sampler: dict[str, float]
+    count: int
+    histogram: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def excess(self) -> dict[str, float]:
+        """TV above a perfect sampler's figure, per open attribute."""
+        return {name: self.tv[name] - self.perfect_sampler[name] for name in self.tv}
+
+    def __str__(self) -> str:
+        parts = "; ".join(f"{name} TV {self.tv[name]:.3f} (a perfect sampler {self.perfect_sampler[name]:.3f})" for name in self.tv)
+        return f"what {self.prompt!r} leaves open, over {self.count} images: {parts}"
+
+
+def open_attribute_tv(images: torch.Tensor, prompt: str, classifier: AttributeClassifier | None = None,
+                      attributes: list[str] | tuple[str, ...] | None = None) -> OpenAttributeTV:
+    """Does a model sample what a prompt leaves open as the data does? For each attribute ``prompt`` does not
+    name (:func:`sdlearn.data.parse_prompt`: "a red circle" leaves size and position open), the total-variation
+    distance TV(p, q) = ½ Σ_i |p_i − q_i| between p, the classifier's predicted distribution of that attribute
+    over ``images``, and q, the data's: uniform over the attribute's values (8 colours, 4 shapes, 2 sizes,
+    5 positions, as Shapes draws them). TV is 0 for a perfect match and 1 − 1/k when every image shows one of
+    k values. The held-out (colour, shape) pairs get no special treatment: q is the ``"all"`` split's.
+
+    ``images``: ``[N, 3, 32, 32]`` in [-1, 1], all drawn for ``prompt``. ``attributes``: the open attributes to
+    measure (default: every one the prompt leaves open). Compare each TV with ``perfect_sampler[name]``
+    (:func:`perfect_sampler_tv`): n samples from the true distribution do not score 0. Raises ``ValueError``
+    for a word outside the caption vocabulary, a prompt that leaves nothing open, or an attribute it names.
+    """
+    classifier = _resolve(classifier)
+    check_images(images)
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+    named = parse_prompt(prompt)
+    left_open = [name for name in ATTRIBUTES if name not in named]
+    if not left_open:
+        raise ValueError(f"{prompt!r} names every attribute ({', '.join(ATTRIBUTES)}): nothing is left open to measure")
+    if attributes is None:
+        attributes = left_open
+    if isinstance(attributes, str) or not isinstance(attributes, (list, tuple)) or not attributes:
+        raise ValueError(f"attributes must be a non-empty list of attribute names or None (every open one), got {attributes!r}")
+    for name in attributes:
+        if name not in left_open:
+            why = "is named by the prompt (prompt_accuracy judges it)" if name in named else "is not an attribute"
+            raise ValueError(f"{name!r} {why}; {prompt!r} leaves open: {', '.join(left_open)}")
+
+    predicted = classifier.predict(images)  # {name: [N]}
+    n = len(images)
+    tv, perfect, histogram = {}, {}, {}
+    for name in attributes:
+        k = NUM_CLASSES[name]
+        histogram[name] = torch.bincount(predicted[name].cpu(), minlength=k)  # [k]
+        tv[name] = 0.5 * (histogram[name].double() / n - 1 / k).abs().sum().item()
+        perfect[name] = perfect_sampler_tv(k, n)
+    return OpenAttributeTV(prompt, tv, perfect, n, histogram)
+
+
+# ------------------------------------------------------------------------------------------------
+# Memorisation: the nearest training images
+
+METRICS = ("pixel", "features")  # what nearest_training_images measures distance in
+
+
+class NearestImages(NamedTuple):
+    """For each image, its ``k`` nearest reference images, closest first: ``distances`` float64 ``[N, k]``
+    (Euclidean) and ``indices`` long ``[N, k]`` into the reference set."""
+
+    distances: torch.Tensor
+    indices: torch.Tensor
+
+
+def _vectors(images: torch.Tensor, name: str, metric: str, classifier) -> torch.Tensor:
+    """``images`` as the vectors whose Euclidean distances are compared: pixels ``[N, 3·32·32]`` or features ``[N, F]``."""
+    check_images(images, name)
+    if metric == "pixel":
+        return images.detach().flatten(1).cpu()  # [N, 3072], clamped and made float64 a chunk at a time
+    return features(images, classifier)  # [N, F]
+
+
+def nearest_training_images(images: torch.Tensor, reference: torch.Tensor, k: int = 1, metric: str = "pixel",
+                            classifier: AttributeClassifier | None = None, *, chunk_size: int = 1024) -> NearestImages:
+    """The ``k`` reference images closest to each image: has a generator copied its training set?
+
+    ``metric="pixel"``: the Euclidean distance between the images as vectors of 3·32·32 values in [-1, 1]
+    (clamped; 0 only for the same image, at most 2·√3072 ≈ 111). ``metric="features"``: the Euclidean distance
+    between the classifier's features (:func:`features`), blind to the jitter that makes two renderings of the
+    same scene differ in pixels. A distance alone means little: compare with the distance from *fresh* real
+    images to the same reference (:func:`memorisation_check`).
+
+    ``images`` ``[N, 3, 32, 32]``, ``reference`` ``[M, 3, 32, 32]``, 1 ≤ k ≤ M. Distances come from
+    ‖a − b‖² = ‖a‖² + ‖b‖² − 2 aᵀb in float64, ``chunk_size`` images of each set at a time (by default a few
+    [1024, 3072] float64 blocks of ≈ 25 MB each, whatever N and M); the chosen neighbours' distances are then
+    recomputed directly (exactly 0 for a copy). Ties go to the lower reference index, whatever ``chunk_size``.
+    """
+    check_positive_int(k, "k")
+    check_positive_int(chunk_size, "chunk_size")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {', '.join(map(repr, METRICS))}, got {metric!r}")
+    if metric == "features":
+        classifier = _resolve(classifier, features_only=True)
+    queries, refs = _vectors(images, "images", metric, classifier), _vectors(reference, "reference", metric, classifier)
+    if k > len(refs):
+        raise ValueError(f"k = {k} nearest images asked of a reference set of {len(refs)}; k must be at most {len(refs)}")
+    limit = 1.0 if metric == "pixel" else math.inf  # pixels are judged clamped to [-1, 1]
+    all_distances, all_indices = [], []
+    for i in range(0, len(queries), chunk_size):
+        q = queries[i : i + chunk_size].double().clamp(-limit, limit)  # [c, D]
+        q_norm2 = (q * q).sum(1, keepdim=True)  # [c, 1]
+        best_d2 = torch.full((len(q), 0), math.inf, dtype=torch.float64)  # [c, ≤ k], ascending
+        best_i = torch.empty(len(q), 0, dtype=torch.long)
+        for j in range(0, len(refs), chunk_size):
+            r = refs[j : j + chunk_size].double().clamp(-limit, limit)  # [c', D]
+            d2 = q_norm2 + (r * r).sum(1) - 2 * q @ r.T  # [c, c']
+            index = torch.arange(j, j + len(r)).expand(len(q), -1)  # [c, c']
+            # earlier (lower-index) candidates first, and a stable sort: ties go to the lower index
+            d2, order = torch.cat([best_d2, d2], 1).sort(dim=1, stable=True)  # [c, ≤ k + c']
+            best_d2, best_i = d2[:, :k], torch.cat([best_i, index], 1).gather(1, order[:, :k])  # [c, k]
+        exact = torch.stack([(q - refs[best_i[:, col]].double().clamp(-limit, limit)).norm(dim=1) for col in range(k)], 1)  # [c, k]
+        exact, order = exact.sort(dim=1, stable=True)
+        all_distances.append(exact)
+        all_indices.append(best_i.gather(1, order))
+    return NearestImages(torch.cat(all_distances), torch.cat(all_indices))
+
+
+@dataclass
+class MemorisationCheck:
+    """What :func:`memorisation_check` measured. ``distances``, ``indices``: each image's nearest training image
+    (float64 and long ``[N]``); ``baseline``: each fresh real image's distance to its nearest training image
+    ``[M]``, what "not memorised" looks like; ``metric``: "pixel" or "features"."""
+
+    metric: str
+    distances: torch.Tensor
+    indices: torch.Tensor
+    baseline: torch.Tensor
+
+    @property
+    def closer_than_fresh(self) -> int:
+        """How many images are closer to a training image than any fresh real image is: copies, or near."""
+        return int((self.distances < self.baseline.min()).sum())
+
+    def __str__(self) -> str:
+        n = len(self.distances)
+        return (f"nearest training image ({self.metric} distance): generated median {self.distances.median():.3g} "
+                f"(min {self.distances.min():.3g}), fresh real images median {self.baseline.median():.3g} "
+                f"(min {self.baseline.min():.3g}); {self.closer_than_fresh} of {n} generated images "
+                f"({100 * self.closer_than_fresh / n:.1f}%) are closer to a training image than any fresh real image")
+
+
+def memorisation_check(images: torch.Tensor, training: torch.Tensor, fresh: torch.Tensor, *, metric: str = "pixel",
+                       classifier: AttributeClassifier | None = None, chunk_size: int = 1024) -> MemorisationCheck:
+    """Generated ``images`` against their nearest ``training`` images, beside the real-vs-real baseline.
+
+    A model that memorises reproduces training images, so its samples sit unusually close to the training set
+    (Carlini et al. 2023, "Extracting training data from diffusion models", flag generations by their nearest
+    training image). "Unusually" needs a yardstick: ``fresh`` real images, drawn like the training set but not in
+    it, are as close to a training image as an honest sample of the data distribution gets. A generator whose
+    distances look like the fresh images' has not copied; images closer than every fresh one are worth a look.
+    ``metric``, ``classifier``, ``chunk_size``: as in :func:`nearest_training_images`.
+    """
+    nearest = nearest_training_images(images, training, 1, metric, classifier, chunk_size=chunk_size)
+    baseline = nearest_training_images(fresh, training, 1, metric, classifier, chunk_size=chunk_size)
+    return MemorisationCheck(metric, nearest.distances[:, 0], nearest.indices[:, 0], baseline.distances[:, 0])
+
+
 __all__ = [
     "AttributeClassifier",
     "ClassifierConfig",
+    "DistributionDistance",
+    "MemorisationCheck",
+    "NearestImages",
+    "OpenAttributeTV",
     "PromptAccuracy",
     "attribute_accuracy",
     "augment",
     "classifier_loss",
     "default_classifier",
     "feature_statistics",
+    "features",
     "fid",
     "fid_baseline",
+    "fid_with_interval",
     "frechet_distance",
+    "kid",
+    "memorisation_check",
+    "nearest_training_images",
+    "open_attribute_tv",
+    "perfect_sampler_tv",
     "prompt_accuracy",
     "real_images",
+    "PLACES",
+    "SceneReader",
+    "SceneReaderConfig",
+    "conv_trunk",
+    "decode_scene",
+    "in_eval_chunks",
+    "scene_accuracy",
+    "scene_objects",
+    "scene_reader_loss",
+    "scene_targets",
 ]

@@ -8,6 +8,7 @@ each shipped file was trained. Every ``save_NAME`` here is paired with its ``loa
 - :func:`save_clip` / :func:`load_clip` (and :func:`load_text_encoder`, :func:`load_tokenizer`: its text tower and
   the tokenizer it was trained with);
 - :func:`save_classifier` / :func:`load_classifier`;
+- :func:`save_scene_reader` / :func:`load_scene_reader`;
 - :func:`save_denoiser` / :func:`load_denoiser`;
 - :func:`load_pipeline`: the whole text-to-image pipeline of a folder.
 
@@ -39,7 +40,7 @@ from sdlearn.checkpoint import (
     weights_path,
 )
 from sdlearn.denoiser import Denoiser, DenoiserConfig
-from sdlearn.metrics import AttributeClassifier, ClassifierConfig
+from sdlearn.metrics import AttributeClassifier, ClassifierConfig, SceneReader, SceneReaderConfig
 from sdlearn.pipeline import LatentDiffusionPipeline
 from sdlearn.schedules import NoiseSchedule
 from sdlearn.text import TextEncoder, TinyCLIP, TinyCLIPConfig, Tokenizer
@@ -47,7 +48,8 @@ from sdlearn.vae import VAE, VAEConfig
 
 __all__ = [
     "WEIGHTS_DIR", "weights_path", "load_module", "save_vae", "load_vae", "save_clip", "load_clip",
-    "load_text_encoder", "load_tokenizer", "save_classifier", "load_classifier", "save_denoiser", "load_denoiser",
+    "load_text_encoder", "load_tokenizer", "save_classifier", "load_classifier", "save_scene_reader",
+    "load_scene_reader", "save_denoiser", "load_denoiser",
     "load_pipeline",
 ]
 
@@ -115,6 +117,18 @@ def load_classifier(path: PathLike | None = None, device: str | torch.device = "
     """The attribute classifier (:class:`sdlearn.metrics.AttributeClassifier`), in eval mode: the shipped one
     (``sdlearn/weights/classifier.*``), or one written by ``python -m sdlearn train classifier --out DIR``."""
     return load_module(AttributeClassifier, ClassifierConfig, "classifier", path, device)
+
+
+def save_scene_reader(reader: SceneReader, path: PathLike, training: Mapping[str, Any] | None = None) -> Path:
+    """Write ``PATH.safetensors`` + ``PATH.json`` (config and ``training`` notes), the format
+    :func:`load_scene_reader` reads."""
+    return save_module(reader, path, "scene_reader", training)
+
+
+def load_scene_reader(path: PathLike | None = None, device: str | torch.device = "cpu") -> SceneReader:
+    """The scene reader (:class:`sdlearn.metrics.SceneReader`), in eval mode: the shipped one
+    (``sdlearn/weights/scene_reader.*``), or one written by :func:`sdlearn.recipes.train_scene_reader` into ``path``."""
+    return load_module(SceneReader, SceneReaderConfig, "scene_reader", path, device)
 
 
 # The denoiser (sdlearn.denoiser, notebooks 04, 05 and 07).

@@ -13,7 +13,7 @@ resume=True) -> (model, TrainResult)`` does the same four things:
    a one-line summary.
 
 - :func:`train_vae` (notebook 03), :func:`train_clip` (07), :func:`train_classifier` (the judge of prompt
-  accuracy), :func:`train_denoiser` (05) and :func:`train_all`, the whole system from scratch into one folder,
+  accuracy), :func:`train_scene_reader` (its successor for scenes of two objects), :func:`train_denoiser` (05) and :func:`train_all`, the whole system from scratch into one folder,
   which returns ``(pipeline, TrainResult)`` like the others (its ``record`` attribute holds the summary).
 """
 
@@ -46,12 +46,18 @@ from sdlearn.denoiser import Denoiser, DenoiserConfig, denoiser_loss
 from sdlearn.metrics import (
     AUGMENT_NOISE_STD,
     CLASSIFIER_EVAL_SEED,
+    SCENE_EVAL_SEED,
     AttributeClassifier,
     ClassifierConfig,
+    SceneReader,
+    SceneReaderConfig,
     attribute_accuracy,
     augment,
     classifier_loss,
     prompt_accuracy,
+    scene_accuracy,
+    scene_reader_loss,
+    scene_targets,
 )
 from sdlearn.pipeline import LatentDiffusionPipeline, check_compatible
 from sdlearn.pretrained import (
@@ -63,6 +69,7 @@ from sdlearn.pretrained import (
     save_classifier,
     save_clip,
     save_denoiser,
+    save_scene_reader,
     save_vae,
 )
 from sdlearn.schedules import NoiseSchedule, check_prediction_type
@@ -337,7 +344,47 @@ def train_clip(
 
 
 # ------------------------------------------------------------------------------------------------
-# The attribute classifier: `python -m sdlearn train classifier`
+# The judges: the attribute classifier (`python -m sdlearn train classifier`) and the scene reader
+
+AUGMENTATION_NOTE = f"blur mix a~U(0,1) on half, Gaussian noise sigma~U(0,{AUGMENT_NOISE_STD}) on half"
+
+
+def train_judge(name: str, model_cls, config, targets: Callable, loss_fn: Callable, evaluate: Callable, eval_images: str,
+                summarize: Callable, save: Callable, *, num_objects, out_dir, minutes, steps, device, batch_size, lr, seed,
+                progress, resume):
+    """What :func:`train_classifier` and :func:`train_scene_reader` share → ``(model, result)``.
+
+    Data: fresh Shapes items of ``num_objects`` from ``split="all"`` every step (a judge must read the held-out
+    pairs too), corrupted by :func:`augment`; ``targets(batch)`` are the labels, ``loss_fn(model, images, labels)``
+    the loss. AdamW, 100 warm-up steps then cosine decay (``SHORT_RECIPE``); neither ``minutes`` nor ``steps``: 5
+    minutes. Then ``evaluate(model)`` → {split: {what: accuracy}}, recorded with ``eval_images`` (how they were
+    drawn); ``summarize(result, accuracy)`` is the summary's text, and ``save`` writes ``out_dir/NAME.*``."""
+    minutes, steps = default_budget(minutes, steps, default_minutes=5.0)
+    check_positive_int(batch_size, "batch_size")
+    device = resolve_device(device)
+    if config.image_size != IMAGE_SIZE or config.in_channels != 3:
+        raise ValueError(f"Shapes images are 3×{IMAGE_SIZE}×{IMAGE_SIZE}: use image_size={IMAGE_SIZE} and in_channels=3")
+    out_dir = Path(out_dir) if out_dir is not None else None
+
+    def batch_fn(step: int):
+        generator = step_generator(seed, step)
+        batch = sample_batch(batch_size, "all", generator, num_objects=num_objects)
+        return augment(batch.images, generator), targets(batch)  # [B, 3, 32, 32], labels
+
+    torch.manual_seed(seed)
+    model = model_cls(config).to(device)
+    run_config = {"model": name, "model_config": config.to_dict(), "batch_size": batch_size, "lr": lr, "seed": seed}
+    result = fit(name, model, lambda model, batch, step: loss_fn(model, *batch), batch_fn, run_config, out_dir=out_dir,
+                 minutes=minutes, steps=steps, seed=seed, resume=resume, progress=progress, lr=lr, **SHORT_RECIPE)
+    model.eval()
+    accuracy = evaluate(model)
+    training = training_record(
+        result, run_config, ("batch_size", "lr", "seed"), device, steps, minutes,
+        eval_accuracy={split: {k: round(v, 5) for k, v in acc.items()} for split, acc in accuracy.items()},
+        eval_images=eval_images, augmentation=AUGMENTATION_NOTE,
+    )
+    return finish(name, model, result, training, out_dir, save, summarize(result, accuracy), progress)
+
 
 def train_classifier(
     out_dir: str | os.PathLike | None = None,
@@ -367,36 +414,54 @@ def train_classifier(
     loadable by :func:`sdlearn.pretrained.load_classifier`) are written there.
     """
 
-    minutes, steps = default_budget(minutes, steps, default_minutes=5.0)
-    check_positive_int(batch_size, "batch_size")
-    device = resolve_device(device)
-    config = ClassifierConfig.resolve(config)
-    if config.image_size != IMAGE_SIZE or config.in_channels != 3:
-        raise ValueError(f"Shapes images are 3×{IMAGE_SIZE}×{IMAGE_SIZE}: use image_size={IMAGE_SIZE} and in_channels=3")
-    out_dir = Path(out_dir) if out_dir is not None else None
+    def summarize(result, accuracy):
+        worst = min(v for acc in accuracy.values() for k, v in acc.items() if k != "all")
+        return f"loss {result.final_loss:.3g}, worst per-attribute accuracy {100 * worst:.2f}% on 2×2,048 fresh images"
 
-    def batch_fn(step: int):
-        generator = step_generator(seed, step)
-        batch = sample_batch(batch_size, "all", generator)
-        return augment(batch.images, generator), batch.attributes  # [B, 3, 32, 32], {name: [B]}
+    return train_judge(
+        "classifier", AttributeClassifier, ClassifierConfig.resolve(config), lambda batch: batch.attributes,
+        classifier_loss, lambda model: {split: attribute_accuracy(model, 2048, split) for split in ("train", "heldout")},
+        f"ShapesDataset(2048, split, seed={CLASSIFIER_EVAL_SEED}) for split in ('train', 'heldout'), clean",
+        summarize, save_classifier, num_objects=1, out_dir=out_dir, minutes=minutes, steps=steps, device=device,
+        batch_size=batch_size, lr=lr, seed=seed, progress=progress, resume=resume)
 
-    torch.manual_seed(seed)
-    classifier = AttributeClassifier(config).to(device)
-    run_config = {"model": "classifier", "model_config": config.to_dict(), "batch_size": batch_size, "lr": lr, "seed": seed}
-    result = fit("classifier", classifier, lambda model, batch, step: classifier_loss(model, *batch), batch_fn,
-                 run_config, out_dir=out_dir, minutes=minutes, steps=steps, seed=seed, resume=resume,
-                 progress=progress, lr=lr, **SHORT_RECIPE)
-    classifier.eval()
-    accuracy = {split: attribute_accuracy(classifier, 2048, split) for split in ("train", "heldout")}
-    training = training_record(
-        result, run_config, ("batch_size", "lr", "seed"), device, steps, minutes,
-        eval_accuracy={split: {k: round(v, 5) for k, v in acc.items()} for split, acc in accuracy.items()},
-        eval_images=f"ShapesDataset(2048, split, seed={CLASSIFIER_EVAL_SEED}) for split in ('train', 'heldout'), clean",
-        augmentation=f"blur mix a~U(0,1) on half, Gaussian noise sigma~U(0,{AUGMENT_NOISE_STD}) on half",
-    )
-    worst = min(v for acc in accuracy.values() for k, v in acc.items() if k != "all")
-    summary = f"loss {result.final_loss:.3g}, worst per-attribute accuracy {100 * worst:.2f}% on 2×2,048 fresh images"
-    return finish("classifier", classifier, result, training, out_dir, save_classifier, summary, progress)
+
+def train_scene_reader(
+    out_dir: str | os.PathLike | None = None,
+    minutes: float | None = None,
+    steps: int | None = None,
+    device: str | torch.device = "auto",
+    *,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    config: SceneReaderConfig | None = None,
+    progress: bool = True,
+    resume: bool = True,
+):
+    """Train the :class:`SceneReader` → ``(reader, result)``: for each of the five places, empty or (colour,
+    shape, size).
+
+    Data: fresh scenes of one or two objects (half each) every step from ``split="all"``, corrupted by
+    :func:`augment`, read into per-place targets by :func:`scene_targets`. Loss: :func:`scene_reader_loss`.
+    Optimiser and budget as :func:`train_classifier`'s (neither ``minutes`` nor ``steps``: 5 minutes).
+
+    At the end, :func:`scene_accuracy` on clean ``ShapesDataset(2048, split, seed=31000, num_objects=(1, 2))``
+    images for both splits. With ``out_dir``, the checkpoint (``out_dir/scene_reader_checkpoint.*``, resumed from
+    when present) and the weights (``out_dir/scene_reader.safetensors`` + ``scene_reader.json``, loadable by
+    :func:`sdlearn.pretrained.load_scene_reader`) are written there.
+    """
+
+    def summarize(result, accuracy):
+        worst = min(acc["all"] for acc in accuracy.values())
+        return f"loss {result.final_loss:.3g}, {100 * worst:.2f}% of scenes read exactly (worse split, 2,048 images)"
+
+    return train_judge(
+        "scene_reader", SceneReader, SceneReaderConfig.resolve(config), scene_targets, scene_reader_loss,
+        lambda model: {split: scene_accuracy(model, 2048, split) for split in ("train", "heldout")},
+        f"ShapesDataset(2048, split, seed={SCENE_EVAL_SEED}, num_objects=(1, 2)) for split in ('train', 'heldout'), clean",
+        summarize, save_scene_reader, num_objects=(1, 2), out_dir=out_dir, minutes=minutes, steps=steps, device=device,
+        batch_size=batch_size, lr=lr, seed=seed, progress=progress, resume=resume)
 
 
 # The denoiser's training recipe: `python -m sdlearn train denoiser`
