@@ -9,8 +9,10 @@ block); in the assembly only ``pretrained`` imports ``pipeline``. ``tests/test_l
 layer                 modules
 ====================  ===========================================================================
 foundations           ``checks`` (shared input checks), ``checkpoint`` (file format, config base
-                      class, loading weights), ``data`` (Shapes, captions, the attribute table),
-                      ``schedules`` (β, ᾱ, SNR, add_noise, ε/x₀/v conversions)
+                      class, loading weights), ``images`` (an image folder, a photograph), ``data``
+                      (Shapes, captions, the attribute table),
+                      ``schedules`` (β, ᾱ, SNR, add_noise, ε/x₀/v conversions), ``stats``
+                      (Wilson and bootstrap intervals, Fréchet distance, MMD², TV)
 models and losses     ``vae``, ``denoiser`` (DiT, ``denoiser_loss``), ``text`` (tokenizer, text
                       encoder, TinyCLIP; uses the denoiser's attention block), ``metrics`` (the
                       attribute classifier, the scene reader, prompt accuracy, KID, FID,

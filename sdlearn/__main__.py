@@ -26,6 +26,7 @@ TRAINERS = {
     "vae": recipes.train_vae,
     "clip": recipes.train_clip,
     "classifier": recipes.train_classifier,
+    "scene_reader": recipes.train_scene_reader,
     "denoiser": recipes.train_denoiser,
     "all": recipes.train_all,
 }

@@ -44,18 +44,16 @@ shape) pairs are held out of ``split="train"`` to measure compositional generali
 from __future__ import annotations
 
 import itertools
-import json
 import random
 import re
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import NamedTuple
 
-import matplotlib.cbook
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
+
+from sdlearn.images import IMAGE_EXTENSIONS, ImageFolderDataset, load_photo  # noqa: F401  (re-exported)
 
 # ----------------------------------------------------------------------------------------------
 # The attributes and their exact values
@@ -425,6 +423,8 @@ SHAPE_WORDS = {
 }
 VERTICAL_WORDS = {"top": ("top", "upper"), "bottom": ("bottom", "lower")}
 HORIZONTAL_WORDS = ("left", "right")
+NOUN_WORDS = ("shape", "object")  # the noun of an object whose shape a caption leaves open
+JOIN_WORD = "and"  # joins the phrases of a scene's two objects
 CENTER_WORDS = ("center", "centre", "middle")
 # Templates; the first is the canonical one. {place} is a position phrase such as "top left",
 # "upper left corner" or "middle".
@@ -485,16 +485,49 @@ def _caption_from_uniforms(attributes, u: Sequence[float]) -> str:
 
 
 def caption_for(attributes: dict, rng=None) -> str:
-    """An English caption for ``attributes`` (a dict with color, shape, size, position).
+    """An English caption for one object's ``attributes`` or a scene ``{"objects": [dict, dict]}``.
 
-    ``rng=None`` gives the canonical caption "a {size} {color} {shape} in the {position}", e.g.
-    "a large red circle in the top left" or "a small blue diamond in the center". With ``rng``
-    (an int seed, ``random.Random``, ``numpy.random.Generator`` or ``torch.Generator``) a
-    template and synonyms are drawn from it, e.g. "big red circle, upper left corner".
+    A dict with all four attributes (color, shape, size, position) and ``rng=None`` gives the canonical
+    caption "a {size} {color} {shape} in the {position}", e.g. "a large red circle in the top left". With
+    ``rng`` (an int seed, ``random.Random``, ``numpy.random.Generator`` or ``torch.Generator``) a template
+    and synonyms are drawn from it, e.g. "big red circle, upper left corner".
+
+    A dict naming only some attributes gives that object's phrase (:func:`object_phrase`: "a red circle",
+    "a small shape in the top left"). ``{"objects": [a, b]}`` joins the two objects' phrases with "and":
+    "a large red circle in the top left and a small blue square in the bottom right". :func:`parse_caption`
+    reads every one of these back.
     """
-    if rng is None:
-        return _caption_from_uniforms(attributes, (0.0, 0.0, 0.0, 0.0))
-    return _caption_from_uniforms(attributes, _uniforms_from(rng, 4))
+    if isinstance(attributes, dict) and "objects" in attributes:
+        objects = check_scene_objects(attributes["objects"])
+        u = (0.0,) * (4 * len(objects)) if rng is None else _uniforms_from(rng, 4 * len(objects))
+        if len(objects) == 1 and all(k in objects[0] for k in ATTRIBUTES):
+            return _caption_from_uniforms(objects[0], u)
+        return " and ".join(_phrase_from_uniforms(o, u[4 * i:4 * i + 4]) for i, o in enumerate(objects))
+    if isinstance(attributes, dict) and all(k in attributes for k in ATTRIBUTES):
+        return _caption_from_uniforms(attributes, (0.0,) * 4 if rng is None else _uniforms_from(rng, 4))
+    return object_phrase(attributes, rng)
+
+
+def check_scene_objects(objects, text: str | None = None) -> list[dict]:
+    """``objects`` (a list of one or two attribute dicts, each naming any of the attributes) checked against
+    the rules of a scene: at most two objects; two objects have different colours and sit at two different
+    corners, never the centre. Raises ``ValueError`` saying which rule ``text`` (or ``objects``) breaks."""
+    what = repr(text) if text is not None else "the scene"
+    if not isinstance(objects, list | tuple) or not all(isinstance(o, dict) for o in objects):
+        raise ValueError(f"objects must be a list of one or two attribute dicts, got {type(objects).__name__}")
+    if not 1 <= len(objects) <= MAX_OBJECTS:
+        raise ValueError(f"{what} has {len(objects)} objects; a Shapes scene holds one or two")
+    if len(objects) == 2:
+        a, b = objects
+        if "color" in a and a.get("color") == b.get("color"):
+            raise ValueError(f"{what} makes both objects {a['color']}: the two objects of a scene have different colours")
+        if "position" in a and a.get("position") == b.get("position"):
+            raise ValueError(f"{what} puts both objects in the {a['position']}: the two objects of a scene sit at "
+                             f"two different corners")
+        if "center" in (a.get("position"), b.get("position")):
+            raise ValueError(f"{what} puts an object in the center: the two objects of a scene sit at corners "
+                             f"({', '.join(CORNERS)})")
+    return list(objects)
 
 
 def caption_variants(attributes: dict) -> list[str]:
@@ -516,9 +549,6 @@ def _phrase_choices(attributes) -> tuple[tuple[str, ...], ...]:
     unknown = [k for k in attributes if k not in ATTRIBUTES]
     if unknown:
         raise ValueError(f"unknown attribute(s) {', '.join(map(repr, unknown))}; expected some of {', '.join(ATTRIBUTES)}")
-    if "shape" not in attributes:
-        raise ValueError("an object's phrase needs its shape: the nouns for an object of any shape "
-                         "('shape', 'object') are not yet in the vocabulary")
     for k, v in attributes.items():
         _check_name(k, v)
     templates = []
@@ -529,7 +559,8 @@ def _phrase_choices(attributes) -> tuple[tuple[str, ...], ...]:
                 template = template.replace(form, "", 1)
         templates.append(template)
     size, position = attributes.get("size"), attributes.get("position")
-    return (tuple(templates), SIZE_WORDS[size] if size else ("",), SHAPE_WORDS[attributes["shape"]],
+    shape = attributes.get("shape")
+    return (tuple(templates), SIZE_WORDS[size] if size else ("",), SHAPE_WORDS[shape] if shape else NOUN_WORDS,
             place_phrases(position) if position else ("",))
 
 
@@ -540,11 +571,12 @@ def _phrase_from_uniforms(attributes, u: Sequence[float]) -> str:
 
 
 def object_phrase(attributes: dict, rng=None) -> str:
-    """A noun phrase for one object, naming only the attributes in ``attributes`` (``shape`` is
-    required; any of ``size``, ``color``, ``position`` may be left out).
+    """A noun phrase for one object, naming only the attributes in ``attributes`` (any of the four
+    may be left out; with the shape left out the noun is "shape" or "object").
 
     ``rng=None`` gives the canonical phrase: {"color": "red", "shape": "circle"} → "a red circle",
-    {"shape": "square", "position": "top left"} → "a square in the top left"; with all four
+    {"shape": "square", "position": "top left"} → "a square in the top left", {"color": "blue"} →
+    "a blue shape", {} → "a shape"; with all four
     attributes it is :func:`caption_for`'s canonical caption. With ``rng`` (as in
     :func:`caption_for`) a template and synonyms are drawn from it ("big red disc, upper left").
     Only the vocabulary's words are used, and :func:`parse_prompt` reads back exactly ``attributes``.
@@ -564,19 +596,15 @@ for _vertical, _words in VERTICAL_WORDS.items():
     _WORD_ROLE.update({w: ("vertical", _vertical) for w in _words})
 _WORD_ROLE.update({w: ("horizontal", w) for w in HORIZONTAL_WORDS})
 _WORD_ROLE.update({w: ("position", "center") for w in CENTER_WORDS})
+_WORD_ROLE.update({w: ("noun", w) for w in NOUN_WORDS})
+_WORD_ROLE[JOIN_WORD] = ("join", JOIN_WORD)
 _FILLER_WORDS = sorted({w for t in TEMPLATES for w in split_words(re.sub(r"\{\w+\}", " ", t))} | {"corner"})
 _WORD_ROLE.update({w: ("filler", w) for w in _FILLER_WORDS})
 VOCABULARY: list[str] = sorted(_WORD_ROLE)
 """Every word a caption can contain (lower case, as :func:`split_words` splits them), sorted."""
 
 
-def parse_prompt(text: str) -> dict[str, str]:
-    """The attributes a (possibly partial) prompt names: "a red circle" → {"color": "red", "shape": "circle"}.
-
-    Case and punctuation are ignored and synonyms understood ("Big red disc, upper-left!").
-    Raises ``ValueError`` naming any word outside ``VOCABULARY``, a prompt naming two values of
-    one attribute, or half a position ("left" alone: a position is a corner or the centre).
-    """
+def _check_words(text) -> list[str]:
     if not isinstance(text, str):
         raise ValueError(f"expected a caption string, got {type(text).__name__}")
     words = split_words(text)
@@ -584,13 +612,18 @@ def parse_prompt(text: str) -> dict[str, str]:
     if unknown:
         raise ValueError(f"cannot place the word(s) {', '.join(repr(w) for w in dict.fromkeys(unknown))} "
                          f"in {text!r}; known words: {', '.join(VOCABULARY)}")
+    return words
+
+
+def _parse_object(words: list[str], text: str) -> dict[str, str]:
+    """The attributes one object's words name (what they leave open is left out)."""
     found: dict[str, str] = {}
     for word in words:
         role, value = _WORD_ROLE[word]
-        if role == "filler":
+        if role in ("filler", "noun", "join"):
             continue
         if role in found and found[role] != value:
-            raise ValueError(f"{text!r} names two {role}s: {found[role]!r} and {value!r}")
+            raise ValueError(f"{text!r} names two {role}s for one object: {found[role]!r} and {value!r}")
         found[role] = value
     vertical, horizontal = found.pop("vertical", None), found.pop("horizontal", None)
     if vertical or horizontal:
@@ -604,18 +637,90 @@ def parse_prompt(text: str) -> dict[str, str]:
     return {k: found[k] for k in ATTRIBUTES if k in found}
 
 
-def parse_caption(text: str) -> dict[str, str]:
-    """The inverse of :func:`caption_for`: caption → {"color", "shape", "size", "position"}.
+def split_objects(text: str) -> list[list[str]]:
+    """``text``'s words, one list per object: the phrases that "and" joins. Raises ``ValueError`` for an
+    unknown word or an "and" with no phrase on one side."""
+    words = _check_words(text)
+    groups: list[list[str]] = [[]]
+    for word in words:
+        if word == JOIN_WORD:
+            groups.append([])
+        else:
+            groups[-1].append(word)
+    if len(groups) > 1 and not all(groups):
+        raise ValueError(f"{text!r}: 'and' must join two object phrases (\"a red circle and a blue square\")")
+    return groups
 
-    Accepts every template and synonym (and ignores case and punctuation). Raises ``ValueError``
-    naming the words it cannot place, or the attributes the caption does not state.
+
+def parse_prompt(text: str) -> dict[str, str]:
+    """The attributes a (possibly partial) one-object prompt names: "a red circle" → {"color": "red",
+    "shape": "circle"}; "a blue shape" → {"color": "blue"}.
+
+    Case and punctuation are ignored and synonyms understood ("Big red disc, upper-left!").
+    Raises ``ValueError`` naming any word outside ``VOCABULARY``, a prompt naming two values of
+    one attribute, half a position ("left" alone: a position is a corner or the centre), or two
+    objects (use :func:`parse_caption`).
     """
-    found = parse_prompt(text)
-    missing = [k for k in ATTRIBUTES if k not in found]
-    if missing:
-        raise ValueError(f"caption {text!r} does not state its {', '.join(missing)} "
-                         f"(expected e.g. {caption_for({'color': 'red', 'shape': 'circle', 'size': 'large', 'position': 'top left'})!r})")
-    return found
+    groups = split_objects(text)
+    if len(groups) > 1:
+        raise ValueError(f"{text!r} names {len(groups)} objects; parse_prompt reads one (parse_caption reads two)")
+    return _parse_object(groups[0], text)
+
+
+def parse_caption(text: str) -> dict:
+    """The inverse of :func:`caption_for`: caption → what it names.
+
+    One object → its attribute dict, e.g. "a large red circle in the top left" → {"color": "red",
+    "shape": "circle", "size": "large", "position": "top left"}; what the caption leaves open is left
+    out, not guessed ("a red shape" → {"color": "red"}). Two objects joined by "and" →
+    ``{"objects": [dict, dict]}`` in the caption's order. Accepts every template and synonym (and
+    ignores case and punctuation). Raises ``ValueError`` naming the words it cannot place, or the rule
+    a two-object caption breaks (more than two objects, both objects in one corner or the center,
+    both the same colour).
+    """
+    groups = split_objects(text)
+    objects = [_parse_object(g, text) for g in groups]
+    if len(objects) == 1:
+        return objects[0]
+    return {"objects": check_scene_objects(objects, text)}
+
+
+def random_caption(objects: Sequence[dict], rng, open_fraction: float = 0.5, drop: float = 0.5) -> tuple[str, list[dict]]:
+    """A random caption true of a scene's ``objects`` (one or two full attribute dicts), for training →
+    ``(caption, named)``, ``named`` the attribute dicts the caption states, in its order.
+
+    With probability ``1 − open_fraction`` every attribute is named (one object: any template,
+    :func:`caption_for`; two: their phrases joined by "and"); otherwise each attribute of each object is
+    left open with probability ``drop`` (:func:`object_phrase`: "a red shape", "a small circle"). Two
+    objects come in either order. An image so teaches every partial prompt that is true of it, and a
+    model learns to sample what a prompt leaves open as the data has it (classifier-free guidance's
+    caption dropout is the case with everything open, done by the caller).
+    """
+    objects = [dict(o) for o in check_scene_objects(objects)]  # not an empty, three-object or impossible scene
+    u = _uniforms_from(rng, 2 + 8 * len(objects))
+    if len(objects) == 2 and u[1] < 0.5:
+        objects.reverse()
+    if u[0] >= open_fraction:
+        named = objects
+    else:
+        named = [{k: o[k] for j, k in enumerate(ATTRIBUTES) if u[2 + 8 * i + j] >= drop} for i, o in enumerate(objects)]
+    words = [u[6 + 8 * i:10 + 8 * i] for i in range(len(objects))]
+    if len(named) == 1 and len(named[0]) == len(ATTRIBUTES):
+        return _caption_from_uniforms(named[0], words[0]), named
+    return " and ".join(_phrase_from_uniforms(o, w) for o, w in zip(named, words)), named
+
+
+def _longest_caption() -> int:
+    """Words in the longest caption :func:`caption_for` can write (two objects, longest synonyms)."""
+    longest = {k: max(v, key=lambda w: len(w.split())) for k, v in
+               (("size", SIZE_WORDS["small"]), ("place", place_phrases("top left")))}
+    one = max(len(split_words(_fill("red", t, longest["size"], "circle", longest["place"]))) for t in TEMPLATES)
+    phrase = max(len(split_words(_fill("red", t, longest["size"], "circle", longest["place"]))) for t in PHRASE_TEMPLATES)
+    return max(one, 2 * phrase + 1)
+
+
+MAX_CAPTION_WORDS = _longest_caption()
+"""Words in the longest caption (two full phrases and "and"): the tokenizer's ``max_length`` is this + 2."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -730,8 +835,8 @@ def _make_scenes(u: np.ndarray, split: str, two: np.ndarray) -> SceneBatch:
         items = _item_objects(rows, j)
         if len(items) == 1:
             captions.append(_caption_from_uniforms(items[0], row[8:12]))
-        else:  # until the vocabulary has "and": the two objects' phrases, joined by a comma
-            captions.append(", ".join(_phrase_from_uniforms(a, uc) for a, uc in
+        else:  # the two objects' phrases, joined by "and"
+            captions.append(" and ".join(_phrase_from_uniforms(a, uc) for a, uc in
                                       zip(items, (row[8:12], row[_STREAMS + 7:_STREAMS + 11]))))
     return SceneBatch(images, captions, objects)
 
@@ -791,8 +896,8 @@ class ShapesDataset(Dataset):
     the split's allowed scenes: two different corners (in either order), two different colours,
     any sizes and shapes; in "train" neither object is a held-out pair, in "heldout" at least one
     is (the scenes "all" has and "train" never shows; for one object, exactly the held-out pairs).
-    A two-object item is {"image", "caption", "objects": [dict, dict]}; its caption, until the
-    vocabulary has "and", is the two objects' phrases (:func:`object_phrase`) joined by a comma.
+    A two-object item is {"image", "caption", "objects": [dict, dict]}; its caption is the two
+    objects' phrases (:func:`object_phrase`) joined by "and".
     A one-object item is the same as ``num_objects=1`` gives for its index, and keeps "attributes"
     (the same dict as ``objects[0]``). With num_objects 2 or (1, 2), ``batch`` returns a
     :class:`SceneBatch`, and a DataLoader needs ``collate_fn=list`` (items differ in their keys).
@@ -838,115 +943,3 @@ class ShapesDataset(Dataset):
         objects = b.item_objects(0)
         item = {"image": b.images[0], "caption": b.captions[0]}
         return item | ({"attributes": objects[0], "objects": objects} if len(objects) == 1 else {"objects": objects})
-
-
-# ----------------------------------------------------------------------------------------------
-# Real images: a captioned folder and a bundled photograph
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
-
-
-def _check_size(size) -> None:
-    if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
-        raise ValueError(f"size must be a positive integer (pixels), got {size!r}")
-
-
-def _pil_to_tensor(image, size: int | None) -> torch.Tensor:
-    """PIL image → ``[3, H, W]`` float32 in [-1, 1]; with ``size``, centre-cropped to a square and
-    resized to size×size (bicubic, which PIL low-pass filters when shrinking)."""
-    image = image.convert("RGB")
-    if size is not None:
-        w, h = image.size
-        side = min(w, h)
-        left, top = (w - side) // 2, (h - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
-    array = np.asarray(image, dtype=np.float32)  # [H, W, 3] in 0..255
-    return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1  # [3, H, W]
-
-
-class ImageFolderDataset(Dataset):
-    """A folder of your own images (png, jpg, jpeg, bmp, webp; subfolders included), as
-    ``{"image": [3, size, size] in [-1, 1], "caption": str, "file": relative path}``.
-
-    Images are centre-cropped to a square and resized to ``size``×``size``. Captions come from
-    ``root/captions`` (JSON Lines, one ``{"file": "a.png", "caption": "..."}`` per image, ``file``
-    relative to ``root``); every image must have one. ``captions=None`` means uncaptioned
-    images (caption ""). Problems (missing or empty folder, unreadable image, bad captions
-    file) raise ``FileNotFoundError``/``ValueError`` naming the file and the reason.
-    """
-
-    def __init__(self, root, size: int = 32, captions: str | None = "captions.jsonl"):
-        _check_size(size)
-        self.root, self.size = Path(root), size
-        if not self.root.exists():
-            raise FileNotFoundError(f"image folder {str(self.root)!r} does not exist")
-        if not self.root.is_dir():
-            raise ValueError(f"{str(self.root)!r} is not a folder")
-        self.files = sorted(p.relative_to(self.root).as_posix() for p in self.root.rglob("*")
-                            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-        if not self.files:
-            raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {str(self.root)!r}")
-        for name in self.files:  # read every header now, so a bad file fails here, by name
-            try:
-                with Image.open(self.root / name) as im:
-                    im.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-                raise ValueError(f"cannot read image {str(self.root / name)!r}: {e}") from None
-        self.captions = {name: "" for name in self.files}
-        if captions is not None:
-            self.captions = self._read_captions(self.root / captions)
-
-    def _read_captions(self, path: Path) -> dict[str, str]:
-        if not path.is_file():
-            raise FileNotFoundError(f"captions file {str(path)!r} not found; write one JSON line "
-                                    f'{{"file": ..., "caption": ...}} per image, or pass captions=None')
-        found: dict[str, str] = {}
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            where = f"{str(path)!r} line {number}"
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not valid JSON ({e.msg})") from None
-            if not (isinstance(entry, dict) and isinstance(entry.get("file"), str)
-                    and isinstance(entry.get("caption"), str)):
-                raise ValueError(f'{where}: expected {{"file": "<image>", "caption": "<text>"}}, got {line.strip()!r}')
-            name = Path(entry["file"]).as_posix()
-            if name not in self.captions:
-                raise ValueError(f"{where}: {entry['file']!r} is not an image in {str(self.root)!r}")
-            if name in found:
-                raise ValueError(f"{where}: {entry['file']!r} is captioned twice")
-            found[name] = entry["caption"]
-        missing = [name for name in self.files if name not in found]
-        if missing:
-            shown = ", ".join(repr(m) for m in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise ValueError(f"{len(missing)} image(s) have no caption in {str(path)!r}: {shown}")
-        return found
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> dict:
-        name = self.files[i]
-        try:
-            with Image.open(self.root / name) as im:
-                image = _pil_to_tensor(im, self.size)
-        except OSError as e:
-            raise ValueError(f"cannot read image {str(self.root / name)!r}: {e}") from None
-        return {"image": image, "caption": self.captions[name], "file": name}
-
-
-def load_photo(size: int | None = None) -> torch.Tensor:
-    """A real photograph, Grace Hopper (matplotlib's sample ``grace_hopper.jpg``, 512×600; no
-    download), as ``[3, H, W]`` float32 in [-1, 1]; with ``size``, centre-cropped and resized to
-    ``[3, size, size]``."""
-    if size is not None:
-        _check_size(size)
-    try:
-        path = matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
-    except (FileNotFoundError, OSError, ValueError) as e:
-        raise FileNotFoundError(f"matplotlib's sample photo grace_hopper.jpg is missing ({e}); "
-                                f"reinstall matplotlib") from None
-    with Image.open(path) as im:
-        return _pil_to_tensor(im, size)

@@ -14,8 +14,9 @@ an image obeys its prompt.
   (colour, shape, size): :meth:`SceneReader.read` lists each image's objects; :func:`scene_targets`,
   :func:`scene_reader_loss` and :func:`scene_accuracy` train and check it (``sdlearn.recipes.train_scene_reader``).
   Its features serve KID, FID and the memorisation check as the classifier's do.
-- :func:`prompt_accuracy` — the fraction of images whose predicted attributes match *every* attribute
-  their prompt names (the course's answer to a CLIP score), plus per-attribute accuracy.
+- :func:`prompt_accuracy` — judged by the scene reader: the fraction of images with as many objects as their
+  prompt names and *every* named attribute right (the course's answer to a CLIP score), with its Wilson
+  interval, per-attribute accuracy, and binding errors (the right attributes on the wrong objects) apart.
 - :func:`fid` — the Fréchet distance between Gaussians fitted to the features of two image sets,
   and :func:`fid_baseline`, the FID between two independent sets of real images of the same size:
   FID is biased upwards at small sample sizes, so it is only meaningful beside that baseline.
@@ -34,8 +35,11 @@ Decisions, written down:
 - The classifier trains with mild corruptions (Gaussian noise of σ ≤ 0.08 and a random amount of
   blur, on half the images each) so that a generated image that is slightly soft or grainy is judged
   on its attributes, not on its texture; on clean real images it is ≥ 99.5% right per attribute.
-- A prompt must name at least one attribute: prompt accuracy of an empty (unconditional) prompt is
-  meaningless, and a silent "all correct" would flatter the model.
+- A prompt must name at least one attribute or object ("a shape" names one object: only the count is judged):
+  prompt accuracy of an empty (unconditional) prompt is meaningless, and a silent "all correct" would flatter
+  the model.
+- The statistics that need no model (Wilson and bootstrap intervals, the Fréchet distance, MMD², a perfect
+  sampler's TV) live in :mod:`sdlearn.stats`; the names are importable from here as well.
 """
 
 from __future__ import annotations
@@ -43,15 +47,35 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from itertools import permutations
 from typing import NamedTuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdlearn.checkpoint import ConfigMixin, load_module
+from sdlearn.checkpoint import ConfigMixin, load_module, weights_path
 from sdlearn.checks import check_batch, check_positive_int
-from sdlearn.data import ATTRIBUTE_VALUES, ATTRIBUTES, IMAGE_SIZE, ShapesDataset, parse_prompt
+from sdlearn.data import (
+    ATTRIBUTE_VALUES,
+    ATTRIBUTES,
+    IMAGE_SIZE,
+    NOUN_WORDS,
+    ShapesDataset,
+    parse_caption,
+    split_objects,
+)
+from sdlearn.stats import (
+    BOOTSTRAP_SEED,
+    REPLICATE_CHUNK,
+    DistributionDistance,
+    frechet_distance,
+    mmd2_unbiased,
+    percentile_interval,
+    perfect_sampler_tv,
+    resample_counts,
+    wilson_interval,
+)
 
 CLASS_NAMES: dict[str, tuple[str, ...]] = ATTRIBUTE_VALUES  # each head's classes, in index order
 NUM_CLASSES: dict[str, int] = {name: len(values) for name, values in CLASS_NAMES.items()}
@@ -154,7 +178,7 @@ class AttributeClassifier(nn.Module):
         return {name: torch.cat([c[name] for c in chunks]).argmax(dim=1) for name in NUM_CLASSES}
 
 
-_DEFAULT: dict[str, AttributeClassifier] = {}
+_DEFAULT: dict[str, nn.Module] = {}  # the shipped judges, loaded once
 
 
 def default_classifier() -> AttributeClassifier:
@@ -350,14 +374,70 @@ def scene_accuracy(reader: SceneReader, n: int = 2048, split: str = "all", seed:
 # Prompt accuracy
 
 
+def default_scene_reader() -> SceneReader:
+    """The shipped scene reader (``sdlearn/weights/scene_reader.*``) on the CPU, loaded once and cached."""
+    if "scene_reader" not in _DEFAULT:
+        _DEFAULT["scene_reader"] = load_module(SceneReader, SceneReaderConfig, "scene_reader")
+    return _DEFAULT["scene_reader"]
+
+
+def _judge(reader: SceneReader | AttributeClassifier | None) -> SceneReader | AttributeClassifier:
+    """None → the shipped scene reader, or the shipped classifier while no scene reader is shipped."""
+    if reader is None:
+        return default_scene_reader() if weights_path("scene_reader").is_file() else default_classifier()
+    if not isinstance(reader, (SceneReader, AttributeClassifier)):
+        raise ValueError(f"reader must be a SceneReader, an AttributeClassifier (one-object prompts) or None "
+                         f"(the shipped one), got {type(reader).__name__}")
+    return reader
+
+
+def prompt_objects(prompt: str) -> list[dict[str, str]]:
+    """The objects ``prompt`` names, as partial attribute dicts in its order (one or two;
+    :func:`sdlearn.data.parse_caption`): "a red circle and a blue shape" → [{"color": "red", "shape": "circle"},
+    {"color": "blue"}]. "a shape" → [{}]: it names no attribute, but it names one object. Raises ``ValueError``
+    for what ``parse_caption`` refuses, and for a phrase that names neither an attribute nor an object noun
+    ("", "in the"): an empty prompt is unconditional, and there is nothing to check."""
+    parsed = parse_caption(prompt)
+    objects = parsed["objects"] if "objects" in parsed else [parsed]
+    for words, named in zip(split_objects(prompt), objects):
+        if not named and not any(w in NOUN_WORDS for w in words):
+            raise ValueError(f"{prompt!r} names no attribute and no object (an empty prompt is unconditional: "
+                             f"there is nothing to check); name one of {', '.join(ATTRIBUTES)}, or say \"a shape\"")
+    return objects
+
+
+def _read_objects(judge, images: torch.Tensor) -> tuple[dict[str, torch.Tensor], list[list[dict[str, str]]]]:
+    """What ``judge`` reads → (its predictions on the CPU, per image the list of objects as name dicts). The
+    classifier always reads one object."""
+    predicted = {name: p.cpu() for name, p in judge.predict(images).items()}
+    if isinstance(judge, SceneReader):
+        return predicted, scene_objects(predicted)
+    rows = {name: predicted[name].tolist() for name in ATTRIBUTES}
+    return predicted, [[{name: CLASS_NAMES[name][rows[name][j]] for name in ATTRIBUTES}] for j in range(len(images))]
+
+
+def _assignments(wanted: list[dict[str, str]], read: list[dict[str, str]], names) -> bool:
+    """Is there one assignment of the wanted objects to the read objects (one to one; the counts are equal) under
+    which every value of ``names`` that ``wanted`` names matches?"""
+    return any(all(read[j].get(name) == w[name] for w, j in zip(wanted, order) for name in names if name in w)
+               for order in permutations(range(len(read))))
+
+
 @dataclass
 class PromptAccuracy:
     """What :func:`prompt_accuracy` measured.
 
-    ``overall``: fraction of images whose predicted attributes match every attribute their prompt names.
-    ``per_attribute[name]``: accuracy on ``name`` over the images whose prompt names it (absent if none
-    does); ``counts[name]``: how many prompts name it. ``count``: number of images. ``correct``: bool ``[N]``,
-    per image. ``predicted``: the classifier's predictions, {name: LongTensor [N]}."""
+    ``overall``: fraction of images right: as many objects read as the prompt names, and one assignment of the
+    prompt's objects to them under which every named attribute matches; ``interval``: its 95% Wilson interval
+    (:func:`sdlearn.stats.wilson_interval`). ``per_attribute[name]``: over the images whose prompt names ``name``,
+    the fraction with the right number of objects and some assignment matching the named values of ``name``
+    alone (absent if no prompt names it); ``counts[name]``: how many prompts name it. ``object_count``: fraction
+    of images with as many objects as their prompt names. ``count``: number of images. ``correct``: bool ``[N]``.
+    ``binding_errors``: two-object images that are wrong although each attribute on its own is right (colours
+    swapped: "a red circle and a blue square" drawn as a blue circle and a red square); ``binding``: bool ``[N]``,
+    which; ``two_object_count``: images with a two-object prompt. ``predicted``: the judge's predictions (a
+    scene reader's tensor form {"color", "shape", "size": long [N, 5]}, or a classifier's {name: long [N]});
+    ``read``: per image, the objects read."""
 
     overall: float
     per_attribute: dict[str, float]
@@ -365,23 +445,45 @@ class PromptAccuracy:
     counts: dict[str, int] = field(default_factory=dict)
     correct: torch.Tensor | None = None
     predicted: dict[str, torch.Tensor] = field(default_factory=dict)
+    interval: tuple[float, float] = (0.0, 1.0)
+    binding_errors: int = 0
+    binding: torch.Tensor | None = None
+    two_object_count: int = 0
+    object_count: float = 1.0
+    read: list[list[dict[str, str]]] = field(default_factory=list, repr=False)
 
     def __str__(self) -> str:
         parts = ", ".join(f"{name} {100 * acc:.1f}%" for name, acc in self.per_attribute.items())
-        return f"prompt accuracy {100 * self.overall:.1f}% over {self.count} images ({parts})"
+        low, high = self.interval
+        text = (f"prompt accuracy {100 * self.overall:.1f}% (95% CI {100 * low:.1f}–{100 * high:.1f}%) over "
+                f"{self.count} images ({parts}{', ' if parts else ''}object count {100 * self.object_count:.1f}%)")
+        if self.two_object_count:
+            text += (f"; binding errors {self.binding_errors} of {self.two_object_count} two-object images "
+                     f"({100 * self.binding_errors / self.two_object_count:.1f}%)")
+        return text
 
 
-def prompt_accuracy(images: torch.Tensor, prompts: str | list[str], classifier: AttributeClassifier | None = None) -> PromptAccuracy:
-    """Does each image show what its prompt asks for? The classifier's predictions are compared with the
-    attributes each prompt names (:func:`sdlearn.data.parse_prompt`): "a red circle" judges colour and
-    shape only.
+def prompt_accuracy(images: torch.Tensor, prompts: str | list[str],
+                    reader: SceneReader | AttributeClassifier | None = None) -> PromptAccuracy:
+    """Does each image show what its prompt asks for? A scene reader reads the objects of each image and they are
+    compared with what its prompt names (:func:`prompt_objects`, via :func:`sdlearn.data.parse_caption`): "a red
+    circle" judges colour and shape only, and the count (one object); "a red circle and a blue square" two objects.
 
-    ``images``: ``[N, 3, 32, 32]`` in [-1, 1]. ``prompts``: one string per image, or one string (or a
-    one-element list) for all. ``classifier``: None for the shipped one. Raises ``ValueError`` for a
-    prompt list of another length, a word outside the caption vocabulary, or a prompt that names no
-    attribute.
+    An image is right when the reader finds exactly as many objects as the prompt names and, under some one-to-one
+    assignment of the prompt's objects to the objects read, every named attribute matches. A two-object image that
+    is wrong, but would be right if each attribute could pick its own assignment, is a *binding error*: the right
+    colours and shapes, attached to the wrong objects, the failure that Stable Diffusion is known for (Feng et al.
+    2023, "Training-free structured diffusion guidance"; Chefer et al. 2023, "Attend-and-Excite"). "a shape" names
+    no attribute but still names one object: only the count is judged.
+
+    ``images``: ``[N, 3, 32, 32]`` in [-1, 1]. ``prompts``: one string per image, or one string (or a one-element
+    list) for all. ``reader``: a :class:`SceneReader`; None for the shipped one (the shipped
+    :class:`AttributeClassifier` while no scene reader is shipped); an :class:`AttributeClassifier` judges
+    one-object prompts that name an attribute (it always reads one object, so it cannot count). Raises
+    ``ValueError`` for a prompt list of another length, a word outside the caption vocabulary, a prompt that names
+    nothing (:func:`prompt_objects`), or a prompt the classifier cannot judge.
     """
-    classifier = _resolve(classifier)
+    judge = _judge(reader)
     check_images(images)
     n = len(images)
     if isinstance(prompts, str):
@@ -392,67 +494,45 @@ def prompt_accuracy(images: torch.Tensor, prompts: str | list[str], classifier: 
         prompts = list(prompts) * n
     if len(prompts) != n:
         raise ValueError(f"got {len(prompts)} prompts for {n} images; give one prompt per image, or one for all")
-
-    wanted = {name: torch.full((n,), -1, dtype=torch.long) for name in ATTRIBUTES}  # -1: not named
-    parsed: dict[str, dict[str, str]] = {}
+    parsed: dict[str, list[dict[str, str]]] = {}
     for i, prompt in enumerate(prompts):
         if prompt not in parsed:
             try:
-                parsed[prompt] = parse_prompt(prompt)
+                parsed[prompt] = prompt_objects(prompt)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-            if not parsed[prompt]:
-                raise ValueError(
-                    f"prompt {i} ({prompt!r}) names no attribute; prompt accuracy needs at least one of "
-                    f"{', '.join(ATTRIBUTES)} (an empty prompt is unconditional: there is nothing to check)"
-                )
-        for name, value in parsed[prompt].items():
-            wanted[name][i] = CLASS_NAMES[name].index(value)
+            if isinstance(judge, AttributeClassifier) and (len(parsed[prompt]) > 1 or not parsed[prompt][0]):
+                why = "names two objects" if len(parsed[prompt]) > 1 else "names no attribute"
+                raise ValueError(f"prompt {i} ({prompt!r}) {why}: an AttributeClassifier reads one object's "
+                                 f"attributes and cannot count objects; judge it with a SceneReader")
 
-    predicted = {name: p.cpu() for name, p in classifier.predict(images).items()}
-    named = {name: wanted[name] >= 0 for name in ATTRIBUTES}
-    correct = torch.ones(n, dtype=torch.bool)
-    per_attribute, counts = {}, {}
-    for name in ATTRIBUTES:
-        right = predicted[name] == wanted[name]
-        correct &= right | ~named[name]
-        counts[name] = int(named[name].sum())
-        if counts[name]:
-            per_attribute[name] = right[named[name]].float().mean().item()
-    return PromptAccuracy(correct.float().mean().item(), per_attribute, n, counts, correct, predicted)
+    predicted, read = _read_objects(judge, images)
+    correct, binding = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+    count_right = torch.zeros(n, dtype=torch.bool)
+    right = {name: torch.zeros(n, dtype=torch.bool) for name in ATTRIBUTES}
+    named = {name: torch.zeros(n, dtype=torch.bool) for name in ATTRIBUTES}
+    for i, prompt in enumerate(prompts):
+        wanted, objects = parsed[prompt], read[i]
+        names = [name for name in ATTRIBUTES if any(name in w for w in wanted)]
+        for name in names:
+            named[name][i] = True
+        if len(objects) != len(wanted):
+            continue
+        count_right[i] = True
+        correct[i] = _assignments(wanted, objects, ATTRIBUTES)
+        for name in names:
+            right[name][i] = _assignments(wanted, objects, (name,))
+        binding[i] = len(wanted) == 2 and not correct[i] and all(right[name][i] for name in names)
+    counts = {name: int(named[name].sum()) for name in ATTRIBUTES}
+    per_attribute = {name: right[name][named[name]].float().mean().item() for name in ATTRIBUTES if counts[name]}
+    two = sum(len(parsed[p]) == 2 for p in prompts)
+    return PromptAccuracy(correct.float().mean().item(), per_attribute, n, counts, correct, predicted,
+                          wilson_interval(int(correct.sum()), n), int(binding.sum()), binding, two,
+                          count_right.float().mean().item(), read)
 
 
 # ------------------------------------------------------------------------------------------------
 # FID
-
-
-def frechet_distance(mu1: torch.Tensor, cov1: torch.Tensor, mu2: torch.Tensor, cov2: torch.Tensor) -> float:
-    """Fréchet (2-Wasserstein) distance² between N(μ1, Σ1) and N(μ2, Σ2) (Dowson & Landau 1982; FID,
-    Heusel et al. 2017):
-
-        d² = ‖μ1 − μ2‖² + Tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^{1/2}).
-
-    Tr (Σ1 Σ2)^{1/2} is computed without a general matrix square root: Σ1 Σ2 is similar to the symmetric
-    PSD matrix M = Σ1^{1/2} Σ2 Σ1^{1/2} (conjugate by Σ1^{1/2}), so its eigenvalues are M's, and the trace
-    is Σ sqrt(λ_i(M)). Both square roots come from ``torch.linalg.eigh`` in float64, with the tiny negative
-    eigenvalues that rounding leaves clamped to 0. The result is clamped at 0 for the same reason.
-    """
-    mu1, mu2, cov1, cov2 = (torch.as_tensor(x).to(torch.float64).cpu() for x in (mu1, mu2, cov1, cov2))
-    if mu1.dim() != 1 or mu1.shape != mu2.shape:
-        raise ValueError(f"means must be vectors of one length [F], got {list(mu1.shape)} and {list(mu2.shape)}")
-    f = len(mu1)
-    if cov1.shape != (f, f) or cov2.shape != (f, f):
-        raise ValueError(f"covariances must be [F, F] = [{f}, {f}] matrices, got {list(cov1.shape)} and {list(cov2.shape)}")
-    for name, t in (("mu1", mu1), ("cov1", cov1), ("mu2", mu2), ("cov2", cov2)):
-        if not torch.isfinite(t).all():
-            raise ValueError(f"{name} contains NaN or infinite values")
-    cov1, cov2 = (cov1 + cov1.T) / 2, (cov2 + cov2.T) / 2  # exactly symmetric
-    lam1, vec1 = torch.linalg.eigh(cov1)
-    sqrt1 = (vec1 * lam1.clamp(min=0).sqrt()) @ vec1.T  # Σ1^{1/2}
-    m = sqrt1 @ cov2 @ sqrt1
-    trace_sqrt = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
-    d2 = (mu1 - mu2).pow(2).sum() + cov1.trace() + cov2.trace() - 2 * trace_sqrt
-    return max(float(d2), 0.0)
 
 
 @torch.no_grad()
@@ -517,39 +597,6 @@ def fid_baseline(n: int, seed: int = BASELINE_SEED, split: str = "all", classifi
 # ------------------------------------------------------------------------------------------------
 # Distances with intervals: KID, and FID where it is well posed
 
-CONFIDENCE = 0.95  # the bootstrap intervals' level
-BOOTSTRAP_SEED = 0  # the resampling generator's seed when none is given: every call is deterministic
-_KERNEL_BLOCK = 1024  # kernel matrices are built [1024, 1024] at a time (8 MB of float64)
-_REPLICATE_CHUNK = 128  # bootstrap resamples handled together: count matrices [128, N]
-
-
-@dataclass(frozen=True)
-class DistributionDistance:
-    """A distance between two image distributions, with its bootstrap interval (from :func:`kid` and
-    :func:`fid_with_interval`).
-
-    ``name``: "KID" or "FID". ``value``: the estimate on all the images. ``low``, ``high``: the 95% bootstrap
-    percentile interval. ``num_real``, ``num_fake``: images per set. ``bootstrap``: resamples drawn.
-    ``float(d)`` is ``d.value``."""
-
-    name: str
-    value: float
-    low: float
-    high: float
-    num_real: int
-    num_fake: int
-    bootstrap: int
-
-    def __float__(self) -> float:
-        return self.value
-
-    def __str__(self) -> str:
-        scale = max(abs(self.value), abs(self.low), abs(self.high), 1e-12)
-        decimals = min(max(2 - math.floor(math.log10(scale)), 0), 8)  # two or three significant digits
-        low, value, high = (f"{x:,.{decimals}f}" for x in (self.low, self.value, self.high))
-        return f"{self.name} {value} ({100 * CONFIDENCE:.0f}% CI {low}–{high}, n = {self.num_real} vs {self.num_fake})"
-
-
 def _bootstrap_setup(real, fake, classifier, bootstrap, generator):
     """Check the arguments shared by :func:`kid` and :func:`fid_with_interval`; → (classifier, generator)."""
     classifier = _resolve(classifier, features_only=True)
@@ -561,48 +608,6 @@ def _bootstrap_setup(real, fake, classifier, bootstrap, generator):
     elif not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None (seeded with {BOOTSTRAP_SEED}), got {type(generator).__name__}")
     return classifier, generator
-
-
-def _interval(name: str, value: float, replicates: torch.Tensor, num_real: int, num_fake: int) -> DistributionDistance:
-    """The percentile interval of the bootstrap ``replicates`` ``[B]`` (resamples where the statistic is undefined,
-    NaN, are left out)."""
-    finite = replicates[torch.isfinite(replicates)]
-    tail = (1 - CONFIDENCE) / 2
-    low, high = torch.quantile(finite, torch.tensor([tail, 1 - tail], dtype=finite.dtype)).tolist()
-    return DistributionDistance(name, float(value), low, high, num_real, num_fake, len(replicates))
-
-
-def _resample_counts(n: int, rows: int, generator: torch.Generator) -> torch.Tensor:
-    """``rows`` bootstrap resamples of ``n`` images (drawn with replacement) as counts: float64 ``[rows, n]``,
-    how many times each image was drawn; each row sums to ``n``."""
-    drawn = torch.randint(n, (rows, n), generator=generator)  # [rows, n] image indices
-    return torch.zeros(rows, n, dtype=torch.float64).scatter_add_(1, drawn, torch.ones(rows, n, dtype=torch.float64))
-
-
-def _polynomial_kernel_sums(a: torch.Tensor, b: torch.Tensor, wa: torch.Tensor, wb: torch.Tensor) -> torch.Tensor:
-    """Σ_ij wa[r, i] wb[r, j] k(a_i, b_j) for every row r of the weights, with KID's kernel
-    k(x, y) = (xᵀy / d + 1)³. ``a`` ``[m, d]``, ``b`` ``[n, d]``, ``wa`` ``[R, m]``, ``wb`` ``[R, n]`` → ``[R]``.
-    The kernel matrix is built one block at a time, so memory stays bounded whatever m and n."""
-    d = a.shape[1]
-    total = torch.zeros(len(wa), dtype=torch.float64)
-    for i in range(0, len(a), _KERNEL_BLOCK):
-        for j in range(0, len(b), _KERNEL_BLOCK):
-            k = (a[i : i + _KERNEL_BLOCK] @ b[j : j + _KERNEL_BLOCK].T / d + 1) ** 3  # [m_i, n_j]
-            total += ((wa[:, i : i + _KERNEL_BLOCK] @ k) * wb[:, j : j + _KERNEL_BLOCK]).sum(1)  # [R]
-    return total
-
-
-def _mmd2_unbiased(x: torch.Tensor, y: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor) -> torch.Tensor:
-    """MMD²_u of features ``x`` ``[m, d]`` and ``y`` ``[n, d]`` for each row of counts ``cx`` ``[R, m]``,
-    ``cy`` ``[R, n]`` (all ones: the images as given; else a bootstrap resample). The sums over i ≠ j run over
-    pairs of *distinct* images: with counts c, Σ_{a≠b} c_a c_b k(x_a, x_b) over Σ_{a≠b} c_a c_b such pairs."""
-    def within(z, c):
-        self_similarity = ((z * z).sum(1) / z.shape[1] + 1) ** 3  # k(z_a, z_a), [N]
-        pairs = c.sum(1) ** 2 - (c * c).sum(1)  # ordered pairs of distinct images, [R]
-        return (_polynomial_kernel_sums(z, z, c, c) - (c * c) @ self_similarity) / pairs
-
-    between = _polynomial_kernel_sums(x, y, cx, cy) / (cx.sum(1) * cy.sum(1))
-    return within(x, cx) + within(y, cy) - 2 * between  # [R]
 
 
 def kid(real: torch.Tensor, fake: torch.Tensor, classifier: AttributeClassifier | None = None, *,
@@ -637,14 +642,14 @@ def kid(real: torch.Tensor, fake: torch.Tensor, classifier: AttributeClassifier 
     classifier, generator = _bootstrap_setup(real, fake, classifier, bootstrap, generator)
     x, y = features(real, classifier), features(fake, classifier)  # [m, d], [n, d]
     m, n = len(x), len(y)
-    value = _mmd2_unbiased(x, y, torch.ones(1, m, dtype=torch.float64), torch.ones(1, n, dtype=torch.float64))
+    value = mmd2_unbiased(x, y, torch.ones(1, m, dtype=torch.float64), torch.ones(1, n, dtype=torch.float64))
     replicates = []
-    for start in range(0, bootstrap, _REPLICATE_CHUNK):
-        rows = min(_REPLICATE_CHUNK, bootstrap - start)
-        cx = _resample_counts(m, rows, generator)  # [rows, m]
-        cy = _resample_counts(n, rows, generator)  # [rows, n]
-        replicates.append(_mmd2_unbiased(x, y, cx, cy))
-    return _interval("KID", value.item(), torch.cat(replicates), m, n)
+    for start in range(0, bootstrap, REPLICATE_CHUNK):
+        rows = min(REPLICATE_CHUNK, bootstrap - start)
+        cx = resample_counts(m, rows, generator)  # [rows, m]
+        cy = resample_counts(n, rows, generator)  # [rows, n]
+        replicates.append(mmd2_unbiased(x, y, cx, cy))
+    return percentile_interval("KID", value.item(), torch.cat(replicates), m, n)
 
 
 def fid_with_interval(real: torch.Tensor, fake: torch.Tensor, classifier: AttributeClassifier | None = None, *,
@@ -679,50 +684,29 @@ def fid_with_interval(real: torch.Tensor, fake: torch.Tensor, classifier: Attrib
         xb = x[torch.randint(len(x), (len(x),), generator=generator)]  # [m, F], a resample
         yb = y[torch.randint(len(y), (len(y),), generator=generator)]  # [n, F]
         replicates[b] = frechet_distance(xb.mean(0), torch.cov(xb.T), yb.mean(0), torch.cov(yb.T))
-    return _interval("FID", value, replicates - (replicates.mean() - value), len(x), len(y))
+    return percentile_interval("FID", value, replicates - (replicates.mean() - value), len(x), len(y))
 
 
 # ------------------------------------------------------------------------------------------------
 # Diversity: what a prompt leaves open, against the data's distribution
 
 
-def perfect_sampler_tv(num_values: int, n: int) -> float:
-    """The expected total-variation distance between the empirical distribution of ``n`` independent uniform
-    draws from ``num_values`` values and the uniform distribution itself: what a perfect sampler scores.
-
-    TV(p, q) = ½ Σ_i |p_i − q_i|. A histogram of n samples is never exactly uniform, so TV is biased upwards
-    and a measured TV is only meaningful beside this figure at the same n. Exact, by linearity of expectation:
-    each count N_i is Binomial(n, 1/k) (k = ``num_values``), so
-
-        E TV = ½ Σ_i E |N_i / n − 1/k| = (k / 2) Σ_{j=0}^{n} C(n, j) k^{−j} (1 − 1/k)^{n−j} |j / n − 1/k|,
-
-    summed in float64 with log-binomial coefficients (O(n) work; no multinomial enumeration is needed). For large
-    n the normal approximation E|N_i/n − 1/k| ≈ √(2/π) · √((1/k)(1 − 1/k)/n) gives E TV ≈ √((k − 1) / (2πn)).
-    """
-    check_positive_int(num_values, "num_values")
-    check_positive_int(n, "n")
-    if num_values == 1:
-        return 0.0
-    p = 1.0 / num_values
-    j = torch.arange(n + 1, dtype=torch.float64)  # [n + 1] the possible counts of one value
-    log_pmf = math.lgamma(n + 1) - torch.lgamma(j + 1) - torch.lgamma(n - j + 1) + j * math.log(p) + (n - j) * math.log1p(-p)
-    return float(num_values / 2 * (log_pmf.exp() * (j / n - p).abs()).sum())
-
-
 @dataclass
 class OpenAttributeTV:
     """What :func:`open_attribute_tv` measured, per attribute the prompt left open.
 
-    ``tv[name]``: the TV distance between the classifier's predicted distribution of ``name`` over the images
-    and the data's (uniform); ``perfect_sampler[name]``: :func:`perfect_sampler_tv` at the same count, what
-    sampling the data's distribution exactly would score on average; ``histogram[name]``: predicted counts
-    per value, long ``[len(CLASS_NAMES[name])]``; ``count``: number of images."""
+    ``tv[name]``: the TV distance between the judge's read distribution of ``name`` over the images and the
+    data's (uniform); ``perfect_sampler[name]``: :func:`perfect_sampler_tv` at the same count, what sampling the
+    data's distribution exactly would score on average; ``histogram[name]``: read counts per value, long
+    ``[len(CLASS_NAMES[name])]``; ``count``: number of images measured; ``miscounted``: images left out because a
+    scene reader did not find exactly one object in them (their open attributes have no single value)."""
 
     prompt: str
     tv: dict[str, float]
     perfect_sampler: dict[str, float]
     count: int
     histogram: dict[str, torch.Tensor] = field(default_factory=dict)
+    miscounted: int = 0
 
     @property
     def excess(self) -> dict[str, float]:
@@ -731,28 +715,38 @@ class OpenAttributeTV:
 
     def __str__(self) -> str:
         parts = "; ".join(f"{name} TV {self.tv[name]:.3f} (a perfect sampler {self.perfect_sampler[name]:.3f})" for name in self.tv)
-        return f"what {self.prompt!r} leaves open, over {self.count} images: {parts}"
+        left_out = f" ({self.miscounted} more not read as one object, left out)" if self.miscounted else ""
+        return f"what {self.prompt!r} leaves open, over {self.count} images{left_out}: {parts}"
 
 
-def open_attribute_tv(images: torch.Tensor, prompt: str, classifier: AttributeClassifier | None = None,
+def open_attribute_tv(images: torch.Tensor, prompt: str, reader: SceneReader | AttributeClassifier | None = None,
                       attributes: list[str] | tuple[str, ...] | None = None) -> OpenAttributeTV:
-    """Does a model sample what a prompt leaves open as the data does? For each attribute ``prompt`` does not
-    name (:func:`sdlearn.data.parse_prompt`: "a red circle" leaves size and position open), the total-variation
-    distance TV(p, q) = ½ Σ_i |p_i − q_i| between p, the classifier's predicted distribution of that attribute
-    over ``images``, and q, the data's: uniform over the attribute's values (8 colours, 4 shapes, 2 sizes,
-    5 positions, as Shapes draws them). TV is 0 for a perfect match and 1 − 1/k when every image shows one of
-    k values. The held-out (colour, shape) pairs get no special treatment: q is the ``"all"`` split's.
+    """Does a model sample what a prompt leaves open as the data does? For each attribute a one-object ``prompt``
+    does not name (:func:`sdlearn.data.parse_caption`: "a red circle" leaves size and position open), the
+    total-variation distance TV(p, q) = ½ Σ_i |p_i − q_i| between p, the distribution of that attribute over
+    ``images`` as the judge reads it, and q, the data's: uniform over the attribute's values (8 colours, 4 shapes,
+    2 sizes, 5 positions, as Shapes draws one object). TV is 0 for a perfect match and 1 − 1/k when every image
+    shows one of k values. The held-out (colour, shape) pairs get no special treatment: q is the ``"all"`` split's.
 
-    ``images``: ``[N, 3, 32, 32]`` in [-1, 1], all drawn for ``prompt``. ``attributes``: the open attributes to
-    measure (default: every one the prompt leaves open). Compare each TV with ``perfect_sampler[name]``
-    (:func:`perfect_sampler_tv`): n samples from the true distribution do not score 0. Raises ``ValueError``
-    for a word outside the caption vocabulary, a prompt that leaves nothing open, or an attribute it names.
+    ``images``: ``[N, 3, 32, 32]`` in [-1, 1], all drawn for ``prompt``. ``reader``: a :class:`SceneReader`, an
+    :class:`AttributeClassifier`, or None (as in :func:`prompt_accuracy`). A scene reader's images that do not
+    hold exactly one object are left out (``miscounted``; every TV is NaN if none is left). ``attributes``: the
+    open attributes to measure (default: every one the prompt leaves open). Compare each TV with
+    ``perfect_sampler[name]`` (:func:`perfect_sampler_tv`): n samples from the true distribution do not score 0.
+
+    Two-object prompts are refused: what they leave open is not uniform in the data (the two objects' colours
+    differ and their corners differ, so one object's open colour depends on the other's) and is not measured here.
+    Raises ``ValueError`` for a word outside the caption vocabulary, a two-object prompt, a prompt that leaves
+    nothing open, or an attribute it names.
     """
-    classifier = _resolve(classifier)
+    judge = _judge(reader)
     check_images(images)
     if not isinstance(prompt, str):
         raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-    named = parse_prompt(prompt)
+    named = parse_caption(prompt)
+    if "objects" in named:
+        raise ValueError(f"{prompt!r} names two objects; open_attribute_tv measures one-object prompts (what a "
+                         "two-object prompt leaves open is not uniform in the data: its colours and corners differ)")
     left_open = [name for name in ATTRIBUTES if name not in named]
     if not left_open:
         raise ValueError(f"{prompt!r} names every attribute ({', '.join(ATTRIBUTES)}): nothing is left open to measure")
@@ -765,15 +759,16 @@ def open_attribute_tv(images: torch.Tensor, prompt: str, classifier: AttributeCl
             why = "is named by the prompt (prompt_accuracy judges it)" if name in named else "is not an attribute"
             raise ValueError(f"{name!r} {why}; {prompt!r} leaves open: {', '.join(left_open)}")
 
-    predicted = classifier.predict(images)  # {name: [N]}
-    n = len(images)
+    single = [objects[0] for objects in _read_objects(judge, images)[1] if len(objects) == 1]  # one object read
+    n = len(single)
     tv, perfect, histogram = {}, {}, {}
     for name in attributes:
         k = NUM_CLASSES[name]
-        histogram[name] = torch.bincount(predicted[name].cpu(), minlength=k)  # [k]
-        tv[name] = 0.5 * (histogram[name].double() / n - 1 / k).abs().sum().item()
-        perfect[name] = perfect_sampler_tv(k, n)
-    return OpenAttributeTV(prompt, tv, perfect, n, histogram)
+        values = torch.tensor([CLASS_NAMES[name].index(o[name]) for o in single], dtype=torch.long)  # [n]
+        histogram[name] = torch.bincount(values, minlength=k)  # [k]
+        tv[name] = 0.5 * (histogram[name].double() / n - 1 / k).abs().sum().item() if n else math.nan
+        perfect[name] = perfect_sampler_tv(k, n) if n else math.nan
+    return OpenAttributeTV(prompt, tv, perfect, n, histogram, len(images) - n)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -895,6 +890,7 @@ __all__ = [
     "augment",
     "classifier_loss",
     "default_classifier",
+    "default_scene_reader",
     "feature_statistics",
     "features",
     "fid",
@@ -907,6 +903,8 @@ __all__ = [
     "open_attribute_tv",
     "perfect_sampler_tv",
     "prompt_accuracy",
+    "prompt_objects",
+    "wilson_interval",
     "real_images",
     "PLACES",
     "SceneReader",

@@ -93,6 +93,16 @@ def _check_steps(num_inference_steps) -> int:
     return int(num_inference_steps)
 
 
+def _check_interval(interval, num_train_timesteps: int) -> tuple[float, float]:
+    """``(t_low, t_high)`` with 0 ≤ t_low ≤ t_high: the timesteps at which guidance applies."""
+    ok = isinstance(interval, (tuple, list)) and len(interval) == 2 and all(
+        isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and math.isfinite(v) for v in interval)
+    if not ok or not 0 <= interval[0] <= interval[1]:
+        raise ValueError(f"guidance_interval must be (t_low, t_high) with 0 ≤ t_low ≤ t_high (timesteps; "
+                         f"(0, {num_train_timesteps}) guides at every step), got {interval!r}")
+    return float(interval[0]), float(interval[1])
+
+
 def _check_guidance(guidance_scale) -> float:
     if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.integer, np.floating)) \
             or not math.isfinite(guidance_scale) or guidance_scale < 0:
@@ -196,6 +206,7 @@ class LatentDiffusionPipeline:
         check_compatible(vae, text_encoder, tokenizer, denoiser.config, schedule)
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
         self.denoiser, self.schedule = denoiser, schedule
+        self.guidance_interval: tuple[float, float] = (0, schedule.num_train_timesteps)  # guide at every step
 
     to_numpy = staticmethod(to_numpy)
     to_pil = staticmethod(to_pil)
@@ -283,9 +294,13 @@ class LatentDiffusionPipeline:
         generator = _make_generator(generator, seed)
         return prompts, negatives, steps, guidance_scale, solver, generator, int(num_images_per_prompt)
 
-    def _model_fn(self, prompts: list[str], negatives: list[str], guidance_scale: float, k: int) -> Callable:
+    def _model_fn(self, prompts: list[str], negatives: list[str], guidance_scale: float, k: int,
+                  guidance_interval=None) -> Callable:
         """The text encoded once and repeated k times per prompt, and ``model_fn(x, t)`` giving the guided
-        prediction for the N = P·k latents x ``[N, 4, 8, 8]``."""
+        prediction for the N = P·k latents x ``[N, 4, 8, 8]``; guided only at timesteps inside
+        ``guidance_interval`` (None: the pipeline's ``guidance_interval``), the conditional prediction elsewhere."""
+        low, high = _check_interval(self.guidance_interval if guidance_interval is None else guidance_interval,
+                                    self.schedule.num_train_timesteps)
         denoiser = self.denoiser
         if self.text_encoder is None:
             return lambda x, t: denoiser(x, t)
@@ -296,9 +311,15 @@ class LatentDiffusionPipeline:
             return lambda x, t: denoiser(x, t, tokens, mask)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            inside = torch.as_tensor(t).expand(x.shape[0]).cpu()  # [N] timesteps
+            inside = (inside >= low) & (inside <= high)  # [N]: guided here (Kynkäänniemi et al. 2024)
+            if not inside.any():  # outside the interval: the conditional prediction, one pass
+                n = x.shape[0]
+                return denoiser(x, t, tokens[n:], mask[n:])
             both = denoiser(torch.cat([x, x]), t, tokens, mask)  # [2N, 4, 8, 8]: one batched call
             uncond, cond = both.chunk(2)
-            return classifier_free_guidance(uncond, cond, guidance_scale)
+            guided = classifier_free_guidance(uncond, cond, guidance_scale)
+            return guided if inside.all() else torch.where(inside.to(x.device)[:, None, None, None], guided, cond)
 
         return model_fn
 
@@ -323,6 +344,7 @@ class LatentDiffusionPipeline:
         num_images_per_prompt: int = 1,
         progress: bool = True,
         callback: Callable | None = None,
+        guidance_interval: tuple[float, float] | None = None,
     ) -> torch.Tensor:
         """Images for ``prompt`` → ``[N, 3, 32, 32]`` in [-1, 1] on ``pipe.device``, N = len(prompts) · num_images_per_prompt,
         grouped by prompt (the k images of prompt 0 first).
@@ -336,10 +358,14 @@ class LatentDiffusionPipeline:
           the same seed gives the same images. With neither, the noise comes from torch's global random state.
         - ``callback(i, t, latents, x0_pred)`` after each step, as in :func:`sdlearn.samplers.sample` (a tensor
           it returns replaces the latents).
+        - ``guidance_interval`` ``(t_low, t_high)``: guide only at timesteps in that range, and use the conditional
+          prediction elsewhere (Kynkäänniemi et al. 2024: guidance at the highest noise levels collapses the
+          variety of what a prompt leaves open, and at the lowest it does little). None: the pipeline's
+          ``guidance_interval`` attribute; ``(0, T)`` guides at every step.
         """
         prompts, negatives, steps, w, solver, generator, k = self._prepare(
             prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, generator, seed, num_images_per_prompt)
-        model_fn = self._model_fn(prompts, negatives, w, k)
+        model_fn = self._model_fn(prompts, negatives, w, k, guidance_interval)
         latents = self._denoise(model_fn, solver, steps, generator, len(prompts) * k, progress, callback)
         return self.decode_latents(latents)
 
@@ -381,7 +407,7 @@ class LatentDiffusionPipeline:
         prompts, negatives, steps, w, solver, generator, k = self._prepare(prompt, **self._common(kwargs))
         prompts, negatives, image = self._pair(prompts, negatives, image)
         latents = self.encode_image(image).repeat_interleave(k, dim=0)  # [N, 4, 8, 8]
-        model_fn = self._model_fn(prompts, negatives, w, k)
+        model_fn = self._model_fn(prompts, negatives, w, k, kwargs.get("guidance_interval"))
         latents = self._denoise(model_fn, solver, steps, generator, len(latents), kwargs.get("progress", True),
                                 kwargs.get("callback"), x0=latents, strength=strength)
         return self.decode_latents(latents)
@@ -423,7 +449,7 @@ class LatentDiffusionPipeline:
         known = self.encode_image(image)  # [N, 4, 8, 8]
         factor = self.image_shape[1] // self.latent_shape[1]
         repaint = F.max_pool2d(mask, factor).to(self.device)  # [N, 1, 8, 8]: 1 where a cell is repainted
-        model_fn = self._model_fn(prompts, negatives, w, k)
+        model_fn = self._model_fn(prompts, negatives, w, k, kwargs.get("guidance_interval"))
         noise = _draw_noise(known.shape, generator, self.device)  # [N, 4, 8, 8], x_T and the re-noising
         user_callback = kwargs.get("callback")
 
@@ -451,10 +477,10 @@ class LatentDiffusionPipeline:
 
     @classmethod
     def _common(cls, kwargs: dict) -> dict:
-        unknown = set(kwargs) - set(cls._COMMON) - {"progress", "callback"}
+        unknown = set(kwargs) - set(cls._COMMON) - {"progress", "callback", "guidance_interval"}
         if unknown:
             raise ValueError(f"unknown keyword argument(s) {', '.join(sorted(unknown))}; expected some of "
-                             f"{', '.join(cls._COMMON + ('progress', 'callback'))}")
+                             f"{', '.join(cls._COMMON + ('progress', 'callback', 'guidance_interval'))}")
         defaults = {"negative_prompt": None, "num_inference_steps": 20, "guidance_scale": 4.0, "sampler": "dpm++",
                     "generator": None, "seed": None, "num_images_per_prompt": 1}
         return {name: kwargs.get(name, default) for name, default in defaults.items()}

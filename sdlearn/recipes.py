@@ -37,9 +37,10 @@ from sdlearn.data import (
     ATTRIBUTE_VALUES,
     ATTRIBUTES,
     IMAGE_SIZE,
+    MAX_OBJECTS,
     ImageFolderDataset,
     ShapesDataset,
-    caption_for,
+    random_caption,
     sample_batch,
 )
 from sdlearn.denoiser import Denoiser, DenoiserConfig, denoiser_loss
@@ -61,8 +62,8 @@ from sdlearn.metrics import (
 )
 from sdlearn.pipeline import LatentDiffusionPipeline, check_compatible
 from sdlearn.pretrained import (
-    load_classifier,
     load_pipeline,
+    load_scene_reader,
     load_text_encoder,
     load_tokenizer,
     load_vae,
@@ -171,10 +172,10 @@ SCALING_SEED = 20_000  # images the scaling factor is measured on
 
 
 def _shapes_batch_fn(batch_size: int, seed: int) -> Callable[[int], torch.Tensor]:
-    """Fresh Shapes images (split "all") for each step, a pure function of (seed, step)."""
+    """Fresh Shapes scenes of one or two objects (split "all") for each step, a pure function of (seed, step)."""
     def batch_fn(step: int) -> torch.Tensor:
         generator = step_generator(seed, step)
-        return sample_batch(batch_size, "all", generator).images  # [B, 3, 32, 32]
+        return sample_batch(batch_size, "all", generator, num_objects=(1, 2)).images  # [B, 3, 32, 32]
 
     return batch_fn
 
@@ -206,7 +207,7 @@ def train_vae(
 ):
     """Train the course's VAE → ``(vae, result)``; the recipe behind ``python -m sdlearn train vae``.
 
-    Data: fresh Shapes images every step from ``split="all"`` — the VAE never sees captions, so there is
+    Data: fresh Shapes scenes of one or two objects every step from ``split="all"`` — the VAE never sees captions, so there is
     nothing to hold out from it, and the denoiser will need it to encode the held-out pairs too; or, with
     ``data=PATH``, random images from a folder of your own (:class:`sdlearn.data.ImageFolderDataset`).
     Loss: :func:`sdlearn.vae.vae_loss`. Optimiser: AdamW, 100 warm-up steps then cosine decay over the
@@ -241,8 +242,8 @@ def train_vae(
     vae.eval()
     with torch.inference_mode():
         if str(data) == "shapes":
-            scale_images = ShapesDataset(4096, "all", seed=SCALING_SEED).batch(range(4096)).images
-            eval_images = ShapesDataset(1024, "all", seed=VAE_EVAL_SEED).batch(range(1024)).images
+            scale_images = ShapesDataset(4096, "all", seed=SCALING_SEED, num_objects=(1, 2)).batch(range(4096)).images
+            eval_images = ShapesDataset(1024, "all", seed=VAE_EVAL_SEED, num_objects=(1, 2)).batch(range(1024)).images
         else:  # a folder has no fresh images: measure on (up to 4,096 of) the training images themselves
             scale_images = torch.stack([folder[i]["image"] for i in range(min(len(folder), 4096))])
             eval_images = scale_images[:1024]
@@ -257,7 +258,7 @@ def train_vae(
         result, run_config, ("data", "batch_size", "lr", "seed"), device, steps, minutes,
         eval_psnr_db=round(psnr_db, 3),
         eval_mean_psnr_db=round(mean_psnr, 3),
-        eval_images="ShapesDataset(1024, 'all', seed=10000)" if str(data) == "shapes"
+        eval_images="ShapesDataset(1024, 'all', seed=10000, num_objects=(1, 2))" if str(data) == "shapes"
         else f"{len(eval_images)} training images of {data}",
     )
     summary = (f"loss {result.final_loss:.3g}, PSNR {psnr_db:.2f} dB on 1,024 fresh images, "
@@ -481,20 +482,22 @@ class _LatentWindow:
     step is a pure function of that step: a resumed run rebuilds exactly the window it left.
 
     Per image the window keeps the posterior's mean and standard deviation ``[size, 4, 8, 8]`` (the VAE's
-    posterior is narrow: σ ≈ 0.005 against a latent std of ≈ 0.83) and the four attribute indices, from which a
-    fresh caption is drawn at every use. ``refresh=size`` re-encodes the whole window at every step.
+    posterior is narrow: σ ≈ 0.005 against a latent std of ≈ 0.83) and each object's four attribute indices
+    ``[size, 2, 4]`` (-1 where there is no second object), from which a fresh caption is drawn at every use.
+    ``refresh=size`` re-encodes the whole window at every step. ``num_objects`` as in
+    :class:`~sdlearn.data.ShapesDataset`.
     """
 
-    def __init__(self, vae, size: int, refresh: int, split: str, seed: int):
+    def __init__(self, vae, size: int, refresh: int, split: str, seed: int, num_objects=(1, 2)):
         if not 1 <= refresh <= size:
             raise ValueError(f"the latent window must refresh between 1 and {size} images per step, got {refresh}")
         self.vae, self.size, self.refresh = vae, size, refresh
-        self.stream = ShapesDataset(2**40, split, seed=seed)
+        self.stream = ShapesDataset(2**40, split, seed=seed, num_objects=num_objects)
         device = next(vae.parameters()).device
         shape = (size, *vae.latent_shape)
         self.mean = torch.zeros(shape, device=device)  # [W, 4, 8, 8]
         self.std = torch.zeros(shape, device=device)
-        self.attributes = torch.zeros(size, 4, dtype=torch.long)  # [W, 4]: color, shape, size, position indices
+        self.objects = torch.full((size, MAX_OBJECTS, len(ATTRIBUTES)), -1, dtype=torch.long)  # [W, 2, 4] indices
         self.step: int | None = None  # the step whose window is held
 
     @torch.no_grad()
@@ -508,7 +511,7 @@ class _LatentWindow:
             slots = ids % self.size
             self.mean[slots.to(device)] = posterior.mean
             self.std[slots.to(device)] = posterior.std
-            self.attributes[slots] = torch.stack([batch.attributes[k] for k in ATTRIBUTES], dim=1)
+            self.objects[slots] = torch.stack([batch.objects[k] for k in ATTRIBUTES], dim=2)  # [b, 2, 4]
 
     def at(self, step: int) -> _LatentWindow:
         """Bring the window to ``step``: slide it by one step's images, or rebuild it (first call, resume)."""
@@ -522,12 +525,11 @@ class _LatentWindow:
         return self
 
 
-def _caption_for_indices(attributes: torch.Tensor, generator: torch.Generator) -> list[str]:
-    """A random caption (any template, any synonyms) for each row of attribute indices ``[B, 4]``."""
-    return [
-        caption_for({k: ATTRIBUTE_VALUES[k][i] for k, i in zip(ATTRIBUTES, row)}, generator)
-        for row in attributes.tolist()
-    ]
+def _random_captions(objects: torch.Tensor, generator: torch.Generator, open_fraction: float) -> list[str]:
+    """A random caption (:func:`sdlearn.data.random_caption`) for each scene of object indices ``[B, 2, 4]``."""
+    scenes = [[{k: ATTRIBUTE_VALUES[k][i] for k, i in zip(ATTRIBUTES, obj)} for obj in row if obj[0] >= 0]
+              for row in objects.tolist()]
+    return [random_caption(scene, generator, open_fraction)[0] for scene in scenes]
 
 
 def latent_batch_fn(
@@ -539,17 +541,21 @@ def latent_batch_fn(
     text_encoder=None,
     tokenizer=None,
     caption_dropout: float = 0.1,
+    open_fraction: float = 0.5,
     window: int = LATENT_WINDOW,
     refresh: int = LATENT_REFRESH,
     split: str = "train",
+    num_objects=(1, 2),
 ) -> Callable[[int], dict[str, torch.Tensor]]:
     """``batch_fn(step)`` for the denoiser: a dict of the clean latent ``x0`` ``[B, 4, 8, 8]`` (a posterior sample,
     times the VAE's scaling factor), the ``noise`` ``[B, 4, 8, 8]`` and timesteps ``t`` ``[B]`` (uniform in
     [0, T)) to noise it with, and — with a ``text_encoder`` — the frozen tower's ``tokens`` ``[B, L, D]`` and
-    ``mask`` ``[B, L]`` of a fresh random caption per image, replaced by the empty prompt "" (``<bos> <eos>``,
-    the unconditional prompt of classifier-free guidance) with probability ``caption_dropout``. ``captions``
-    lists the prompts used (the empty ones included). A pure function of ``(seed, step)``."""
-    latents = _LatentWindow(vae, window, refresh, split, DENOISER_DATA_SEED + seed)
+    ``mask`` ``[B, L]`` of a fresh random caption per image (:func:`sdlearn.data.random_caption`: a fraction
+    ``open_fraction`` leave attributes open, so an image teaches every partial prompt true of it), replaced
+    by the empty prompt "" (``<bos> <eos>``, the unconditional prompt of classifier-free guidance) with
+    probability ``caption_dropout``. Images are scenes of ``num_objects`` (default: one or two, half each).
+    ``captions`` lists the prompts used (the empty ones included). A pure function of ``(seed, step)``."""
+    latents = _LatentWindow(vae, window, refresh, split, DENOISER_DATA_SEED + seed, num_objects)
     scale = vae.scaling_factor
     T = schedule.num_train_timesteps
 
@@ -567,10 +573,10 @@ def latent_batch_fn(
             "t": torch.randint(T, (batch_size,), generator=generator),
         }
         if text_encoder is not None:
-            captions = _caption_for_indices(cache.attributes[picks], generator)
+            captions = _random_captions(cache.objects[picks], generator, open_fraction)
             dropped = (torch.rand(batch_size, generator=generator) < caption_dropout).tolist()
             captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]
-            ids, mask = tokenizer(captions)  # [B, 16] each
+            ids, mask = tokenizer(captions)  # [B, 21] each
             length = int(mask.sum(1).max())  # the padding beyond the longest caption changes nothing: drop it
             with torch.no_grad():
                 encoding = text_encoder(ids[:, :length].to(device), mask[:, :length].to(device))
@@ -633,6 +639,7 @@ def train_denoiser(
     lr: float = 1e-3,
     ema_decay: float = 0.999,
     caption_dropout: float = 0.1,
+    open_fraction: float = 0.5,
     seed: int = 0,
     config=None,
     threads: int | None = None,
@@ -647,7 +654,8 @@ def train_denoiser(
     the recipe behind ``python -m sdlearn train denoiser``. The returned denoiser holds the EMA weights (eval
     mode); the raw weights are in ``denoiser.raw_state_dict`` (and in the checkpoint, ``model/…``).
 
-    - **Data**: fresh Shapes images from ``split="train"`` (the four held-out colour–shape pairs are never seen),
+    - **Data**: fresh Shapes scenes of one or two objects (half each) from ``split="train"`` (the four held-out
+      colour–shape pairs are never seen, in any object),
       encoded by the frozen VAE (``vae``: None = the shipped one). Encoding is cached: :class:`_LatentWindow`
       keeps the latents of ``latent_window`` = 16,384 images and swaps ``latent_refresh`` = 16 fresh ones in
       per step, so the data never runs out while only 1/8 of a batch is encoded per step. Encoding on the fly would cost a noticeable part of
@@ -656,7 +664,8 @@ def train_denoiser(
       chosen are in ``benchmarks/results/docstring-figures-2026-11.md``.
       The latent is a *sample* of the posterior q(z | x), as Stable Diffusion's training takes it, times the
       scaling factor; the posterior is so narrow (σ ≈ 0.005) that this is the mean up to a small jitter.
-    - **Text**: a fresh random caption per image and use (every template and synonym), read by the frozen text
+    - **Text**: a fresh random caption per image and use (every template and synonym; a fraction
+      ``open_fraction`` leave attributes open, :func:`sdlearn.data.random_caption`), read by the frozen text
       tower (``text_encoder``: "shipped", a path to TinyCLIP weights, a ``TextEncoder``, or None to train
       unconditionally) → token embeddings + mask for the cross-attention. With probability
       ``caption_dropout`` the caption is the empty prompt "" (``<bos> <eos>``): the unconditional prompt that
@@ -681,8 +690,9 @@ def train_denoiser(
     minutes, steps = default_budget(minutes, steps, default_minutes=45.0)
     check_positive_int(batch_size, "batch_size")
     check_prediction_type(prediction_type)
-    if isinstance(caption_dropout, bool) or not isinstance(caption_dropout, (int, float)) or not 0 <= caption_dropout <= 1:
-        raise ValueError(f"caption_dropout must be a probability in [0, 1], got {caption_dropout!r}")
+    for name, value in (("caption_dropout", caption_dropout), ("open_fraction", open_fraction)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if threads is not None:
@@ -709,14 +719,15 @@ def train_denoiser(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     batch_fn = latent_batch_fn(vae, noise_schedule, batch_size, seed, text_encoder=text_encoder, tokenizer=tokenizer,
-                                caption_dropout=caption_dropout, window=latent_window, refresh=latent_refresh)
+                                caption_dropout=caption_dropout, open_fraction=open_fraction, window=latent_window,
+                                refresh=latent_refresh)
     torch.manual_seed(seed)
     denoiser = Denoiser(config).to(device)
     run_config = {
         "model": "denoiser", "denoiser_config": config.to_dict(), "schedule": schedule,
         "text_encoder": None if text_record is None else text_record.get("sha256", text_record["source"]),
         "vae": vae_record.get("sha256", vae_record["source"]), "batch_size": batch_size, "lr": lr,
-        "ema_decay": ema_decay, "caption_dropout": caption_dropout, "seed": seed,
+        "ema_decay": ema_decay, "caption_dropout": caption_dropout, "open_fraction": open_fraction, "seed": seed,
         "latent_window": [latent_window, latent_refresh],
     }
     result = fit("denoiser", denoiser, lambda model, batch, step: denoiser_loss(model, batch, noise_schedule), batch_fn,
@@ -728,22 +739,24 @@ def train_denoiser(
     denoiser.eval()
 
     training = training_record(
-        result, run_config, ("batch_size", "lr", "ema_decay", "caption_dropout", "seed"), device, steps, minutes,
+        result, run_config, ("batch_size", "lr", "ema_decay", "caption_dropout", "open_fraction", "seed"), device, steps,
+        minutes,
         images_seen=result.step * batch_size,
         losses=[float(f"{loss:.4g}") for loss in result.losses],  # per step, for notebook 05's curve
         weights=f"EMA (decay {ema_decay}), stored as float16",
-        data=f"fresh Shapes, split 'train': ShapesDataset(2**40, 'train', seed={DENOISER_DATA_SEED + seed}), "
+        data=f"fresh Shapes scenes, split 'train': ShapesDataset(2**40, 'train', seed={DENOISER_DATA_SEED + seed}, "
+             f"num_objects=(1, 2)), "
              f"latents of a {latent_window}-image window, {latent_refresh} fresh images per step",
         vae=vae_record,
     )
     if text_encoder is not None and eval_images > 0:
         try:
-            classifier = load_classifier()
+            judge = load_scene_reader()
         except CheckpointError as e:
-            training["evaluation"] = {"skipped": f"no attribute classifier to judge with ({e})"}
+            training["evaluation"] = {"skipped": f"no scene reader to judge with ({e})"}
         else:
             pipe = LatentDiffusionPipeline(vae, text_encoder, tokenizer, denoiser, noise_schedule)
-            training["evaluation"] = evaluate_prompt_accuracy(pipe, eval_images, classifier)[1]
+            training["evaluation"] = evaluate_prompt_accuracy(pipe, eval_images, judge)[1]
     scores = training.get("evaluation", {}).get("prompt_accuracy")
     summary = f"loss {result.final_loss:.4g}" + (f", prompt accuracy {scores}" if scores else "")
     denoiser.schedule_name = schedule
@@ -777,18 +790,24 @@ def generate_for_eval(pipe: LatentDiffusionPipeline, prompts: Sequence[str], neg
     return torch.cat(images)
 
 
-def evaluate_prompt_accuracy(pipe: LatentDiffusionPipeline, n: int, classifier: AttributeClassifier):
+def evaluate_prompt_accuracy(pipe: LatentDiffusionPipeline, n: int, judge: SceneReader | AttributeClassifier):
     """Prompt accuracy at 20 DPM-Solver++ steps and guidance 4 on ``n`` captions of each split →
-    ``({split: PromptAccuracy}, record)``, ``record`` being what the weights' JSON keeps of it."""
+    ``({split: PromptAccuracy}, record)``, ``record`` being what the weights' JSON keeps of it. With a
+    :class:`SceneReader` as the ``judge``, also on ``n`` two-object captions of the train split ("two_objects")."""
     started = time.perf_counter()
     scores = {}
-    for split in ("train", "heldout"):
-        prompts = ShapesDataset(n, split, seed=DENOISER_EVAL_SEED).batch(range(n)).captions
-        scores[split] = prompt_accuracy(generate_for_eval(pipe, prompts), prompts, classifier)
+    sets = {split: ShapesDataset(n, split, seed=DENOISER_EVAL_SEED) for split in ("train", "heldout")}
+    if isinstance(judge, SceneReader):
+        sets["two_objects"] = ShapesDataset(n, "train", seed=DENOISER_EVAL_SEED, num_objects=2)
+    for name, dataset in sets.items():
+        prompts = dataset.batch(range(n)).captions
+        scores[name] = prompt_accuracy(generate_for_eval(pipe, prompts), prompts, judge)
     return scores, {
         "prompt_accuracy": {split: round(s.overall, 4) for split, s in scores.items()},
         "per_attribute": {split: {k: round(v, 4) for k, v in s.per_attribute.items()} for split, s in scores.items()},
-        "prompts": f"captions of ShapesDataset({n}, split, seed={DENOISER_EVAL_SEED}) for split in ('train', 'heldout')",
+        "prompts": f"captions of ShapesDataset({n}, split, seed={DENOISER_EVAL_SEED}) for split in ('train', 'heldout')"
+                   + (f"; two_objects: ShapesDataset({n}, 'train', seed={DENOISER_EVAL_SEED}, num_objects=2)"
+                      if "two_objects" in sets else ""),
         "sampling": "20 DPM-Solver++ steps, guidance 4, image i's noise from seed i",
         "seconds": round(time.perf_counter() - started, 1),
     }
@@ -799,7 +818,7 @@ def evaluate_prompt_accuracy(pipe: LatentDiffusionPipeline, n: int, classifier: 
 
 # The time budget's split. The denoiser is what takes long to learn; the VAE passes 30 dB in ≈ 2 minutes (see
 # sdlearn/weights/README.md), TinyCLIP's zero-shot accuracy and the classifier's saturate within a few.
-TRAIN_ALL_SPLIT = {"vae": 0.10, "clip": 0.10, "classifier": 0.05, "denoiser": 0.75}
+TRAIN_ALL_SPLIT = {"vae": 0.10, "clip": 0.10, "scene_reader": 0.05, "denoiser": 0.75}
 
 
 def train_all(
@@ -819,19 +838,19 @@ def train_all(
 
     1. the VAE (:func:`train_vae`) → ``vae.*``;
     2. TinyCLIP (:func:`train_clip`), whose frozen text tower reads the prompts → ``clip.*``;
-    3. the attribute classifier (:func:`train_classifier`), the judge of prompt accuracy →
-       ``classifier.*``;
+    3. the scene reader (:func:`train_scene_reader`), the judge of prompt accuracy →
+       ``scene_reader.*``;
     4. the denoiser (:func:`train_denoiser`) on latents of *this* VAE, conditioned by *this* text tower →
        ``denoiser.*``.
 
     Budget: ``minutes`` (default 30 when neither budget is given) is split by :data:`TRAIN_ALL_SPLIT`
-    (VAE 10%, CLIP 10%, classifier 5%, denoiser 75%); ``steps``, if given, caps every stage at that many
+    (VAE 10%, CLIP 10%, scene reader 5%, denoiser 75%); ``steps``, if given, caps every stage at that many
     optimiser steps. The budgets count training loops only; each stage's own evaluation and the final one add
     about a minute in all on a 2-core CPU. Each stage resumes from its checkpoint in ``out_dir``, so an
     interrupted run, restarted with the same command, continues where it stopped.
 
     At the end the folder is loaded with :func:`sdlearn.pretrained.load_pipeline` (so it is known to load), and
-    the prompt accuracy (:func:`sdlearn.metrics.prompt_accuracy`, judged by the classifier trained in stage 3)
+    the prompt accuracy (:func:`sdlearn.metrics.prompt_accuracy`, judged by the scene reader trained in stage 3)
     is measured on ``eval_prompts`` captions of each split (``ShapesDataset(n, split, seed=50_000)``), drawn with
     20 DPM-Solver++ steps at guidance 4, image i's noise from seed i. ``train_all.json`` in ``out_dir`` records
     the stages and the scores; so does ``result.record``, where ``result`` (a :class:`~sdlearn.training.TrainResult`)
@@ -862,8 +881,8 @@ def train_all(
     stages = {
         "vae": lambda budget: train_vae(out_dir, budget, steps, device, seed=seed, progress=progress, **options.get("vae", {})),
         "clip": lambda budget: train_clip(out_dir, budget, steps, device, seed=seed, progress=progress, **options.get("clip", {})),
-        "classifier": lambda budget: train_classifier(out_dir, budget, steps, device, seed=seed, progress=progress,
-                                                      **options.get("classifier", {})),
+        "scene_reader": lambda budget: train_scene_reader(out_dir, budget, steps, device, seed=seed, progress=progress,
+                                                          **options.get("scene_reader", {})),
         "denoiser": lambda budget: train_denoiser(out_dir, budget, steps, device, text_encoder=out_dir, vae=out_dir,
                                                   seed=seed, eval_images=0, progress=progress,
                                                   **options.get("denoiser", {})),
@@ -885,8 +904,8 @@ def train_all(
     pipe = load_pipeline(out_dir, device)
     scores = {}
     if eval_prompts > 0:
-        scores, record["evaluation"] = evaluate_prompt_accuracy(pipe, eval_prompts, models["classifier"])
-        record["evaluation"]["judge"] = f"the classifier trained in stage 3 ({out_dir / 'classifier.safetensors'})"
+        scores, record["evaluation"] = evaluate_prompt_accuracy(pipe, eval_prompts, models["scene_reader"])
+        record["evaluation"]["judge"] = f"the scene reader trained in stage 3 ({out_dir / 'scene_reader.safetensors'})"
     record.update(train_minutes=round(train_seconds / 60, 3), total_minutes=round((time.perf_counter() - started) / 60, 3),
                   device=str(device), torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))

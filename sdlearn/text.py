@@ -4,16 +4,17 @@ Stable Diffusion reads its prompt with the text tower of CLIP (Radford et al. 20
 match 400M image–caption pairs, then frozen. The course does the same at Shapes scale:
 
 1. **Tokenizer** — prompt → ids. Word-level over the caption vocabulary (``sdlearn.data.VOCABULARY``,
-   37 words) plus four specials, ``<pad>`` = 0, ``<bos>``, ``<eos>``, ``<unk>``. Every prompt becomes
-   ``<bos> w₁ … wₙ <eos> <pad> …``, padded to ``max_length`` = 16, with a mask that is True on the
+   40 words) plus four specials, ``<pad>`` = 0, ``<bos>``, ``<eos>``, ``<unk>``. Every prompt becomes
+   ``<bos> w₁ … wₙ <eos> <pad> …``, padded to ``max_length`` = 21 (the longest two-object caption, 19
+   words, with ``<bos>`` and ``<eos>``), with a mask that is True on the
    real tokens (``<bos>``/``<eos>`` included). The empty prompt "" is ``<bos> <eos>``: the
    unconditional prompt of classifier-free guidance.
 2. **TextEncoder** — ids → one vector per token. Token + learned positional embedding, pre-LN
    transformer blocks (self-attention, MLP), a final LayerNorm (GPT-2's layout, as CLIP's text tower).
-   Attention is bidirectional by default (every token sees the whole prompt) and padded tokens are
-   masked out of the keys, so padding never changes a real token's output. ``causal=True`` makes it
-   causal as CLIP's text tower is (token i reads tokens ≤ i only, so the pooled ``<eos>`` state is the
-   only one that has read the whole prompt); the shipped tower is bidirectional. The *pooled* embedding is the final
+   Attention is causal, as in CLIP's text tower (token i reads tokens ≤ i only, so the pooled ``<eos>``
+   state is the only one that has read the whole prompt), and padded tokens are masked out of the keys,
+   so padding never changes a real token's output; ``causal=False`` gives a bidirectional tower (every
+   token sees the whole prompt, BERT's choice). The *pooled* embedding is the final
    state of the ``<eos>`` token, as in CLIP (§2.4: "the activations of the highest layer of the
    transformer at the [EOS] token"): it has attended to every word, and the empty prompt still has one.
 3. **TinyCLIP** — the text encoder + a small CNN image encoder, each followed by a linear projection
@@ -27,8 +28,13 @@ Two Shapes-specific decisions, written down:
   many images: plain CLIP would push apart pairs that truly match. :func:`soft_contrastive_loss` spreads each row's target uniformly over *every* caption in
   the batch that is true of the image (and each column's over every image the caption is true of).
   With one positive per row it is exactly :func:`contrastive_loss`.
-- **Partial captions.** Half of the training captions name only some attributes ("a red circle",
-  "small", "in the top left"; :func:`partial_caption`), and match every image they are true of. This
+- **Partial captions.** Half of the training captions leave attributes open ("a red circle", "a small
+  shape in the top left"; :func:`sdlearn.data.random_caption`), and match every image they are true of.
+- **Scenes and hard negatives.** Half of the images hold two objects, captioned "… and …". A contrastive
+  text encoder trained only on true captions can behave like a bag of words (Yuksekgonul et al. 2023):
+  "a red circle and a blue square" and "a blue circle and a red square" hold the same words. So each
+  two-object caption also brings a *hard negative*: the same caption with one attribute swapped between
+  its objects (NegCLIP), which the image must score below its true caption. This
   teaches the encoder what each word means on its own, which (a) makes zero-shot classification work
   from one-attribute prompts, (b) gives sensible embeddings to the partial prompts users will type,
   and (c) pushes the image encoder to represent colour and shape separately, which helps it
@@ -58,12 +64,17 @@ from sdlearn.checks import check_batch, check_mask, warn_deprecated
 from sdlearn.data import (
     ATTRIBUTE_VALUES,
     ATTRIBUTES,
+    JOIN_WORD,
+    MAX_CAPTION_WORDS,
+    MAX_OBJECTS,
     SHAPE_WORDS,
     SIZE_WORDS,
     VOCABULARY,
     ShapesDataset,
     caption_for,
+    object_phrase,
     place_phrases,
+    random_caption,
     sample_batch,
     split_words,
 )
@@ -82,10 +93,11 @@ class Tokenizer:
     Ids: ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2, ``<unk>`` = 3, then the vocabulary's words in
     order. Words are split as captions are (:func:`sdlearn.data.split_words`: lower case, punctuation
     dropped). An unknown word becomes ``<unk>`` with a warning naming it; a prompt longer than
-    ``max_length - 2`` words is truncated (its ``<eos>`` kept last) with a warning.
+    ``max_length - 2`` words is truncated (its ``<eos>`` kept last) with a warning, and one naming more
+    than two objects (two "and"s) warns that a Shapes scene holds at most two.
     """
 
-    def __init__(self, vocabulary: Sequence[str] = VOCABULARY, max_length: int = 16):
+    def __init__(self, vocabulary: Sequence[str] = VOCABULARY, max_length: int = MAX_CAPTION_WORDS + 2):
         if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
             raise ValueError(f"max_length must be an integer ≥ 2 (room for <bos> and <eos>), got {max_length!r}")
         if isinstance(vocabulary, str) or not all(isinstance(w, str) for w in vocabulary):
@@ -136,6 +148,13 @@ class Tokenizer:
                     UserWarning,
                     stacklevel=2,
                 )
+            if words.count(JOIN_WORD) >= MAX_OBJECTS:
+                warnings.warn(
+                    f"prompt {prompt!r} names {words.count(JOIN_WORD) + 1} objects, but a Shapes scene holds at most "
+                    f"{MAX_OBJECTS}; the model was never shown such a scene, so expect at most two objects",
+                    UserWarning,
+                    stacklevel=2,
+                )
             if len(words) > room:
                 warnings.warn(
                     f"prompt {prompt!r} has {len(words)} words, but only {room} fit in max_length={self.max_length} "
@@ -180,13 +199,18 @@ class Tokenizer:
 class TextEncoderConfig(ConfigMixin):
     """Hyper-parameters of :class:`TextEncoder`. ``width`` = 128 matches ``DenoiserConfig.text_dim``."""
 
-    vocab_size: int = len(SPECIAL_TOKENS) + len(VOCABULARY)  # 41
-    max_length: int = 16  # longest token sequence (positions)
+    vocab_size: int = len(SPECIAL_TOKENS) + len(VOCABULARY)  # 44
+    max_length: int = MAX_CAPTION_WORDS + 2  # longest token sequence (positions): 21
     width: int = 128  # D
     depth: int = 3  # transformer blocks
     heads: int = 4  # head size D / heads = 32
     mlp_ratio: float = 2.0  # MLP hidden width = mlp_ratio · D
-    causal: bool = False  # True: token i attends to tokens ≤ i only, as in CLIP's text tower (Radford et al. 2021)
+    causal: bool = True  # token i attends to tokens ≤ i only, as in CLIP's text tower (Radford et al. 2021)
+
+    @classmethod
+    def upgrade_dict(cls, d: dict) -> dict:
+        """A tower saved before ``causal`` existed was bidirectional."""
+        return {"causal": False, **d}
 
     def __post_init__(self):
         self.check_positive_ints("vocab_size", "max_length", "width", "depth", "heads")
@@ -327,17 +351,21 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scal
 
 
 def soft_contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale, positives: torch.Tensor) -> torch.Tensor:
-    """:func:`contrastive_loss` when a batch holds several true pairs per row.
+    """:func:`contrastive_loss` when a batch holds several true pairs per row, and extra captions.
 
-    ``positives`` bool ``[B, B]``: ``positives[i, j]`` is True when caption j is true of image i (the
-    diagonal must be). Image i's target is uniform over its positive captions, caption j's over its
-    positive images, and each direction is the cross-entropy to that target. With ``positives`` the
-    identity this is exactly :func:`contrastive_loss`.
+    ``image_emb`` ``[B, E]``; ``text_emb`` ``[C, E]`` with ``C ≥ B``: the batch's own captions first (caption i
+    is image i's), then any extra captions, such as hard negatives. ``positives`` bool ``[B, C]``:
+    ``positives[i, j]`` is True when caption j is true of image i (the diagonal must be). Image i's target is
+    uniform over its positive captions (an extra caption true of no image is a pure negative), caption j's
+    over its positive images (for the captions true of some image), and each direction is the
+    cross-entropy to that target. With ``positives`` the identity this is exactly :func:`contrastive_loss`.
     """
-    logits = logit_scale * image_emb @ text_emb.T  # [B, B]
+    logits = logit_scale * image_emb @ text_emb.T  # [B, C]
     targets = positives.float()
     image_to_text = -(targets / targets.sum(1, keepdim=True) * logits.log_softmax(dim=1)).sum(1).mean()
-    text_to_image = -(targets / targets.sum(0, keepdim=True) * logits.log_softmax(dim=0)).sum(0).mean()
+    true_of_some = targets.sum(0) > 0  # [C]
+    t, lg = targets[:, true_of_some], logits[:, true_of_some]
+    text_to_image = -(t / t.sum(0, keepdim=True) * lg.log_softmax(dim=0)).sum(0).mean()
     return 0.5 * (image_to_text + text_to_image)
 
 
@@ -486,12 +514,12 @@ def partial_caption(attributes: dict[str, str], generator: torch.Generator | Non
 
 
 def zero_shot_prompts(attribute: str) -> dict[str, str]:
-    """The prompt for each value of ``attribute``: color → "red", …; shape → "a circle", …; size →
-    "small", "large"; position → "in the top left", …, "in the center" (:func:`partial_caption`'s
-    canonical words; the vocabulary has no "shape" or "object", so "a red shape" cannot be said)."""
+    """The prompt for each value of ``attribute``: color → "a red shape", …; shape → "a circle", …; size →
+    "a small shape", "a large shape"; position → "a shape in the top left", … (:func:`sdlearn.data.object_phrase`
+    of the one attribute, the way the training captions leave the others open)."""
     if attribute not in ATTRIBUTE_VALUES:
         raise ValueError(f"unknown attribute {attribute!r}; expected one of: {', '.join(ATTRIBUTES)}")
-    return {value: partial_caption({attribute: value}) for value in ATTRIBUTE_VALUES[attribute]}
+    return {value: object_phrase({attribute: value}) for value in ATTRIBUTE_VALUES[attribute]}
 
 
 def _embed_images(clip: TinyCLIP, images: torch.Tensor) -> torch.Tensor:
@@ -553,30 +581,71 @@ def caption_retrieval_accuracy(clip: TinyCLIP, n: int = 1000, seed: int = CLIP_E
 # Training batches and loss (the recipe is sdlearn.recipes.train_clip: `python -m sdlearn train clip`)
 
 _UNNAMED = -1  # in an attribute table, "this caption does not say"
+_ABSENT = -2  # in an attribute table, "no such object"
+
+
+def scene_table(scenes: Sequence[Sequence[dict]]) -> torch.Tensor:
+    """Scenes (lists of one or two attribute dicts, as captions name them) → value indices ``[N, 2, 4]``:
+    ``_UNNAMED`` (-1) for an attribute left open, ``_ABSENT`` (-2) for every attribute of a missing object."""
+    table = torch.full((len(scenes), MAX_OBJECTS, len(ATTRIBUTES)), _ABSENT, dtype=torch.long)
+    for n, objects in enumerate(scenes):
+        for o, obj in enumerate(objects):
+            table[n, o] = torch.tensor([ATTRIBUTE_VALUES[k].index(obj[k]) if k in obj else _UNNAMED for k in ATTRIBUTES])
+    return table
+
+
+def captions_true_of(caption_table: torch.Tensor, image_table: torch.Tensor) -> torch.Tensor:
+    """Which captions are true of which images → bool ``[B, C]`` from tables ``[C, 2, 4]`` (captions,
+    :func:`scene_table`) and ``[B, 2, 4]`` (images, every attribute named). True when the caption names as
+    many objects as the image holds and, in one of the two orders, every attribute it names is the image's."""
+    caption, image = caption_table[None], image_table[:, None]  # [1, C, 2, 4], [B, 1, 2, 4]
+
+    def match(c):
+        return ((c == image) | ((c == _UNNAMED) & (image >= 0))).all(dim=3).all(dim=2)  # [B, C]
+
+    return match(caption) | match(caption.flip(2))
+
+
+def swapped_objects(named: list[dict], generator: torch.Generator | None = None) -> list[dict] | None:
+    """A hard negative for a two-object caption (NegCLIP, Yuksekgonul et al. 2023): the objects ``named``
+    with one attribute that both name, with different values, swapped between them ("a red circle and a
+    blue square" → "a blue circle and a red square"); None when there is none to swap."""
+    if len(named) != 2:
+        return None
+    a, b = named
+    options = [k for k in ATTRIBUTES if k in a and k in b and a[k] != b[k]]
+    if not options:
+        return None
+    k = options[int(torch.randint(len(options), (1,), generator=generator))]
+    return [{**a, k: b[k]}, {**b, k: a[k]}]
 
 
 def clip_batch(batch_size: int, generator: torch.Generator | None = None, tokenizer: Tokenizer | None = None,
-               partial_fraction: float = 0.5, split: str = "train") -> dict[str, torch.Tensor]:
-    """A training batch: fresh Shapes images and, for each, a caption true of it → dict of
-    ``images [B, 3, 32, 32]``, ``ids``/``mask [B, L]`` and ``positives [B, B]`` (caption j true of image i).
+               partial_fraction: float = 0.5, split: str = "train", num_objects=(1, 2),
+               hard_negatives: bool = True) -> dict[str, torch.Tensor]:
+    """A training batch: fresh Shapes scenes and, for each, a caption true of it → dict of ``images
+    [B, 3, 32, 32]``, ``ids``/``mask [C, L]`` and ``positives [B, C]`` (caption j true of image i), with C = B
+    plus one hard negative per two-object caption that has an attribute to swap (:func:`swapped_objects`).
 
-    A fraction ``partial_fraction`` of the captions are :func:`partial_caption` s naming a random
-    non-empty subset of the attributes; the others are the dataset's full captions (every template)."""
+    A fraction ``partial_fraction`` of the captions leave attributes open (:func:`sdlearn.data.random_caption`);
+    the others name everything (every template). ``num_objects`` as in :class:`sdlearn.data.ShapesDataset`."""
     tokenizer = Tokenizer() if tokenizer is None else tokenizer
-    images, captions, attributes = sample_batch(batch_size, split, generator)
-    image_table = torch.stack([attributes[k] for k in ATTRIBUTES], dim=1)  # [B, 4] value indices
-    text_table = image_table.clone()  # [B, 4], _UNNAMED where a caption is silent
-    partial = torch.rand(batch_size, generator=generator) < partial_fraction  # [B]
-    subsets = torch.randint(1, 2 ** len(ATTRIBUTES), (batch_size,), generator=generator)  # non-empty bit sets
-    for j in partial.nonzero().flatten().tolist():
-        named = {k: ATTRIBUTE_VALUES[k][int(image_table[j, a])]
-                 for a, k in enumerate(ATTRIBUTES) if int(subsets[j]) >> a & 1}
-        captions[j] = partial_caption(named, generator)
-        text_table[j] = torch.tensor([image_table[j, a] if k in named else _UNNAMED for a, k in enumerate(ATTRIBUTES)])
-    # positives[i, j]: every attribute caption j names equals image i's
-    agree = (text_table[None, :, :] == image_table[:, None, :]) | (text_table[None, :, :] == _UNNAMED)  # [B, B, 4]
+    batch = sample_batch(batch_size, split, generator, num_objects=num_objects)
+    scenes = [batch.item_objects(j) for j in range(batch_size)]
+    captions, named = [], []
+    for objects in scenes:
+        caption, said = random_caption(objects, generator, open_fraction=partial_fraction)
+        captions.append(caption)
+        named.append(said)
+    if hard_negatives:
+        for said in list(named):
+            negative = swapped_objects(said, generator)
+            if negative is not None:
+                captions.append(caption_for({"objects": negative}, generator))
+                named.append(negative)
+    positives = captions_true_of(scene_table(named), scene_table(scenes))  # [B, C]
     ids, mask = tokenizer(captions)
-    return {"images": images, "ids": ids, "mask": mask, "positives": agree.all(dim=2)}
+    return {"images": batch.images, "ids": ids, "mask": mask, "positives": positives}
 
 
 def clip_loss(clip: TinyCLIP, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]:

@@ -6,7 +6,14 @@ import sys
 import pytest
 
 from sdlearn.__main__ import TRAINERS, generate_to_files, main
-from sdlearn.recipes import train_all, train_classifier, train_clip, train_denoiser, train_vae
+from sdlearn.recipes import (
+    train_all,
+    train_classifier,
+    train_clip,
+    train_denoiser,
+    train_scene_reader,
+    train_vae,
+)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -53,8 +60,8 @@ def test_train_vae_writes_loadable_weights(tmp_path):
 
 
 def test_train_names_the_recipes():
-    assert TRAINERS == {"vae": train_vae, "clip": train_clip, "classifier": train_classifier, "denoiser": train_denoiser,
-                        "all": train_all}
+    assert TRAINERS == {"vae": train_vae, "clip": train_clip, "classifier": train_classifier,
+                        "scene_reader": train_scene_reader, "denoiser": train_denoiser, "all": train_all}
 
 
 @pytest.mark.parametrize(

@@ -29,7 +29,8 @@ MAX_LINES = 1000
 # The layers, lowest first. Within a layer the modules are listed in their rows' order; a name ending in
 # ".*" stands for a package's submodules, which share the package's row.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["sdlearn.checks", "sdlearn.checkpoint", "sdlearn.data", "sdlearn.schedules"]),
+    ("foundations", ["sdlearn.checks", "sdlearn.checkpoint", "sdlearn.images", "sdlearn.data", "sdlearn.schedules",
+                     "sdlearn.stats"]),
     ("models and losses", ["sdlearn.vae", "sdlearn.denoiser", "sdlearn.text", "sdlearn.metrics", "sdlearn.samplers"]),
     ("the generic loop", ["sdlearn.training"]),
     ("assembly", ["sdlearn.pipeline", "sdlearn.pretrained"]),

@@ -85,7 +85,7 @@ def test_bad_images_raise(untrained, bad, match):
     with pytest.raises(ValueError, match=match):
         untrained.predict(bad)
     with pytest.raises(ValueError, match=match):
-        prompt_accuracy(bad, "a red circle", classifier=untrained)
+        prompt_accuracy(bad, "a red circle", reader=untrained)
 
 
 def test_augment_keeps_range_and_is_seeded():
@@ -134,7 +134,7 @@ def test_prompt_accuracy_own_captions_near_one_shuffled_low(shipped, real):
 @needs_shipped
 def test_partial_prompts_judge_only_named_attributes(shipped):
     images = torch.stack([render_shape("red", "circle", size, pos) for size in ("small", "large") for pos in ("top left", "center", "bottom right")])
-    result = prompt_accuracy(images, "a red circle")  # classifier=None: the shipped one
+    result = prompt_accuracy(images, "a red circle")  # reader=None: the shipped judge
     assert result.overall == 1.0 and set(result.per_attribute) == {"color", "shape"}
     assert result.counts == {"color": 6, "shape": 6, "size": 0, "position": 0}
     wrong_colour = prompt_accuracy(images, ["a blue circle"] * 6, shipped)
@@ -155,7 +155,7 @@ def test_prompt_accuracy_bad_prompts(untrained):
     with pytest.raises(ValueError, match="list of strings"):
         prompt_accuracy(x, [1, 2, 3], untrained)
     with pytest.raises(ValueError, match="AttributeClassifier"):
-        prompt_accuracy(x, "a red circle", classifier="resnet")
+        prompt_accuracy(x, "a red circle", reader="resnet")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -390,7 +390,7 @@ def test_load_pipeline_warns_when_the_text_tower_is_not_the_denoisers(weights_di
 
 
 def test_train_all_writes_a_folder_load_pipeline_accepts(tmp_path, capsys):
-    from sdlearn.metrics import ClassifierConfig
+    from sdlearn.metrics import SceneReaderConfig
     from sdlearn.recipes import TRAIN_ALL_SPLIT, train_all
     from sdlearn.training import TrainResult
 
@@ -398,18 +398,18 @@ def test_train_all_writes_a_folder_load_pipeline_accepts(tmp_path, capsys):
         "vae": {"config": VAEConfig(base_channels=8, num_res_blocks=0), "batch_size": 8},
         "clip": {"config": TinyCLIPConfig(text=TINY_TEXT, image_channels=(8, 16), embed_dim=16), "batch_size": 8,
                  "eval_images": 16},
-        "classifier": {"config": ClassifierConfig(widths=(8, 8), feature_dim=16), "batch_size": 8},
+        "scene_reader": {"config": SceneReaderConfig(widths=(8, 8), feature_dim=16), "batch_size": 8},
         "denoiser": {"config": TINY_DENOISER, "batch_size": 8, "latent_window": 64, "latent_refresh": 8},
     }
     pipe, result = train_all(tmp_path, steps=2, device="cpu", eval_prompts=4, options=options)
     assert isinstance(pipe, LatentDiffusionPipeline) and isinstance(load_pipeline(tmp_path), LatentDiffusionPipeline)
     assert isinstance(result, TrainResult) and result.stopped_reason == "all stages done"
     summary = result.record
-    assert list(summary["stages"]) == list(TRAIN_ALL_SPLIT) == ["vae", "clip", "classifier", "denoiser"]
-    assert {name: s["steps"] for name, s in summary["stages"].items()} == {"vae": 2, "clip": 2, "classifier": 2, "denoiser": 2}
+    assert list(summary["stages"]) == list(TRAIN_ALL_SPLIT) == ["vae", "clip", "scene_reader", "denoiser"]
+    assert {name: s["steps"] for name, s in summary["stages"].items()} == {"vae": 2, "clip": 2, "scene_reader": 2, "denoiser": 2}
     assert result.step == 8  # the steps of all four stages
-    assert set(summary["evaluation"]["prompt_accuracy"]) == {"train", "heldout"}
-    assert (tmp_path / "train_all.json").is_file() and (tmp_path / "classifier.safetensors").is_file()
+    assert set(summary["evaluation"]["prompt_accuracy"]) == {"train", "heldout", "two_objects"}
+    assert (tmp_path / "train_all.json").is_file() and (tmp_path / "scene_reader.safetensors").is_file()
     assert json.loads((tmp_path / "train_all.json").read_text()) == json.loads(json.dumps(summary))
     out = capsys.readouterr().out
     assert "[4/4] denoiser" in out and "prompt accuracy" in out
