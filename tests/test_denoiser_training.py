@@ -218,6 +218,7 @@ def test_generate_for_eval_guides_with_the_unconditional_pass_first(vae, text_en
     model = randomised(tiny_config())
     prompts = ["a small red circle in the top left", "a large blue square in the center"]
     pipe = LatentDiffusionPipeline(vae, text_encoder, Tokenizer(), model, "scaled_linear")
+    pipe.guidance_interval = (0, 1000)  # guidance at every step, so that scale 0 is the unconditional model throughout
     common = {"steps": 4, "seed": 7}
     scale0 = generate_for_eval(pipe, prompts, ["", "red"], guidance_scale=0.0, **common)
     uncond = generate_for_eval(pipe, ["", "red"], prompts, guidance_scale=1.0, **common)

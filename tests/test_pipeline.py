@@ -118,7 +118,7 @@ def test_guidance_is_one_batched_call_per_step_and_the_text_encoder_runs_once(pi
     text_sizes, h2 = calls(pipe.text_encoder)
     try:
         pipe(["a red circle", "a blue square"], num_images_per_prompt=2, num_inference_steps=5, guidance_scale=4.0,
-             seed=0, progress=False)
+             seed=0, progress=False, guidance_interval=(0, 1000))
         assert denoiser_sizes == [8] * 5  # [uncond; cond] for 4 images, one call per step
         assert text_sizes == [4]  # "", "", and the two prompts, encoded once
         denoiser_sizes.clear(), text_sizes.clear()
@@ -145,8 +145,45 @@ def test_pipeline_equals_the_loop_assembled_by_hand(pipe, guidance_scale):
     noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
     latents = sample(model_fn, get_sampler("dpm++", pipe.schedule), (1, 4, 8, 8), steps, noise=noise, progress=False)
     by_hand = (pipe.vae.decode(latents / pipe.vae.scaling_factor)).clamp(-1, 1)
-    images = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance_scale, seed=3, progress=False)
+    images = pipe(PROMPT, num_inference_steps=steps, guidance_scale=guidance_scale, seed=3, progress=False,
+                  guidance_interval=(0, 1000))
     torch.testing.assert_close(images, by_hand, atol=1e-5, rtol=0)
+
+
+def test_guidance_interval_guides_only_inside_it(pipe):
+    """Kynkäänniemi et al. 2024: outside the interval the conditional prediction alone, in one pass of N."""
+    steps, w = 4, 4.0
+    uncond_tokens, uncond_mask = pipe.encode_prompt([""])
+    cond_tokens, cond_mask = pipe.encode_prompt([PROMPT])
+    seen = []
+
+    def model_fn(x, t):
+        eps_c = pipe.denoiser(x, t, cond_tokens, cond_mask)
+        seen.append(float(torch.as_tensor(t).flatten()[0]))
+        if seen[-1] > 500:
+            return eps_c
+        eps_u = pipe.denoiser(x, t, uncond_tokens, uncond_mask)
+        return eps_u + w * (eps_c - eps_u)
+
+    noise = torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(3))
+    latents = sample(model_fn, get_sampler("dpm++", pipe.schedule), (1, 4, 8, 8), steps, noise=noise, progress=False)
+    by_hand = (pipe.vae.decode(latents / pipe.vae.scaling_factor)).clamp(-1, 1)
+    assert min(seen) <= 500 < max(seen)  # the interval splits this run's steps
+    sizes, hook = calls(pipe.denoiser)
+    try:
+        images = pipe(PROMPT, num_inference_steps=steps, guidance_scale=w, seed=3, progress=False,
+                      guidance_interval=(0, 500))
+    finally:
+        hook.remove()
+    torch.testing.assert_close(images, by_hand, atol=1e-5, rtol=0)
+    assert sizes == [1 if t > 500 else 2 for t in seen]  # one pass outside the interval, two inside
+    assert pipe.guidance_interval == (0, 600)  # the default: t ≤ 0.6 T
+    default = pipe(PROMPT, num_inference_steps=steps, guidance_scale=w, seed=3, progress=False)
+    torch.testing.assert_close(default, pipe(PROMPT, num_inference_steps=steps, guidance_scale=w, seed=3, progress=False,
+                                             guidance_interval=(0, 600)), atol=0, rtol=0)
+    for bad in [(600, 0), (-1, 5), "all", (0, float("nan")), (1,)]:
+        with pytest.raises(ValueError, match="guidance_interval must be"):
+            pipe(PROMPT, num_inference_steps=2, seed=0, progress=False, guidance_interval=bad)
 
 
 def test_negative_prompt_replaces_the_empty_prompt(pipe):
