@@ -80,3 +80,15 @@ def test_generate_to_files_refuses_bad_arguments_before_loading_weights(tmp_path
     with pytest.raises(ValueError, match=match):  # not the missing weights folder: the arguments are checked first
         generate_to_files("a red circle", *args, weights=tmp_path / "no such weights", **kwargs)
     assert [p.name for p in tmp_path.iterdir()] == ["a_file"]  # nothing written
+
+
+def test_generate_warns_in_one_line_and_still_draws_a_three_object_prompt(tmp_path):
+    out = tmp_path / "three.png"
+    result = run_cli("generate", "a red circle and a blue square and a green hexagon", "--n", "1", "--steps", "2",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert any("'hexagon'" in line for line in warned)  # the unknown word, named
+    assert any("names 3 objects" in line and "at most 2" in line for line in warned)
+    assert "UserWarning" not in result.stderr and "ids, mask =" not in result.stderr  # no source lines
+    assert out.is_file()
