@@ -24,7 +24,7 @@ def main(path=None) -> None:
           {k: f"{100 * v:.1f}%" for k, v in zero_shot_accuracy(clip, 1000, split="all", tokenizer=tokenizer).items()})
     for split in ("train", "heldout"):
         batch = ShapesDataset(512, split, seed=777, num_objects=2).batch(range(512))
-        wins = {k: [] for k in ATTRIBUTES}
+        wins = {(kind, k): [] for kind in ("colour + shape", "full") for k in ATTRIBUTES}
         with torch.no_grad():
             image_emb = clip.encode_image(batch.images)  # [512, E]
             for j in range(512):
@@ -33,7 +33,7 @@ def main(path=None) -> None:
                     if objects[0][k] == objects[1][k]:
                         continue
                     swapped = [{**objects[0], k: objects[1][k]}, {**objects[1], k: objects[0][k]}]
-                    for keys in (("color", "shape"), ATTRIBUTES):
+                    for kind, keys in (("colour + shape", ("color", "shape")), ("full", ATTRIBUTES)):
                         if k not in keys:
                             continue
                         true = [{a: o[a] for a in keys} for o in objects]
@@ -41,9 +41,10 @@ def main(path=None) -> None:
                         text_emb = clip.embed_prompts([caption_for({"objects": true}), caption_for({"objects": false})],
                                                       tokenizer)  # [2, E]
                         scores = image_emb[j] @ text_emb.T
-                        wins[k].append(float(scores[0] > scores[1]))
-        print(f"{split} scenes, true caption above the swapped one:",
-              ", ".join(f"{k} {100 * sum(v) / max(len(v), 1):.1f}% of {len(v)}" for k, v in wins.items()))
+                        wins[kind, k].append(float(scores[0] > scores[1]))
+        for kind in ("colour + shape", "full"):
+            print(f"{split} scenes, {kind} captions, true caption above the swapped one:",
+                  ", ".join(f"{k} {100 * sum(v) / len(v):.1f}% of {len(v)}" for (c, k), v in wins.items() if c == kind and v))
 
 
 if __name__ == "__main__":
