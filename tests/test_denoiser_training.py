@@ -177,20 +177,6 @@ def test_open_fraction_zero_names_everything_and_one_object_windows_have_no_seco
     assert all(len(named_of(c)) == 1 for c in captions)
 
 
-def test_caption_dropout_gives_the_empty_prompt_and_every_other_caption_says_something(vae, text_encoder):
-    batch_fn = latent_batch_fn(vae, SCHEDULE, 512, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
-                                caption_dropout=0.1, window=64, refresh=4)
-    empty = 0
-    for step in range(3):
-        batch = batch_fn(step)
-        dropped = torch.tensor([c == "" for c in batch["captions"]])
-        empty += int(dropped.sum())
-        real_tokens = batch["mask"].sum(dim=1)
-        assert (real_tokens[dropped] == 2).all()  # "" is <bos> <eos>
-        assert (real_tokens[~dropped] >= 3).all()  # the shortest caption, everything open, is one word: "shape"
-    assert 110 <= empty <= 200  # 1,536 draws at p = 0.1: 154 ± 12
-
-
 # -- the loss and the loop ----------------------------------------------------------------------------------------
 
 
