@@ -1,26 +1,42 @@
 """The command line: ``python -m sdlearn {generate,train,exercises} ...``.
 
-Every failure a user can cause (a bad argument, a missing folder, a damaged weights file) ends
-with a one-line message on stderr and exit status 2, never a traceback.
+Every failure a user can cause (a bad argument, a missing folder, a damaged weights file, a full disk, a
+read-only place) ends with a one-line message on stderr and exit status 2, never a traceback, and leaves no
+partial file: every file is written whole or not at all (a temporary file in the same folder, then a rename).
+
+- ``generate`` draws the images in batches of :data:`GENERATE_BATCH` and writes each batch's files before the
+  next is drawn, so memory stays flat whatever ``--n`` is; images that come out NaN or infinite (a guidance
+  scale far too large) are refused, never written.
+- ``train`` checks that ``--out`` can be written before the first step; Ctrl-C or SIGTERM saves a checkpoint,
+  prints the command that resumes (one line) and exits with status 130; weights that cannot be written at the
+  end are saved to a rescue folder, which the error names.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import math
 import os
+import shlex
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from sdlearn import recipes
+from sdlearn.checkpoint import atomic_write_bytes
 from sdlearn.exercises import write_student_copies
-from sdlearn.pipeline import to_pil
-from sdlearn.plotting import save_image_grid
+from sdlearn.pipeline import SEED_HIGH, check_seed, to_pil
+from sdlearn.plotting import image_grid, to_image
 from sdlearn.pretrained import load_pipeline
 from sdlearn.samplers import SAMPLER_NAMES
-from sdlearn.training import resolve_device
+from sdlearn.training import TrainingInterrupted, check_writable_folder, resolve_device, set_threads
 
 # python -m sdlearn train NAME → the recipe; each takes out_dir, minutes, steps, device, seed.
 TRAINERS = {
@@ -40,25 +56,49 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _number(text: str, expected: str, kind=float):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, "a positive number")
     if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _number(text, "a positive integer", int)
     if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = float(text)
+    value = _number(text, "a number ≥ 0")
     if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a number ≥ 0, got {text!r}")
     return value
+
+
+TRAIN_SEED_HIGH = 2**32 - 1  # the recipes derive a generator per step from seed · 1,000,003 + step, which must fit 64 bits
+
+
+def _seed_in(high: int):
+    def seed(text: str) -> int:
+        value = _number(text, f"a whole number from 0 to {high}", int)
+        if not 0 <= value <= high:
+            raise argparse.ArgumentTypeError(f"seed {value} is out of range: expected a whole number from 0 to {high}")
+        return value
+
+    seed.__name__ = "seed"
+    return seed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,9 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default 20)")
     generate.add_argument("--guidance", type=_non_negative_float, default=4.0, help="guidance scale (default 4)")
     generate.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpm++", help="sampler (default dpm++)")
-    generate.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    generate.add_argument("--seed", type=_seed_in(SEED_HIGH), default=0, help="random seed, 0 to 2**64 - 1 (default 0)")
     generate.add_argument("--n", type=_positive_int, default=1, help="number of images (default 1)")
-    generate.add_argument("--out", default=None, help="PNG file for a grid of the images")
+    generate.add_argument("--out", default=None, help=f"PNG file for a grid of the images (at most {MAX_GRID_IMAGES})")
     generate.add_argument("--out-dir", default=None, help="folder for one 32×32 PNG per image")
     generate.add_argument("--weights", default=None, help="folder written by 'train all' (default: the shipped weights)")
     generate.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
@@ -84,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--steps", type=_positive_int, default=None, help="stop after this many optimiser steps")
     train.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     train.add_argument("--out", default=None, help="folder for the checkpoint and weights (default: runs/MODEL)")
-    train.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    train.add_argument("--seed", type=_seed_in(TRAIN_SEED_HIGH), default=0, help="random seed, 0 to 2**32 - 1 (default 0)")
     train.add_argument("--data", default="shapes", help="'shapes' (default) or a folder of your own images (vae only)")
-    train.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch (default: torch's choice)")
+    train.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch, at most the number of cores (default: torch's choice)")
     train.add_argument(
         "--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
         help="what the denoiser predicts (denoiser only; default epsilon)",
@@ -96,6 +136,154 @@ def build_parser() -> argparse.ArgumentParser:
     exercises.add_argument("out_dir", help="folder to write the student notebooks into")
     exercises.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     return parser
+
+
+GENERATE_BATCH = 64  # images per call of the pipeline: memory stays flat whatever --n is
+MAX_GRID_IMAGES = 1024  # --out: a grid of more images is too large to look at; use --out-dir
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def image_file_name(index: int, count: int) -> str:
+    """The name of image ``index`` of ``count`` in ``--out-dir``: ``000.png``, ``001.png``, ... (more digits when
+    ``count`` > 1000, so that the names sort in order)."""
+    return f"{index:0{max(3, len(str(count - 1)))}d}.png"
+
+
+def _reworded(error: Exception, message: str) -> Exception:
+    """The same kind of error (a ``ValueError`` or an ``OSError``) with a message of one line that says more."""
+    try:
+        return type(error)(message)
+    except TypeError:  # a subclass whose constructor takes other arguments
+        return (OSError if isinstance(error, OSError) else ValueError)(message)
+
+
+def _encode_image(picture: Image.Image, suffix: str) -> bytes:
+    buffer = io.BytesIO()
+    picture.save(buffer, format=Image.registered_extensions()[suffix.lower()])
+    return buffer.getvalue()
+
+
+def _write_image(picture: Image.Image, path: Path) -> Path:
+    """Encode ``picture`` in memory, then write it atomically: ``path`` is the whole image or untouched."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, _encode_image(picture, path.suffix))
+    except OSError as error:
+        raise _reworded(error, f"could not write {str(path)!r} ({error.strerror or error})") from None
+    return path
+
+
+def _grid_picture(images: torch.Tensor, nrow: int) -> Image.Image:
+    """The grid PNG's picture, as :func:`sdlearn.plotting.save_image_grid` draws it."""
+    return Image.fromarray((to_image(image_grid(images, nrow=nrow)) * 255).round().astype(np.uint8))
+
+
+def _check_writable(option: str, folder: Path) -> None:
+    try:
+        check_writable_folder(folder, create=False)
+    except OSError as error:
+        raise _reworded(error, f"{option}: {error}") from None
+
+
+def _check_outputs(out, out_dir, count: int) -> tuple[Path | None, Path | None]:
+    """Refuse outputs that cannot be written, before any image is drawn."""
+    out = Path(out) if out is not None else None
+    out_dir = Path(out_dir) if out_dir is not None else None
+    if out is None and out_dir is None:
+        raise ValueError("nothing to write: give --out FILE.png and/or --out-dir DIR")
+    if out is not None:
+        if out.suffix.lower() not in IMAGE_SUFFIXES or out.suffix.lower() not in Image.registered_extensions():
+            raise ValueError(f"--out must name an image file such as out.png, got {str(out)!r}")
+        if out.is_dir():
+            raise ValueError(f"--out {str(out)!r} is a folder; name the grid's file, e.g. {str(out / 'grid.png')!r}")
+        if count > MAX_GRID_IMAGES:
+            raise ValueError(f"--out draws all the images in one grid, at most {MAX_GRID_IMAGES}; for --n {count} "
+                             "use --out-dir DIR (one file per image)")
+        _check_writable("--out", out.parent)
+    if out_dir is not None:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise ValueError(f"--out-dir {str(out_dir)!r} exists and is not a folder")
+        _check_writable("--out-dir", out_dir)
+    if out is not None and out_dir is not None:
+        same_folder = os.path.realpath(out.parent) == os.path.realpath(out_dir)
+        stem = out.stem
+        if same_folder and out.suffix.lower() == ".png" and stem.isascii() and stem.isdigit() and int(stem) < count \
+                and out.name.lower() == image_file_name(int(stem), count):
+            raise ValueError(f"--out {str(out)!r} is also where --out-dir puts image {int(stem)}, so one would "
+                             f"overwrite the other; name the grid otherwise, e.g. {str(out.with_name('grid.png'))!r}")
+    return out, out_dir
+
+
+def generate_files(
+    prompt: str,
+    out: str | os.PathLike | None = None,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    negative_prompt: str | None = None,
+    num_inference_steps: int = 20,
+    guidance_scale: float = 4.0,
+    sampler: str = "dpm++",
+    seed: int | None = 0,
+    num_images_per_prompt: int = 1,
+    weights: str | os.PathLike | None = None,
+    device: str = "cpu",
+    nrow: int = 8,
+    progress: bool = True,
+    batch_size: int = GENERATE_BATCH,
+) -> Iterator[Path]:
+    """:func:`generate_to_files`, yielding each path as soon as its file is written (what the command line prints).
+
+    The images are drawn ``batch_size`` at a time from one generator seeded with ``seed``, and each batch's files
+    are written before the next batch is drawn, so memory does not grow with ``num_images_per_prompt``. For up to
+    ``batch_size`` images this is exactly one call of the pipeline; beyond, a deterministic sampler (all but
+    ``"ddpm"``) gives the same images as one call for all of them, since the batches draw their starting noise
+    one after the other from the same generator. ``out`` (the grid) holds at most :data:`MAX_GRID_IMAGES`."""
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
+    for name, value in (("num_images_per_prompt", num_images_per_prompt), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"{name} must be a whole number ≥ 1, got {value!r}")
+    count, batch_size = int(num_images_per_prompt), int(batch_size)
+    out, out_dir = _check_outputs(out, out_dir, count)
+    generator = torch.Generator().manual_seed(check_seed(seed)) if seed is not None else None
+    pipe = load_pipeline(weights, device=resolve_device(device))
+
+    def refuse_non_finite(i, t, latents, x0_pred) -> None:
+        if not torch.isfinite(latents).all():
+            raise ValueError(f"the images became NaN or infinite at sampling step {i + 1} (guidance scale "
+                             f"{guidance_scale:g}; useful values lie between about 1 and 10)")
+
+    bar = None
+    if progress and count > batch_size:
+        bar = tqdm(total=count, desc="generate", unit="image", dynamic_ncols=True)
+    grid, written = [], 0
+    try:
+        for start in range(0, count, batch_size):
+            size = min(batch_size, count - start)
+            images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+                          guidance_scale=guidance_scale, sampler=sampler, generator=generator,
+                          num_images_per_prompt=size, progress=progress and bar is None, callback=refuse_non_finite)
+            images = images.to("cpu")  # [size, 3, 32, 32]
+            if not torch.isfinite(images).all():
+                raise ValueError(f"the decoded images hold NaN or infinite values (guidance scale {guidance_scale:g})")
+            if out_dir is not None:
+                for offset, picture in enumerate(to_pil(images)):
+                    yield _write_image(picture, out_dir / image_file_name(start + offset, count))
+                    written += 1
+            if out is not None:
+                grid.append(images)
+            if bar is not None:
+                bar.update(size)
+        if out is not None:
+            yield _write_image(_grid_picture(torch.cat(grid), nrow), out)
+    except (ValueError, OSError) as error:
+        if written:
+            raise _reworded(error, f"{error}; the first {written} of {count} images were written to "
+                                   f"{str(out_dir)!r}") from None
+        raise _reworded(error, f"{error}; nothing was written") from None
+    finally:
+        if bar is not None:
+            bar.close()
 
 
 def generate_to_files(
@@ -113,34 +301,23 @@ def generate_to_files(
     device: str = "cpu",
     nrow: int = 8,
     progress: bool = True,
+    batch_size: int = GENERATE_BATCH,
 ) -> list[Path]:
     """What ``python -m sdlearn generate`` does: load the pipeline (the shipped weights, or the folder ``weights``
     that ``python -m sdlearn train all`` wrote), generate ``num_images_per_prompt`` images of ``prompt``, and write them as
-    one grid PNG to ``out`` and/or one PNG per image (``out_dir/NNN.png``, 32×32). Returns the paths written.
-    Folders are created as needed. Bad arguments raise ``ValueError`` before any image is drawn."""
-    if out is None and out_dir is None:
-        raise ValueError("nothing to write: give --out FILE.png and/or --out-dir DIR")
-    if sampler not in SAMPLER_NAMES:
-        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
-    if out is not None and Path(out).suffix.lower() not in (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"):
-        raise ValueError(f"--out must name an image file such as out.png, got {str(out)!r}")
-    if out_dir is not None and Path(out_dir).exists() and not Path(out_dir).is_dir():
-        raise ValueError(f"--out-dir {str(out_dir)!r} exists and is not a folder")
-    pipe = load_pipeline(weights, device=resolve_device(device))
-    images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
-                  guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images_per_prompt=num_images_per_prompt,
-                  progress=progress)
-    written = []
-    if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        written.append(save_image_grid(images, out, nrow=nrow))
-    if out_dir is not None:
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        for i, picture in enumerate(to_pil(images)):
-            path = Path(out_dir) / f"{i:03d}.png"
-            picture.save(path)
-            written.append(path)
-    return written
+    one grid PNG to ``out`` (at most :data:`MAX_GRID_IMAGES` images) and/or one PNG per image (``out_dir/NNN.png``,
+    32×32). Returns the paths written. Folders are created as needed.
+
+    Bad arguments, and outputs that cannot be written (a folder where a file is meant, a read-only place, the
+    grid's name clashing with an image's), raise ``ValueError`` or ``OSError`` before any image is drawn. Every file
+    is written atomically (whole, or not at all); images that come out NaN or infinite raise ``ValueError`` and are
+    never written. Images are drawn ``batch_size`` at a time (see :func:`generate_files`). The grid, written last,
+    comes first in the list."""
+    written = list(generate_files(
+        prompt, out, out_dir=out_dir, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+        guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images_per_prompt=num_images_per_prompt,
+        weights=weights, device=device, nrow=nrow, progress=progress, batch_size=batch_size))
+    return written[-1:] + written[:-1] if out is not None else written
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -152,18 +329,15 @@ def _run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "generate":
-        written = generate_to_files(
+        for path in generate_files(
             args.prompt, args.out, out_dir=args.out_dir, negative_prompt=args.negative, num_inference_steps=args.steps,
             guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, num_images_per_prompt=args.n,
             weights=args.weights, device=args.device,
-        )
-        for path in written:
-            print(path)
+        ):
+            print(path, flush=True)
         return 0
 
     if args.command == "train":
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
         train_fn = TRAINERS[args.model]
         kwargs = dict(out_dir=args.out or f"runs/{args.model}", minutes=args.minutes, steps=args.steps, device=args.device, seed=args.seed)
         if args.data != "shapes":
@@ -174,6 +348,9 @@ def _run(args: argparse.Namespace) -> int:
             if args.model not in ("denoiser", "all"):
                 raise ValueError(f"--prediction-type is for 'train denoiser' only, not 'train {args.model}'")
             kwargs["prediction_type"] = args.prediction_type
+        _check_writable("--out", Path(kwargs["out_dir"]))  # before the first step, not after an hour of training
+        if args.threads is not None:
+            set_threads(args.threads)
         train_fn(**kwargs)
         return 0
     raise AssertionError(args.command)
@@ -181,17 +358,26 @@ def _run(args: argparse.Namespace) -> int:
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """Warnings (an unknown word, a third object, a prompt too long) as one line, without the source line."""
-    print(f"warning: {message}", file=sys.stderr if file is None else file)
+    print(f"warning: {_one_line(message)}", file=sys.stderr if file is None else file)
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split())  # a message that spans lines (a config diff) becomes one
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     shown, warnings.showwarning = warnings.showwarning, _one_line_warning
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError) as error:
-        print(f"python -m sdlearn {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # OSError: a full disk, a read-only place, a folder where a file is meant
+        print(f"python -m sdlearn {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as error:
+        print(f"python -m sdlearn {args.command}: {_one_line(error)}; resume with: python -m sdlearn "
+              f"{shlex.join(argv)}", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

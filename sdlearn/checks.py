@@ -18,14 +18,17 @@ from collections.abc import Sequence
 import torch
 
 
-def check_positive_int(value, name: str, allow_none: bool = False) -> None:
+def check_positive_int(value, name: str, allow_none: bool = False, maximum: int | None = None) -> None:
     """Raise ``ValueError("NAME must be a positive integer, got VALUE")`` unless ``value`` is an int ≥ 1
-    (``bool`` is refused; ``None`` passes when ``allow_none``)."""
+    (``bool`` is refused; ``None`` passes when ``allow_none``), and ``ValueError("NAME must be at most
+    MAXIMUM, got VALUE")`` when it exceeds ``maximum``."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         extra = " or None" if allow_none else ""
         raise ValueError(f"{name} must be a positive integer{extra}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be at most {maximum}, got {value!r}")
 
 
 def check_batch(x, item_shape: Sequence[int], what: str, name: str | None = None, min_count: int = 1,

@@ -608,7 +608,9 @@ def _check_words(text) -> list[str]:
     if not isinstance(text, str):
         raise ValueError(f"expected a caption string, got {type(text).__name__}")
     words = split_words(text)
-    unknown = [w for w in words if w not in _WORD_ROLE]
+    # Name the words as written: split_words keeps a-z only, so "réd" would show up as 'r' and 'd'.
+    unknown = [w for w in re.findall(r"[^\W\d_]+", text.lower()) if w not in _WORD_ROLE] or \
+        [w for w in words if w not in _WORD_ROLE]
     if unknown:
         raise ValueError(f"cannot place the word(s) {', '.join(repr(w) for w in dict.fromkeys(unknown))} "
                          f"in {text!r}; known words: {', '.join(VOCABULARY)}")

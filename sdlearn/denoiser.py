@@ -65,7 +65,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlearn.checkpoint import ConfigMixin, count_parameters  # noqa: F401 (count_parameters: re-exported for notebooks 04, 05)
+from sdlearn.checkpoint import MAX_CONFIG_DEPTH, ConfigMixin, count_parameters  # noqa: F401 (count_parameters: re-exported for notebooks 04, 05)
 from sdlearn.checks import check_mask
 from sdlearn.schedules import check_prediction_type  # one of "epsilon", "v_prediction", "sample"
 
@@ -90,10 +90,14 @@ class DenoiserConfig(ConfigMixin):
     prediction_type: str = "epsilon"  # what the network predicts: ε, v, or x₀
     frequency_dim: int = 256  # size of the sinusoidal timestep embedding (DiT uses 256)
 
+    size_limits = {"depth": MAX_CONFIG_DEPTH, "num_train_timesteps": 100_000}
+
     def __post_init__(self) -> None:
         check_prediction_type(self.prediction_type)
         self.check_positive_ints("latent_channels", "latent_size", "patch_size", "width", "depth", "heads", "text_dim",
                                  "num_train_timesteps", "frequency_dim")
+        for ratio in ("mlp_ratio", "cross_attn_ratio"):
+            self.check_ratio(ratio)
         if self.latent_size % self.patch_size:
             raise ValueError(
                 f"latent_size ({self.latent_size}) must be divisible by patch_size ({self.patch_size})"

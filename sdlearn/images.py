@@ -8,6 +8,7 @@ matplotlib ships in its sample data (no download). ``sdlearn.data`` re-exports b
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import matplotlib.cbook
@@ -24,10 +25,36 @@ def _check_size(size) -> None:
         raise ValueError(f"size must be a positive integer (pixels), got {size!r}")
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""PIL's modes for one channel of 16-bit integers (``"I"``: how some PIL versions open 16-bit PNGs and TIFFs),
+read as 0..65535."""
+
+
+def _to_rgb(image):
+    """An image of any PIL mode as an 8-bit RGB PIL image.
+
+    - 16-bit grey (:data:`SIXTEEN_BIT_MODES`): 0..65535 scaled to 0..255 and rounded (``convert("RGB")`` would
+      clip it at 255: white). PIL itself reads 16-bit RGB(A) PNGs as 8-bit RGB(A).
+    - Transparency (RGBA, LA, PA, a palette or grey image with a transparent colour): composited over black,
+      the background of the Shapes images, so that a transparent pixel never shows the colour hidden under it.
+    - Everything else (1-bit, grey, palette, CMYK, YCbCr, ...): PIL's own conversion to RGB.
+    """
+    if image.mode in SIXTEEN_BIT_MODES:
+        grey = np.asarray(image).astype(np.float64) * (255 / 65535)  # [H, W]
+        grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.stack([grey] * 3, axis=-1), mode="RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = np.asarray(image.convert("RGBA"), dtype=np.float64)  # [H, W, 4] in 0..255
+        rgb = np.rint(rgba[..., :3] * (rgba[..., 3:] / 255))  # over black
+        return Image.fromarray(rgb.astype(np.uint8), mode="RGB")
+    return image.convert("RGB")
+
+
 def _pil_to_tensor(image, size: int | None) -> torch.Tensor:
-    """PIL image → ``[3, H, W]`` float32 in [-1, 1]; with ``size``, centre-cropped to a square and
-    resized to size×size (bicubic, which PIL low-pass filters when shrinking)."""
-    image = image.convert("RGB")
+    """PIL image of any mode (8 or 16 bits, grey, palette, CMYK, with or without transparency: see
+    :func:`_to_rgb`) → ``[3, H, W]`` float32 in [-1, 1]; with ``size``, centre-cropped to a square and resized
+    to size×size (bicubic, which PIL low-pass filters when shrinking)."""
+    image = _to_rgb(image)
     if size is not None:
         w, h = image.size
         side = min(w, h)
@@ -37,11 +64,28 @@ def _pil_to_tensor(image, size: int | None) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1  # [3, H, W]
 
 
+def _open_image(path: Path):
+    """``Image.open(path)``, with PIL's decompression-bomb error (an image of more than twice
+    ``PIL.Image.MAX_IMAGE_PIXELS`` pixels, 179 million by default, whose decoding alone could exhaust the
+    memory) turned into a ``ValueError`` that says what to do. Such an image is refused, not downscaled:
+    decoding it is the danger."""
+    try:
+        return Image.open(path)
+    except Image.DecompressionBombError as e:
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(found[1]):,} pixels" if found else "too many pixels"
+        raise ValueError(f"it has {size}, more than the {2 * Image.MAX_IMAGE_PIXELS:,} that PIL decodes safely; "
+                         "shrink it first (the dataset resizes every image anyway)") from None
+
+
 class ImageFolderDataset(Dataset):
     """A folder of your own images (png, jpg, jpeg, bmp, webp; subfolders included), as
     ``{"image": [3, size, size] in [-1, 1], "caption": str, "file": relative path}``.
 
-    Images are centre-cropped to a square and resized to ``size``×``size``. Captions come from
+    Images are centre-cropped to a square and resized to ``size``×``size``; 8- and 16-bit, grey, palette
+    and CMYK images are read with their true colours, and transparent pixels become black (see
+    :func:`_to_rgb`). An image too large to decode safely (PIL's decompression-bomb limit) is refused with a
+    ``ValueError``. Captions come from
     ``root/captions`` (JSON Lines, one ``{"file": "a.png", "caption": "..."}`` per image, ``file``
     relative to ``root``); every image must have one. ``captions=None`` means uncaptioned
     images (caption ""). Problems (missing or empty folder, unreadable image, bad captions
@@ -61,7 +105,7 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in {str(self.root)!r}")
         for name in self.files:  # read every header now, so a bad file fails here, by name
             try:
-                with Image.open(self.root / name) as im:
+                with _open_image(self.root / name) as im:
                     im.verify()
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
                 raise ValueError(f"cannot read image {str(self.root / name)!r}: {e}") from None
@@ -103,9 +147,9 @@ class ImageFolderDataset(Dataset):
     def __getitem__(self, i: int) -> dict:
         name = self.files[i]
         try:
-            with Image.open(self.root / name) as im:
+            with _open_image(self.root / name) as im:
                 image = _pil_to_tensor(im, self.size)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise ValueError(f"cannot read image {str(self.root / name)!r}: {e}") from None
         return {"image": image, "caption": self.captions[name], "file": name}
 

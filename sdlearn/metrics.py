@@ -103,6 +103,7 @@ class ClassifierConfig(ConfigMixin):
         self.check_positive_ints("in_channels", "image_size", "feature_dim")
         if not self.widths or min(self.widths) < 1:
             raise ValueError(f"{type(self).__name__}.widths must be positive integers, got {self.widths}")
+        self.check_sizes("widths", self.widths)
         if self.image_size % 2 ** len(self.widths):
             raise ValueError(f"image_size={self.image_size} must be divisible by 2**len(widths) = {2 ** len(self.widths)}")
 

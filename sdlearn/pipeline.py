@@ -140,13 +140,25 @@ def _negative_list(negative_prompt, n: int) -> list[str]:
     return negatives
 
 
+SEED_LOW, SEED_HIGH = -(2**63), 2**64 - 1  # the seeds torch.Generator.manual_seed accepts
+
+
+def check_seed(seed) -> int:
+    """``seed`` as an int, or a ValueError that names it: a whole number in [-2**63, 2**64 - 1], the range torch's
+    generators take (a negative seed is used as its two's complement)."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise ValueError(f"seed must be a whole number, got {seed!r}")
+    if not SEED_LOW <= int(seed) <= SEED_HIGH:
+        raise ValueError(f"seed {int(seed)} is out of range: a seed must lie between 0 and 2**64 - 1 = {SEED_HIGH} "
+                         "(torch's generators hold 64 bits)")
+    return int(seed)
+
+
 def _make_generator(generator, seed):
     if seed is not None:
         if generator is not None:
             raise ValueError("give either seed or generator, not both")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-            raise ValueError(f"seed must be a whole number, got {seed!r}")
-        return torch.Generator().manual_seed(int(seed))
+        return torch.Generator().manual_seed(check_seed(seed))
     if generator is not None and not isinstance(generator, torch.Generator) and not (
             isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator)):
         raise ValueError(f"generator must be a torch.Generator or a list of them (one per image), got {type(generator).__name__}")

@@ -97,8 +97,12 @@ def load_text_encoder(path: PathLike | None = None, device: str | torch.device =
 
 
 def load_tokenizer(path: PathLike | None = None) -> Tokenizer:
-    """The :class:`sdlearn.text.Tokenizer` the shipped (or ``path``'s) TinyCLIP was trained with."""
-    info = read_checkpoint_config(weights_path("clip", path))
+    """The :class:`sdlearn.text.Tokenizer` the shipped (or ``path``'s) TinyCLIP was trained with (from ``clip.json``,
+    or, with a warning, from the copy of it inside ``clip.safetensors`` when the JSON is missing or damaged)."""
+    return _tokenizer_from(read_checkpoint_config(weights_path("clip", path), use_embedded_copy=True), path)
+
+
+def _tokenizer_from(info: Mapping[str, Any], path: PathLike | None) -> Tokenizer:
     if "tokenizer" not in info:
         raise CheckpointError(f"{str(checkpoint_paths(weights_path('clip', path))[1])!r} records no tokenizer")
     return Tokenizer.from_dict(info["tokenizer"])
@@ -164,7 +168,7 @@ def load_denoiser(path: PathLike | None = None, device: str | torch.device = "cp
     ``denoiser.text_encoder_info`` the text tower it reads (source, sha256 of its file, config; None when it
     was trained unconditionally); ``config.prediction_type`` says what it predicts."""
     denoiser = load_module(Denoiser, DenoiserConfig, "denoiser", path, device)
-    info = read_checkpoint_config(weights_path("denoiser", path))
+    info = denoiser.checkpoint_info  # the JSON, or the copy of it in the .safetensors when the JSON is lost
     denoiser.schedule_name = info.get("schedule", "scaled_linear")
     denoiser.text_encoder_info = info.get("text_encoder")
     return denoiser
@@ -179,14 +183,18 @@ def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cp
     ``python -m sdlearn train all --out DIR`` wrote. The noise schedule is the one the denoiser's JSON names.
 
     A missing folder or a missing, damaged or mismatched file raises :class:`CheckpointError` (a ``ValueError``)
-    naming it. When the denoiser's JSON records the hash of the text tower it was trained with and ``clip``'s
-    file differs, a warning says so (the pair would still run, but answer prompts badly)."""
+    naming it; so does a shipped file whose bytes differ from the SHA-256 its JSON records (your own files warn).
+    A lost ``.json`` is replaced, with a warning, by the copy of it inside its ``.safetensors``. When the
+    denoiser's JSON records the hash of the text tower it was trained with and ``clip``'s file differs, a
+    warning says so (the pair would still run, but answer prompts badly)."""
     if path is not None and not Path(path).is_dir():
         raise CheckpointError(f"weights folder {str(path)!r} not found; expected a folder holding vae.*, clip.* and "
                               "denoiser.* (.safetensors + .json), as `python -m sdlearn train all --out DIR` writes")
     vae = load_vae(path, device)
-    text_encoder = load_text_encoder(path, device)
-    tokenizer = load_tokenizer(path)
+    clip = load_clip(path, device)
+    text_encoder = clip.text_encoder
+    text_encoder.training_info = clip.training_info
+    tokenizer = _tokenizer_from(clip.checkpoint_info, path)
     denoiser = load_denoiser(path, device)
     recorded = (denoiser.text_encoder_info or {}).get("sha256")
     clip_file = weights_path("clip", path)

@@ -85,7 +85,7 @@ from sdlearn.text import (
     clip_loss,
     zero_shot_accuracy,
 )
-from sdlearn.training import TrainResult, resolve_device, train
+from sdlearn.training import TrainResult, resolve_device, set_threads, train, write_or_rescue
 from sdlearn.vae import VAE, VAEConfig, compute_scaling_factor, psnr, vae_loss
 
 # ------------------------------------------------------------------------------------------------
@@ -155,8 +155,9 @@ def finish(name: str, model, result: TrainResult, training: dict, out_dir: Path 
     """The end of every recipe: ``save(model, out_dir / name, training=training)`` when there is an ``out_dir``,
     the one-line summary ``"NAME: N steps in M min, SUMMARY; wrote ..."``, and ``model.training_info``.
     Returns ``(model, result)``."""
-    if out_dir is not None:
-        save(model, out_dir / name, training=training)
+    if out_dir is not None:  # a full disk now would lose the run: write_or_rescue saves it elsewhere and says where
+        write_or_rescue(lambda path: save(model, path, training=training), out_dir / f"{name}.safetensors",
+                        f"the {name} weights")
     if progress:
         where = f"; wrote {out_dir / f'{name}.safetensors'}" if out_dir is not None else ""
         print(f"{name}: {result.step} steps in {result.seconds / 60:.1f} min, {summary}{where}")
@@ -698,7 +699,7 @@ def train_denoiser(
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer or None, got {threads!r}")
-        torch.set_num_threads(threads)
+        set_threads(threads)  # capped at the cores, with a warning
     if isinstance(eval_images, bool) or not isinstance(eval_images, int) or eval_images < 0:
         raise ValueError(f"eval_images must be a non-negative integer, got {eval_images!r}")
     noise_schedule = NoiseSchedule.from_name(schedule)

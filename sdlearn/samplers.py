@@ -43,7 +43,10 @@ Conventions:
   ``XSampler(schedule, *, prediction_type="epsilon", <the sampler's own options>)``; ``get_sampler(name,
   schedule, **options)`` builds one by name.
 - ``step(model_output, t, x, generator=None)``: the model's output first, then its timestep, then the state, as
-  in diffusers (and in :meth:`sdlearn.schedules.NoiseSchedule.to_x0`).
+  in diffusers (and in :meth:`sdlearn.schedules.NoiseSchedule.to_x0`). ``t`` must be one of ``timesteps``, taken
+  in their order: a timestep not in the list, a fractional one for DDPM/DDIM, going back, or a step after the
+  last one raises ``ValueError`` (diffusers computes something for each of these). DDPM and DDIM, whose steps
+  need no history, may skip entries (to try one step alone); the others walk every entry.
 - Every sampler reads the model's output as (x̂₀, ε̂) with :func:`sdlearn.schedules.convert_prediction` (the
   variance-preserving x_t) or :func:`sdlearn.schedules.convert_prediction_alpha_sigma` (Euler and Heun's
   x = x₀ + σ ε, DPM-Solver++'s α_t and σ_t), the one place where ε, x₀ and v are converted.
@@ -320,6 +323,26 @@ class Sampler:
             raise ValueError(f"timestep {value} is not one of this sampler's timesteps {self.timesteps.tolist()}")
         return matches
 
+    def _walk_to(self, t) -> int:
+        """The entry of ``timesteps`` that a step from ``t`` starts at, for DDPM and DDIM, whose steps need no
+        history: ``t`` must be one of the (integer) timesteps, and later than none already stepped from. So any
+        single step may be tried, as in notebook 06, or steps skipped, but stepping from a timestep again, going
+        back up the list, or stepping after the last one raises ``ValueError``. The step, once done, records
+        ``self._step_index = i + 1``."""
+        self._require_timesteps()
+        value = _timestep_value(t)
+        if not math.isfinite(value) or value != int(value):
+            raise ValueError(f"timestep must be a whole number, one of this sampler's timesteps, got {value}")
+        i = int(self._matches(int(value))[0])
+        if self._step_index is not None and i < self._step_index:
+            if self._step_index >= len(self.timesteps):
+                raise ValueError("all timesteps have been stepped through; call set_timesteps again to sample anew")
+            raise ValueError(f"timestep {int(value)} (entry {i} of timesteps) was already passed: this sampler has "
+                             f"stepped from timestep {self.timesteps[self._step_index - 1].item()} (entry "
+                             f"{self._step_index - 1}); step through sampler.timesteps in order, or call "
+                             "set_timesteps to restart")
+        return i
+
     def _eval_index(self, t) -> int:
         """Which entry of ``timesteps`` this model evaluation is. Like diffusers, the first call looks
         ``t`` up (taking the second match when it appears twice, as in Heun's list) and later calls
@@ -382,17 +405,11 @@ class DDPMSampler(Sampler):
         self.clip_sample = bool(clip_sample)
         self._one = torch.tensor(1.0)
 
-    def _make_timesteps(self, n, spacing, steps_offset):
-        super()._make_timesteps(n, spacing, steps_offset)
-        self._position = {int(t): i for i, t in enumerate(self.timesteps)}
-
     def step(self, model_output, t, x, generator=None):
         """x_t → x_{t'} ~ q(x_{t'} | x_t, x̂₀). Returns x_{t'}; keeps x̂₀ in ``last_x0``."""
         model_output, x, dtype = self._check_step(model_output, x)
-        t = int(_timestep_value(t))
-        if t not in self._position:
-            raise ValueError(f"timestep {t} is not one of this sampler's timesteps {self.timesteps.tolist()}")
-        i = self._position[t]
+        i = self._walk_to(t)
+        t = int(self.timesteps[i])
         t_prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else -1
 
         alpha_prod_t = self.alphas_cumprod[t]
@@ -415,6 +432,7 @@ class DDPMSampler(Sampler):
             else:
                 variance = beta_t
             x_prev = x_prev + variance**0.5 * noise
+        self._step_index = i + 1
         return x_prev.to(dtype)
 
     def _config(self):
@@ -430,7 +448,8 @@ class DDIMSampler(Sampler):
     η = 0 is deterministic: it follows the probability-flow ODE, so a fixed x_T always gives the same
     image; η = 1 has DDPM's posterior variance. Beyond the last step ᾱ_{t'} is 1
     (``set_alpha_to_one=True``) or ᾱ_0. As in diffusers, t' = t − T // N whatever the spacing, which
-    for ``"linspace"`` and ``"trailing"`` is not always the next entry of ``timesteps``.
+    for ``"linspace"`` and ``"trailing"`` is not always the next entry of ``timesteps``; unlike diffusers,
+    ``t`` itself must be one of ``timesteps``.
     """
 
     name = "ddim"
@@ -449,9 +468,8 @@ class DDIMSampler(Sampler):
     def step(self, model_output, t, x, generator=None):
         """x_t → x_{t'} by eq. 12. Returns x_{t'}; keeps x̂₀ in ``last_x0``."""
         model_output, x, dtype = self._check_step(model_output, x)
-        t = int(_timestep_value(t))
-        if not 0 <= t < self.num_train_timesteps:
-            raise ValueError(f"timestep must lie in [0, {self.num_train_timesteps}), got {t}")
+        i = self._walk_to(t)
+        t = int(self.timesteps[i])
         t_prev = t - self.num_train_timesteps // self.num_inference_steps
 
         alpha_prod_t = self.alphas_cumprod[t]
@@ -465,6 +483,7 @@ class DDIMSampler(Sampler):
         x_prev = alpha_prod_t_prev**0.5 * x0 + direction
         if self.eta > 0:
             x_prev = x_prev + std * _randn(x.shape, generator, x.device, x.dtype)
+        self._step_index = i + 1
         return x_prev.to(dtype)
 
     def _config(self):

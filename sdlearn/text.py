@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlearn.checkpoint import ConfigMixin, count_parameters
+from sdlearn.checkpoint import MAX_CONFIG_DEPTH, ConfigMixin, count_parameters
 from sdlearn.checks import check_batch, check_mask, warn_deprecated
 from sdlearn.data import (
     ATTRIBUTE_VALUES,
@@ -212,8 +212,11 @@ class TextEncoderConfig(ConfigMixin):
         """A tower saved before ``causal`` existed was bidirectional."""
         return {"causal": False, **d}
 
+    size_limits = {"depth": MAX_CONFIG_DEPTH, "vocab_size": 1 << 18}  # word-level vocabularies stay far below 262144
+
     def __post_init__(self):
         self.check_positive_ints("vocab_size", "max_length", "width", "depth", "heads")
+        self.check_ratio("mlp_ratio")
         if self.width % self.heads:
             raise ValueError(f"TextEncoderConfig.width ({self.width}) must be divisible by heads ({self.heads})")
         if isinstance(self.mlp_ratio, bool) or not isinstance(self.mlp_ratio, int | float) or self.mlp_ratio <= 0:
@@ -392,6 +395,8 @@ class TinyCLIPConfig(ConfigMixin):
         self.image_channels = tuple(self.image_channels)
         if not self.image_channels or not all(isinstance(c, int) and c >= 8 and c % 8 == 0 for c in self.image_channels):
             raise ValueError(f"TinyCLIPConfig.image_channels must be multiples of 8, got {self.image_channels}")
+        self.check_sizes("image_channels", self.image_channels)
+        self.check_positive_ints("image_size")
         side = self.image_size / 2 ** (len(self.image_channels) - 1)
         if side < 1 or side != int(side):
             raise ValueError(f"image_size {self.image_size} cannot be halved {len(self.image_channels) - 1} times")

@@ -25,6 +25,15 @@ Behaviour (decisions, written down):
 - **Divergence guard**: a non-finite loss or gradient norm stops training *before* the weights are
   updated and raises :class:`NonFiniteLossError` naming the step and the last good checkpoint, which
   is left untouched. We raise rather than return: a NaN run must not flow on into saved weights.
+- **Interrupts**: while the loop runs (in the main thread), Ctrl-C (SIGINT) and SIGTERM ask it to stop
+  *between* two steps: the step under way finishes, a checkpoint of the state after it is saved, and
+  :class:`TrainingInterrupted` (a ``KeyboardInterrupt``) is raised naming it, so nothing since the last
+  periodic checkpoint is lost and resuming repeats the uninterrupted run exactly. A second signal stops at
+  once, as before.
+- **Nothing lost to the disk**: the checkpoint folder is checked to be writable, with room for a checkpoint,
+  before the first step (:func:`check_writable_folder`, :func:`check_free_space`). A periodic checkpoint that
+  cannot be written (a full disk) warns and training goes on; the final one (or an interrupt's), if it still
+  cannot be written, is saved to a rescue folder instead (:func:`write_or_rescue`) and a warning says where.
 
 Checkpoints use the format of :mod:`sdlearn.checkpoint` (safetensors + JSON, written atomically, never
 unpickled). The recipes that train each model of the course on this loop are in :mod:`sdlearn.recipes`.
@@ -32,10 +41,17 @@ unpickled). The recipes that train each model of the course on this loop are in 
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,6 +103,185 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError(f"device {device!r} asked for, but MPS is not available here; use --device cpu or auto")
     return resolved
+
+
+def usable_cores() -> int:
+    """The number of CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on every platform
+        return os.cpu_count() or 1
+
+
+def set_threads(threads: int) -> int:
+    """``torch.set_num_threads(threads)``, capped at :func:`usable_cores` with a warning: more threads than cores
+    only wait on each other, and a huge count crashes torch. Returns the count set."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    cores = usable_cores()
+    if threads > cores:
+        warnings.warn(f"{threads} threads asked for, but this machine has {cores} core{'s' * (cores > 1)}; "
+                      f"using {cores}", stacklevel=2)
+        threads = cores
+    torch.set_num_threads(threads)
+    return threads
+
+
+# ------------------------------------------------------------------------------------------------
+# Where results go: checked before the first step, rescued when writing fails at the end
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error)
+
+
+def check_writable_folder(folder: str | os.PathLike, create: bool = True) -> Path:
+    """Check, before any work, that files can be written into ``folder`` → the folder as a ``Path``.
+
+    With ``create`` the folder (and its parents) is made; without, the nearest folder that exists on the way
+    must be writable (so that it can be made later). The check writes and removes a small temporary file, so it
+    sees what a permission bit does not: a read-only file system, or a file where a folder is expected. Raises
+    ``NotADirectoryError``, ``PermissionError`` or ``OSError`` with a one-line message naming the folder."""
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"cannot be made: {str(existing)!r} is a file"
+        raise NotADirectoryError(f"{str(folder)!r} {where}, not a folder")
+    try:
+        if create:
+            folder.mkdir(parents=True, exist_ok=True)
+            existing = folder
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".sdlearn-write-test-")
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        raise type(error)(f"cannot write into {str(folder)!r} ({_reason(error)})") from None
+    return folder
+
+
+def checkpoint_bytes(model: nn.Module, optimizer: torch.optim.Optimizer, ema: EMA | None = None) -> int:
+    """About how many bytes a checkpoint of this run and the weights saved after it take: the model's state (twice:
+    the checkpoint and the weights), the EMA's, and two tensors per parameter for the optimizer (Adam's moments;
+    an over-estimate for plain SGD)."""
+    state = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    moments = 2 * sum(p.numel() * p.element_size() for group in optimizer.param_groups for p in group["params"])
+    return 2 * state + moments + (state if ema is not None else 0)
+
+
+def check_free_space(folder: str | os.PathLike, needed: int) -> None:
+    """Raise an ``OSError`` (ENOSPC) saying so when the disk of ``folder`` has fewer than ``needed`` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        error = OSError(f"only {free / 2**20:.1f} MB free on the disk of {str(folder)!r}, but this run's checkpoint "
+                        f"and weights take about {needed / 2**20:.1f} MB: free some space, or choose another folder")
+        error.errno = errno.ENOSPC
+        raise error
+
+
+class SavedElsewhereError(OSError):
+    """A file could not be written where it was asked for, and was saved to a rescue folder instead.
+    ``intended`` and ``saved_to`` are the two paths; the message names both."""
+
+    def __init__(self, message: str, intended: Path, saved_to: Path):
+        super().__init__(message)
+        self.intended, self.saved_to = Path(intended), Path(saved_to)
+
+
+_RESCUE_NAME = f"sdlearn-rescue-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def rescue_folders() -> list[Path]:
+    """Where :func:`write_or_rescue` tries to save what could not be written, in order: a folder named
+    ``sdlearn-rescue-DATE-TIME-PID`` (the same for the whole process) in the temporary folder, the home
+    folder, and the current folder."""
+    bases = [Path(tempfile.gettempdir()), Path.home(), Path.cwd()]
+    return list(dict.fromkeys(base / _RESCUE_NAME for base in bases))
+
+
+def write_or_rescue(write: Callable[[Path], Any], path: str | os.PathLike, what: str) -> Path:
+    """``write(path)``; returns ``path``. If that raises an ``OSError`` (a full disk, a folder made read-only, a
+    removed drive), ``write(folder / path.name)`` is tried in each of :func:`rescue_folders` and, once one works,
+    :class:`SavedElsewhereError` is raised naming both places, so the work is kept and the caller is told. If no
+    place works, an ``OSError`` naming the places tried is raised. ``what`` ("the checkpoint") is for messages."""
+    path = Path(path)
+    try:
+        write(path)
+        return path
+    except OSError as error:
+        failure = error
+    tried = []
+    for folder in rescue_folders():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            write(folder / path.name)
+        except OSError as error:
+            tried.append(f"{str(folder)!r} ({_reason(error)})")
+            continue
+        raise SavedElsewhereError(f"could not write {what} to {str(path)!r} ({_reason(failure)}); saved it to "
+                                  f"{str(folder / path.name)!r} instead", path, folder / path.name) from failure
+    raise type(failure)(f"could not write {what} to {str(path)!r} ({_reason(failure)}), nor to a rescue folder: "
+                        f"{'; '.join(tried)}") from failure
+
+
+# ------------------------------------------------------------------------------------------------
+# Interrupts: SIGINT and SIGTERM stop the loop between two steps
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was stopped by Ctrl-C (SIGINT) or SIGTERM between two steps.
+
+    Attributes: ``step`` (the steps completed, all saved), ``checkpoint`` (the checkpoint written at that step, or
+    None without a ``checkpoint_dir``), ``signal_name`` ("SIGINT" or "SIGTERM") and ``result`` (the
+    :class:`TrainResult` up to that step). The message says what was saved and where."""
+
+    def __init__(self, message: str, step: int, checkpoint: Path | None, signal_name: str, result: TrainResult):
+        super().__init__(message)
+        self.step, self.checkpoint, self.signal_name, self.result = step, checkpoint, signal_name, result
+
+
+class _StopBetweenSteps:
+    """While active (in the main thread only), SIGINT and SIGTERM set ``received`` instead of stopping the
+    process; the loop checks it between steps. A second signal restores the old handlers and raises
+    ``KeyboardInterrupt`` at once. Signals that were being ignored stay ignored."""
+
+    def __init__(self, saving: bool):
+        self.saving = saving
+        self.received: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopBetweenSteps:
+        if threading.current_thread() is not threading.main_thread():
+            return self
+        for name in ("SIGINT", "SIGTERM"):
+            number = getattr(signal, name, None)
+            previous = signal.getsignal(number) if number is not None else None
+            if previous is None or previous == signal.SIG_IGN:
+                continue
+            try:
+                signal.signal(number, self._handle)
+            except (ValueError, OSError):
+                continue
+            self._previous[number] = previous
+        return self
+
+    def _handle(self, number, frame) -> None:
+        if self.received is not None:
+            self._restore()
+            raise KeyboardInterrupt
+        self.received = signal.Signals(number).name
+        then = ", then saving a checkpoint" if self.saving else ""
+        print(f"\n{self.received}: stopping after this step{then}; send it again to stop at once",
+              file=sys.stderr, flush=True)
+
+    def _restore(self) -> None:
+        for number, previous in self._previous.items():
+            signal.signal(number, previous)
+        self._previous.clear()
+
+    def __exit__(self, *exc) -> None:
+        self._restore()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -201,7 +396,7 @@ class TrainResult:
     step: int = 0  # steps completed in the whole run
     start_step: int = 0  # where this call started (> 0 after a resume)
     seconds: float = 0.0  # training time of the whole run
-    stopped_reason: str = ""  # "max_steps", "max_minutes" or "non-finite loss"
+    stopped_reason: str = ""  # "max_steps", "max_minutes", "non-finite loss" or "interrupted"
     checkpoint: Path | None = None
     ema: EMA | None = None
     record: dict | None = None  # train_all: what train_all.json records (the stages, the scores)
@@ -276,6 +471,8 @@ def train(
         raise ValueError(f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}")
     config = dict(config or {})
     json.dumps(config, allow_nan=False)  # fail now, not at the first checkpoint
+    if checkpoint_dir is not None:
+        check_writable_folder(checkpoint_dir)  # now, not after an hour of training
     device = next(model.parameters()).device
     if optimizer is None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
@@ -285,6 +482,8 @@ def train(
     ema = EMA(model, ema_decay) if ema_decay is not None else None
     result = TrainResult(ema=ema)
     ckpt_path = Path(checkpoint_dir) / checkpoint_name if checkpoint_dir is not None else None
+    if ckpt_path is not None:
+        check_free_space(ckpt_path.parent, checkpoint_bytes(model, optimizer, ema))
 
     if ckpt_path is not None and resume and checkpoint_paths(ckpt_path)[0].exists():
         _resume(ckpt_path, model, optimizer, ema, result, config)
@@ -293,7 +492,7 @@ def train(
         torch.manual_seed(seed)
     result.start_step = result.step
 
-    def save() -> None:
+    def save_to(path: Path) -> None:
         tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
         if ema is not None:
             tensors.update({f"ema/{k}": v for k, v in ema.shadow.items()})
@@ -310,7 +509,27 @@ def train(
             "ema": None if ema is None else {"decay": ema.decay, "num_updates": ema.num_updates},
             "logs": result.logs,
         }
-        result.checkpoint = save_checkpoint(ckpt_path, tensors, state)
+        result.checkpoint = save_checkpoint(path, tensors, state)
+
+    def save() -> bool:
+        """The periodic checkpoint → whether it was written; if it cannot be (a full disk), warn and train on."""
+        try:
+            save_to(ckpt_path)
+        except OSError as error:
+            kept = f"the last one written is {str(result.checkpoint)!r}" if result.checkpoint else "none was written yet"
+            warnings.warn(f"could not write the checkpoint {str(ckpt_path)!r} at step {result.step} ({_reason(error)}); "
+                          f"training goes on ({kept}), and the next save tries again", stacklevel=2)
+            return False
+        return True
+
+    def save_or_rescue() -> str:
+        """The checkpoint that must not be lost (the end, an interrupt) → a note on where it went."""
+        try:
+            write_or_rescue(save_to, checkpoint_paths(ckpt_path)[0], "the checkpoint")
+        except SavedElsewhereError as moved:
+            result.checkpoint = checkpoint_paths(moved.saved_to)[0]
+            return f"{moved}; to resume, move its .safetensors and .json files into {str(ckpt_path.parent)!r}"
+        return ""
 
     def budget_progress() -> float:
         fractions = []
@@ -332,9 +551,26 @@ def train(
     bar = tqdm(total=max_steps, initial=result.step, desc=desc, disable=not progress, dynamic_ncols=True)
     running = None
     last_saved = result.step
+    stop = _StopBetweenSteps(saving=ckpt_path is not None)
+
+    def interrupted() -> TrainingInterrupted:
+        note = ""
+        if ckpt_path is not None and (last_saved != result.step or result.checkpoint is None):
+            note = save_or_rescue()
+        if ckpt_path is None:
+            saved = "no checkpoint_dir was given, so nothing was saved"
+        else:
+            saved = note or f"checkpoint saved to {str(result.checkpoint)!r}"
+        return TrainingInterrupted(f"{stop.received} at step {result.step}: {saved}", result.step, result.checkpoint,
+                                   stop.received, result)
+
     clock = time.perf_counter()
-    try:  # an interrupt (Ctrl-C) leaves the last periodic checkpoint, always taken between two steps
+    try:
+        stop.__enter__()
         while not (reason := budget_spent()):
+            if stop.received:
+                result.stopped_reason = "interrupted"
+                raise interrupted()
             step = result.step
             factor = _schedule_factor(lr_schedule, budget_progress())
             if warmup_steps:
@@ -388,13 +624,19 @@ def train(
                 bar.set_postfix(loss=f"{running:.4g}", refresh=False)
             bar.update(1)
             if ckpt_path is not None and checkpoint_every and result.step % checkpoint_every == 0:
-                save()
-                last_saved = result.step
+                if save():
+                    last_saved = result.step
                 clock = time.perf_counter()  # checkpoint time does not count as training time
         result.stopped_reason = reason
         if ckpt_path is not None and (last_saved != result.step or result.checkpoint is None):
-            save()
+            note = save_or_rescue()
+            last_saved = result.step
+            if note:
+                warnings.warn(note, stacklevel=2)
+        if stop.received:  # asked to stop during the last step or the final save: the run is saved; stop as asked
+            raise interrupted()
     finally:
+        stop.__exit__()
         bar.close()
         model.train(was_training)
     return result
@@ -411,6 +653,18 @@ def _resume(path: Path, model, optimizer, ema, result: TrainResult, config: dict
             f"resume=False.\n  checkpoint: {state.get('config')}\n  this run:   {config}"
         )
 
+    step, seconds, history = state.get("step"), state.get("seconds"), tensors.get("history/loss")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(f"{str(st_path)!r} says the run stopped at step {step!r}, but a step count is a whole "
+                              "number ≥ 0: the file is damaged; delete it (and its .json) to start over")
+    if history is None or history.dim() != 1 or len(history) != step:
+        found = "no loss history" if history is None else f"a loss history of {history.numel()} steps"
+        raise CheckpointError(f"{str(st_path)!r} says the run stopped at step {step} but holds {found}: the file is "
+                              "damaged; delete it (and its .json) to start over")
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not (math.isfinite(seconds) and seconds >= 0):
+        raise CheckpointError(f"{str(st_path)!r} says the run trained for {seconds!r} seconds, which is not a number "
+                              "≥ 0: the file is damaged; delete it (and its .json) to start over")
+
     def part(prefix: str) -> dict[str, torch.Tensor]:
         return {k.removeprefix(prefix): v for k, v in tensors.items() if k.startswith(prefix)}
 
@@ -421,7 +675,7 @@ def _resume(path: Path, model, optimizer, ema, result: TrainResult, config: dict
         ema.load_state_dict({"shadow": part("ema/"), **state["ema"]})
     _optimizer_from_flat(optimizer, {k: v for k, v in tensors.items() if k.startswith("optim/")}, state["optimizer"])
     _restore_rng({k: v for k, v in tensors.items() if k.startswith("rng/")})
-    result.step = int(state["step"])
-    result.seconds = float(state["seconds"])
-    result.losses = tensors["history/loss"].tolist()
+    result.step = step
+    result.seconds = float(seconds)
+    result.losses = history.tolist()
     result.logs = list(state.get("logs", []))

@@ -42,7 +42,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sdlearn.checkpoint import ConfigMixin, count_parameters
+from sdlearn.checkpoint import MAX_CONFIG_DEPTH, ConfigMixin, count_parameters
 from sdlearn.checks import check_batch, warn_deprecated
 
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -68,6 +68,8 @@ class VAEConfig(ConfigMixin):
         self.check_positive_ints("in_channels", "image_size", "latent_channels", "base_channels", "norm_groups")
         if not self.channel_multipliers or min(self.channel_multipliers) < 1:
             raise ValueError(f"VAEConfig.channel_multipliers must be positive integers, got {self.channel_multipliers}")
+        self.check_sizes("channel_multipliers", self.channel_multipliers)
+        self.check_sizes("base_channels × channel_multipliers", self.widths)  # no width beyond MAX_CONFIG_SIZE
         if not isinstance(self.num_res_blocks, int):
             self.num_res_blocks = tuple(int(n) for n in self.num_res_blocks)
         per_level = self.res_blocks_per_level
@@ -76,6 +78,7 @@ class VAEConfig(ConfigMixin):
                 f"VAEConfig.num_res_blocks must be an integer ≥ 0 or one per level "
                 f"({len(self.channel_multipliers)} levels), got {self.num_res_blocks!r}"
             )
+        self.check_sizes("num_res_blocks", per_level, maximum=MAX_CONFIG_DEPTH, minimum=0)
         for width in self.widths:
             if width % self.norm_groups:
                 raise ValueError(f"every width {self.widths} must be divisible by norm_groups={self.norm_groups}")

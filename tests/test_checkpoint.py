@@ -291,3 +291,57 @@ def test_check_positive_int():
             check_positive_int(bad, "n")
     with pytest.raises(ValueError, match="positive integer or None"):
         check_positive_int(0, "n", allow_none=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Atomic writes of several files, the embedded copy of a lost JSON, and the bounds of config sizes
+
+
+def test_atomic_write_files_writes_all_or_nothing(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_bytes(b"old a")
+    real_fsync, calls = os.fsync, []
+
+    def fail_on_the_second_file(fd):
+        calls.append(fd)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(checkpoint.os, "fsync", fail_on_the_second_file)
+    with pytest.raises(OSError, match="No space"):
+        checkpoint.atomic_write_files([(tmp_path / "a.txt", b"new a"), (tmp_path / "b.txt", b"new b")])
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"] and (tmp_path / "a.txt").read_bytes() == b"old a"
+    assert checkpoint.atomic_write_files([(tmp_path / "a.txt", b"new a"), (tmp_path / "b.txt", b"new b")]) == [
+        tmp_path / "a.txt", tmp_path / "b.txt"]
+    assert (tmp_path / "b.txt").read_bytes() == b"new b"
+
+
+def test_read_checkpoint_config_may_fall_back_to_the_copy_in_the_weights_file(tmp_path):
+    save_checkpoint(tmp_path / "ckpt", {"w": torch.ones(2)}, {"step": 3})
+    recorded = read_checkpoint_config(tmp_path / "ckpt")
+    assert recorded[checkpoint.HASH_KEY] == file_sha256(tmp_path / "ckpt.safetensors")
+    (tmp_path / "ckpt.json").unlink()
+    with pytest.raises(CheckpointError, match="not found"):
+        read_checkpoint_config(tmp_path / "ckpt")
+    with pytest.warns(UserWarning, match="using the copy of the config stored in"):
+        embedded = read_checkpoint_config(tmp_path / "ckpt", use_embedded_copy=True)
+    assert embedded["step"] == 3 and embedded["save_id"] == recorded["save_id"]
+
+
+@pytest.mark.parametrize(
+    "config_cls, kwargs, words",
+    [(VAEConfig, {"base_channels": 65536}, r"VAEConfig\.base_channels must be at most 16384"),
+     (VAEConfig, {"channel_multipliers": (1, 2, 4096)}, r"base_channels × channel_multipliers must be at most"),
+     (VAEConfig, {"num_res_blocks": 5000}, r"num_res_blocks must be at most 1024"),
+     (DenoiserConfig, {"width": 65536, "heads": 4}, r"DenoiserConfig\.width must be at most 16384, got 65536"),
+     (DenoiserConfig, {"depth": 10**6}, r"DenoiserConfig\.depth must be at most 1024"),
+     (DenoiserConfig, {"mlp_ratio": float("nan")}, r"DenoiserConfig\.mlp_ratio must be a finite number at most 64"),
+     (TextEncoderConfig, {"vocab_size": 10**7}, r"TextEncoderConfig\.vocab_size must be at most 262144"),
+     (TinyCLIPConfig, {"image_channels": (16, 10**6)}, r"TinyCLIPConfig\.image_channels must be at most 16384 each"),
+     (TinyCLIPConfig, {"image_size": 0}, r"TinyCLIPConfig\.image_size must be a positive integer"),
+     (ClassifierConfig, {"widths": (16, 10**6)}, r"ClassifierConfig\.widths must be at most 16384 each")],
+)
+def test_absurd_sizes_are_refused_by_every_config(config_cls, kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        config_cls(**kwargs)

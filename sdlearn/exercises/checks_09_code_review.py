@@ -144,7 +144,8 @@ class _CountingChecker(Checker):
         counted = _count_model_calls(fn) if callable(fn) else fn
         mistakes = tuple(Mistake(_count_model_calls(m.fn), m.explanation) for m in self.mistakes)
         return check(counted, _count_model_calls(self.reference), self.cases(), name=self.name, hint=self.hint,
-                     mistakes=mistakes, compare=lambda expected, got: _compare_guided(expected, got, self.atol, self.rtol))
+                     mistakes=mistakes, compare=lambda expected, got: _compare_guided(expected, got, self.atol, self.rtol),
+                     timeout=self.timeout)
 
 
 def _count_model_calls(fn: Callable) -> Callable:

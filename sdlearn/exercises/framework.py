@@ -20,6 +20,20 @@ Writing an exercise in a course notebook
 
 The student copies (:mod:`sdlearn.exercises.student_copies`) replace each solution region by a stub.
 
+What a learner sees when a check fails
+--------------------------------------
+Only their own code: in Jupyter and IPython an :class:`ExerciseFailed` shows the learner's frames (the
+cell that called the checker and, when their function raised, the frames of their function), then the
+message with the case, the problem and the hint; the checker's own frames are left out
+(``ExerciseFailed._render_traceback_``, which IPython calls; pytest honours ``__tracebackhide__``).
+
+A learner's function that never returns (an endless loop) is stopped after ``timeout`` seconds (30 by
+default) and reported as :class:`ExerciseTimedOut`. On the main thread of a POSIX system (a Jupyter
+kernel's cells run there) a ``SIGALRM`` timer interrupts the function itself, which then really stops.
+Elsewhere (Windows, a check run on another thread, or another alarm already armed) the function runs in a
+daemon thread that the checker stops waiting for: Python cannot kill a thread, so the message says that
+it may still be running and that restarting the kernel stops it.
+
 Adding a checker
 ----------------
 Write a reference function (usually sdlearn's own code), a function that builds the test cases
@@ -33,21 +47,137 @@ checker is tested to pass its reference and to fail each of its mistakes.
 from __future__ import annotations
 
 import math
+import signal
+import threading
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from sdlearn.schedules import make_betas
 
+CHECK_TIMEOUT_S = 30.0
+"""Seconds a learner's function may take on one case before the checker stops it (a correct answer takes
+milliseconds on the checkers' small inputs)."""
+
+_EXERCISES_DIR = Path(__file__).resolve().parent
+
+
+def _is_checker_frame(frame) -> bool:
+    """A frame of the checker machinery (this package), of IPython or ipykernel running the cell, or one marked
+    ``__tracebackhide__``."""
+    if frame.f_locals.get("__tracebackhide__"):
+        return True
+    if str(frame.f_globals.get("__name__", "")).startswith(("IPython.", "ipykernel.")):
+        return True
+    try:
+        return Path(frame.f_code.co_filename).resolve().parent == _EXERCISES_DIR
+    except (OSError, ValueError):  # "<stdin>", "<ipython-input-...>" and the like
+        return False
+
+
+def learner_frames(tb) -> traceback.StackSummary:
+    """The frames of the traceback ``tb`` that are the learner's code, not the checker's."""
+    kept = []
+    while tb is not None:
+        if not _is_checker_frame(tb.tb_frame):
+            kept.append((tb.tb_frame, tb.tb_lineno))
+        tb = tb.tb_next
+    return traceback.StackSummary.extract(kept)
+
+
+def _without_leading_checker_frames(tb):
+    """``tb`` from the learner's first frame on: the frames of the checker that called the learner's function
+    come first in the traceback of an exception it raised."""
+    while tb is not None and _is_checker_frame(tb.tb_frame):
+        tb = tb.tb_next
+    return tb
+
 
 class ExerciseFailed(AssertionError):
     """The learner's function gave a wrong answer (or crashed) on one of the checker's cases."""
 
+    def _render_traceback_(self) -> list[str]:
+        """What IPython and Jupyter show instead of the full traceback: the learner's frames (and those of the
+        exception their function raised, if any), then the message with its hint; no frame of the checker."""
+        lines: list[str] = []
+        cause = self.__cause__
+        if cause is not None:
+            lines.append("Traceback of your function (most recent call last):")
+            lines += "".join(learner_frames(cause.__traceback__).format()).rstrip("\n").splitlines()
+            lines += "".join(traceback.format_exception_only(type(cause), cause)).rstrip("\n").splitlines()
+            lines += ["", "The above exception was the direct cause of the following exception:", ""]
+        frames = learner_frames(self.__traceback__)
+        if frames:
+            lines.append("Traceback (most recent call last):")
+            lines += "".join(frames.format()).rstrip("\n").splitlines()
+        lines += f"{type(self).__name__}: {self}".splitlines()
+        return lines
+
 
 class ExerciseNotDone(ExerciseFailed, NotImplementedError):
     """The learner's function still raises ``NotImplementedError``: the exercise is not filled in yet."""
+
+
+class ExerciseTimedOut(ExerciseFailed, TimeoutError):
+    """The learner's function did not return within the checker's ``timeout`` (an endless loop?)."""
+
+
+class _OutOfTime(BaseException):
+    """Raised inside the learner's function when its time is up: a ``BaseException``, so that an ``except
+    Exception`` in their code does not swallow it. ``stopped`` says whether the function was really stopped."""
+
+    def __init__(self, stopped: bool):
+        super().__init__("out of time")
+        self.stopped = stopped
+
+
+def call_with_timeout(fn: Callable, args: tuple, kwargs: dict, seconds: float | None):
+    """``fn(*args, **kwargs)``, or :class:`_OutOfTime` after ``seconds`` (None: no limit).
+
+    On the main thread, where ``signal.setitimer`` exists and no other timer is armed, a ``SIGALRM`` raises
+    inside ``fn`` and so stops it. Otherwise ``fn`` runs in a daemon thread that is waited for ``seconds``:
+    a thread cannot be killed, so an endless ``fn`` keeps running there (``stopped`` False)."""
+    __tracebackhide__ = True
+    if seconds is None:
+        return fn(*args, **kwargs)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    if on_main_thread and hasattr(signal, "setitimer") and signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0):
+        running = [True]
+
+        def on_alarm(signum, frame):
+            if running[0]:
+                raise _OutOfTime(stopped=True)
+
+        previous = signal.signal(signal.SIGALRM, on_alarm)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            result = fn(*args, **kwargs)
+            running[0] = False
+            return result
+        finally:
+            running[0] = False
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous if previous is not None else signal.SIG_DFL)
+    outcome: dict[str, Any] = {}
+
+    def run():
+        try:
+            outcome["result"] = fn(*args, **kwargs)
+        except BaseException as error:  # handed to the checker's thread below
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run, name="sdlearn exercise check", daemon=True)
+    worker.start()
+    worker.join(seconds)
+    if worker.is_alive():
+        raise _OutOfTime(stopped=False)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 @dataclass
@@ -150,6 +280,7 @@ def check(
     atol: float = 1e-5,
     rtol: float = 1e-4,
     compare: Callable[[Any, Any], str | None] | None = None,
+    timeout: float | None = CHECK_TIMEOUT_S,
 ) -> None:
     """Run ``fn`` and ``reference`` on every case; print ``✓ Correct!`` if all agree.
 
@@ -162,6 +293,9 @@ def check(
     largest difference and where), what it looks like when the output matches a known ``Mistake``,
     and the ``hint``. ``compare(expected, got)`` may replace the default comparison, which allows
     ``atol + rtol·|expected|``; it returns a message when they differ and None when they agree.
+
+    A call of ``fn`` that takes more than ``timeout`` seconds (None: no limit) is stopped and reported as
+    :class:`ExerciseTimedOut` (see the module's docstring for how).
     """
     __tracebackhide__ = True  # IPython and pytest show the learner's frames, not the checker's
     if not callable(fn):
@@ -181,12 +315,20 @@ def check(
         expected = reference(*_clone(case.args), **_clone(case.kwargs))
         args, kwargs = _clone(case.args), _clone(case.kwargs)
         try:
-            got = fn(*args, **kwargs)
+            got = call_with_timeout(fn, args, kwargs, timeout)
+        except _OutOfTime as out:
+            where = learner_frames(out.__traceback__)
+            then = ("It may still be running in the background: restart the kernel to stop it." if not out.stopped else
+                    f"It was stopped in {where[-1].name}, line {where[-1].lineno}"
+                    f"{f': `{where[-1].line}`' if where[-1].line else ''}." if where else "It was stopped.")
+            raise fail(k, case, f"your function did not return within {timeout:g} s: an endless loop, or a `while` "
+                                f"whose condition never changes?", then, ExerciseTimedOut) from None
         except NotImplementedError as error:
             raise fail(k, case, f"your function raised NotImplementedError({error}).",
                        "Replace the `raise NotImplementedError(...)` line with your code, run that cell, then run this check again.",
                        ExerciseNotDone) from None
         except Exception as error:
+            error.__traceback__ = _without_leading_checker_frames(error.__traceback__)  # the learner's frames only
             raise fail(k, case, f"your function raised {type(error).__name__}: {error}") from error
         for position, (before, after) in enumerate(zip(case.args, args)):
             if isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor) and not torch.equal(before, after):
@@ -227,6 +369,7 @@ class Checker:
     atol: float = 1e-5
     rtol: float = 1e-4
     seed: int = 0
+    timeout: float | None = CHECK_TIMEOUT_S
 
     def __post_init__(self):
         self.__doc__ = f"Check your function ``{self.signature}``: {self.doc}\n\nHint when it fails: {self.hint}"
@@ -237,7 +380,7 @@ class Checker:
     def __call__(self, fn: Callable) -> None:
         __tracebackhide__ = True
         return check(fn, self.reference, self.cases(), name=self.name, hint=self.hint,
-                     mistakes=self.mistakes, atol=self.atol, rtol=self.rtol)
+                     mistakes=self.mistakes, atol=self.atol, rtol=self.rtol, timeout=self.timeout)
 
     def __repr__(self) -> str:
         return f"<exercise checker {self.name}: {self.signature}>"
@@ -261,7 +404,8 @@ class DictChecker(Checker):
     def __call__(self, fn: Callable) -> None:
         __tracebackhide__ = True
         return check(fn, self.reference, self.cases(), name=self.name, hint=self.hint, mistakes=self.mistakes,
-                     compare=lambda expected, got: _compare_dicts(expected, got, self.atol, self.rtol))
+                     compare=lambda expected, got: _compare_dicts(expected, got, self.atol, self.rtol),
+                     timeout=self.timeout)
 
 
 def _compare_dicts(expected: dict, got, atol: float, rtol: float) -> str | None:

@@ -13,13 +13,22 @@ exercise.
 
 A solution region is the lines between two marker lines, ``# BEGIN SOLUTION`` and ``# END SOLUTION``
 (:mod:`sdlearn.exercises.framework` explains how an exercise is written).
+
+Writing is safe: every notebook is converted before anything is written, then written to a temporary file
+beside its target and renamed over it (:func:`sdlearn.checkpoint.atomic_write_files`), so a symbolic link
+in the target folder is replaced, never written through (a link to the course's own notebook leaves that
+notebook alone), and a full disk or a read-only folder leaves no partial file: it raises one ``ValueError``
+saying what went wrong, and the old files are untouched.
 """
 
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
+
+from sdlearn.checkpoint import atomic_write_files
 
 BEGIN_MARKER = "# BEGIN SOLUTION"
 END_MARKER = "# END SOLUTION"
@@ -120,15 +129,45 @@ def student_notebook(nb, name: str = "notebook"):
 
 
 def make_student_copy(src_nb_path: str | Path, dst_path: str | Path) -> Path:
-    """Write the student copy of the notebook ``src_nb_path`` to ``dst_path`` (see :func:`student_notebook`)."""
+    """Write the student copy of the notebook ``src_nb_path`` to ``dst_path`` (see :func:`student_notebook`),
+    atomically (a link at ``dst_path`` is replaced, not followed). Problems raise ``ValueError``."""
     import nbformat
 
     src, dst = Path(src_nb_path), Path(dst_path)
+    if not str(dst_path).strip():
+        raise ValueError("the student copy's path is empty; name a file, e.g. my_copy.ipynb")
     if src.resolve() == dst.resolve():
         raise ValueError(f"refusing to overwrite the course notebook {src} with its student copy; choose another path")
+    _check_target(dst)
     nb = nbformat.read(src, as_version=4)
-    nbformat.write(student_notebook(nb, src.name), dst)
+    _write_notebooks([(dst, student_notebook(nb, src.name))], dst.parent)
     return dst
+
+
+def _check_target(dst: Path) -> None:
+    """A notebook may replace a file or a link at ``dst``, never a folder (or anything else)."""
+    if dst.is_symlink() or not os.path.lexists(dst):
+        return
+    if dst.is_dir():
+        raise ValueError(f"{dst} is a folder, where the student copy {dst.name} would go; move or rename it, "
+                         "or choose another output folder")
+    if not dst.is_file():
+        raise ValueError(f"{dst} exists and is not a regular file; move it, or choose another output folder")
+
+
+def _write_notebooks(copies, out: Path) -> None:
+    """Write every (path, notebook) all or nothing; an ``OSError`` (a full disk, a read-only folder) becomes one
+    ``ValueError`` naming the folder and the cause, and leaves no partial file."""
+    import nbformat
+
+    texts = [(dst, nbformat.writes(nb)) for dst, nb in copies]
+    files = [(dst, (text if text.endswith("\n") else text + "\n").encode("utf-8")) for dst, text in texts]  # as nbformat.write
+    try:
+        atomic_write_files(files)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ValueError(f"cannot write the student notebooks into {out}: {reason}"
+                         f"{f' ({error.filename})' if error.filename else ''}; nothing was written") from error
 
 
 def default_notebooks_dir() -> Path:
@@ -140,13 +179,19 @@ def write_student_copies(out_dir: str | Path, notebooks_dir: str | Path | None =
     """Write a student copy of every ``NN_*.ipynb`` in ``notebooks_dir`` (default: the course's) into ``out_dir``.
 
     Only the notebooks are written. ``out_dir`` is created if needed; an existing non-empty folder
-    is refused (``FileExistsError``) unless ``force``, which overwrites same-named notebooks and leaves
-    every other file alone. ``out_dir`` may never be the notebooks folder or lie inside it
-    (``ValueError``). Every notebook is converted before anything is written, so a malformed
-    solution region leaves ``out_dir`` untouched. Returns the written paths, in course order.
+    is refused (``FileExistsError``) unless ``force``, which replaces same-named notebooks (a link among
+    them is replaced, not written through) and leaves every other file alone. ``out_dir`` may never be
+    empty (``""`` is not "here"), be the notebooks folder or lie inside it, and a folder may not stand
+    where a notebook goes (``ValueError``). Every notebook is converted before anything is written, so a
+    malformed solution region leaves ``out_dir`` untouched, and the files are written all or nothing: a
+    full disk or a read-only place raises one ``ValueError`` and leaves no partial notebook. Returns the
+    written paths, in course order.
     """
     import nbformat
 
+    if isinstance(out_dir, str) and not out_dir.strip():
+        raise ValueError("the output folder is an empty name; name a folder, e.g. "
+                         "python -m sdlearn exercises my_exercises (or . for the current folder)")
     source = Path(notebooks_dir) if notebooks_dir is not None else default_notebooks_dir()
     if not source.is_dir():
         raise FileNotFoundError(f"no notebooks folder at {source}; pass the folder holding the NN_*.ipynb notebooks")
@@ -161,8 +206,21 @@ def write_student_copies(out_dir: str | Path, notebooks_dir: str | Path | None =
     paths = sorted(p for p in source.iterdir() if _NOTEBOOK_NAME_RE.match(p.name) and p.is_file())
     if not paths:
         raise FileNotFoundError(f"no NN_*.ipynb notebooks in {source}")
+    for p in paths:
+        _check_target(out / p.name)
     copies = [(out / p.name, student_notebook(nbformat.read(p, as_version=4), p.name)) for p in paths]
-    out.mkdir(parents=True, exist_ok=True)
-    for dst, nb in copies:
-        nbformat.write(nb, dst)
+    created = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"cannot create the folder {out}: {error.strerror or error}") from error
+    try:
+        _write_notebooks(copies, out)
+    except ValueError:
+        if created:
+            try:
+                out.rmdir()  # leave no trace of a write that failed (the folder is empty: nothing was written)
+            except OSError:
+                pass
+        raise
     return [dst for dst, _ in copies]
