@@ -1,6 +1,7 @@
 # The two commands of the README's quick start, each setting itself up on first use:
-#   make lab    open the course in JupyterLab
-#   make test   run the unit tests and re-execute every notebook under nbval
+#   make lab    open the course in JupyterLab (make notebook: in Jupyter Notebook 7)
+#   make test   run the unit tests and re-execute every notebook under nbval; with Chromium
+#               installed (apt-get install chromium), the browser tests of tests/browser too
 # Both create ./.venv and install sdlearn into it when it is missing or pyproject.toml changed.
 
 PYTHON      ?= python3
@@ -11,7 +12,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.sdlearn-installed
 
-.PHONY: lab test lint notebooks student clean-venv
+.PHONY: lab notebook test test-browser lint notebooks student clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,15 +27,30 @@ LAB_ARGS ?= $(if $(filter 0,$(shell id -u)),--allow-root,)
 lab: $(STAMP)
 	$(BIN)/jupyter lab $(LAB_ARGS) notebooks/
 
+notebook: $(STAMP)
+	$(BIN)/jupyter notebook $(LAB_ARGS) notebooks/
+
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+# The explorers in JupyterLab in headless Chromium (Debian's: apt-get install chromium; SDLEARN_CHROMIUM=PATH
+# for another). Fails, rather than skips, without Chromium. Failure screenshots land in test-artifacts/.
+test-browser: $(STAMP)
+	SDLEARN_REQUIRE_BROWSER=1 $(BIN)/python -m pytest tests/browser
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
-# Re-execute every notebook in place (after a change to sdlearn), then `make test`.
+# Re-execute every notebook in place (after a change to sdlearn), then `make test`. No widget state is kept
+# (an earlier run's is dropped first), so that viewers without a kernel show each explorer's picture (see
+# sdlearn/widgets.py).
+COURSE_NOTEBOOKS = notebooks/[0-9][0-9]_*.ipynb
 notebooks: $(STAMP)
-	$(BIN)/jupyter nbconvert --to notebook --execute --inplace notebooks/[0-9][0-9]_*.ipynb
+	$(BIN)/python -c 'import sys, nbformat; [nbformat.write(nb, path) for path in sys.argv[1:] \
+		for nb in [nbformat.read(path, as_version=4)] if nb.metadata.pop("widgets", None) is not None]' \
+		$(COURSE_NOTEBOOKS)
+	$(BIN)/jupyter nbconvert --to notebook --execute --inplace --ExecutePreprocessor.store_widget_state=False \
+		$(COURSE_NOTEBOOKS)
 
 # Student copies without solutions: make student OUT=student
 OUT ?= student

@@ -48,6 +48,10 @@ DEFAULT_BETA_RANGE = {
 }
 _ALIASES = {"squaredcos_cap_v2": "cosine"}
 
+# ᾱ below this is "no signal left" for NoiseSchedule.problems(): √ᾱ = 0.01, the image a hundredth of the
+# noise's scale. A schedule that gets there before T/2 spends more than half of its steps on pure noise.
+ALMOST_NO_SIGNAL = 1e-4
+
 
 def make_betas(
     name: str = "scaled_linear",
@@ -351,4 +355,11 @@ class NoiseSchedule:
             found.append(f"ᾱ at t=0 is {a[0].item():.3g}: even the least noisy training input has lost most of its signal")
         if a[-1] > 0.05:
             found.append(f"ᾱ at t=T−1 is {a[-1].item():.3g}: the last step is not close to pure noise, so sampling from N(0, I) starts off-distribution")
+        half = len(a) // 2
+        gone = (a[:half] < ALMOST_NO_SIGNAL).nonzero()
+        if a[0] >= 0.9 and len(gone):  # (a schedule that is noise from t = 0 is reported above already)
+            k = int(gone[0])
+            found.append(f"ᾱ falls below {ALMOST_NO_SIGNAL:g} already at t={k}, before T/2 = {half}: x_t is pure noise "
+                         f"from there on, so {len(a) - k} of the {len(a)} steps show the model no image at all "
+                         "(lower β end, or raise T)")
         return found

@@ -6,13 +6,28 @@ works with any matplotlib backend and needs no ``%matplotlib widget``. Moving a 
 ``.update()``, which redraws; tests (and curious learners) can set a control's ``.value`` or call
 ``.update()`` themselves and read the result from attributes such as ``.x_t`` or ``.schedule``.
 
-Under nbval, a cell that displays an explorer needs no ignore marker: nbval skips the widget view
-(whose model id changes on every run) and the plain-text part, the widget's repr cut at 110
-characters, is the same on every run.
+**A picture before running.** An explorer's display bundle holds, beside the live widget view, a PNG of
+the picture it shows when displayed (its first frame) and one line of plain text. Where the widget cannot
+run — a notebook not yet trusted or run in JupyterLab or Notebook 7, ``nbconvert --to html``, a notebook
+viewer or a code host — front-ends fall back on the PNG: JupyterLab renders only "safe" types (the PNG) in an
+untrusted notebook, and nbconvert skips a widget view whose state the notebook does not store (``make
+notebooks`` stores none). Where a kernel runs the cell, the live widget wins (its renderer ranks first). One
+case is left to JupyterLab: a notebook that has been *trusted* but not run shows "Error displaying widget:
+model not found" until its cell runs (a trusted widget view is rendered even without its model); a fresh
+clone is not trusted, so it shows the pictures. (Storing widget state would fix that case but leave an empty
+box wherever JavaScript does not run, as in nbconvert's HTML viewed offline.)
+
+Under nbval, a cell that displays an explorer needs no ignore marker: nbval skips the widget view (whose
+model id changes on every run) and the PNG, and the plain-text line is the same on every run.
+
+Every explorer's element carries the CSS classes ``sdlearn-explorer`` and ``sdlearn-<kind>`` (e.g.
+``sdlearn-forward-noising-explorer``), and each control, its readout and its picture ``sdlearn-<attribute>``
+(``sdlearn-t_slider``, ``sdlearn-readout``, ``sdlearn-picture``), so that a browser test can find them.
 """
 
 from __future__ import annotations
 
+import base64
 import html
 import io
 import textwrap
@@ -62,7 +77,30 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-class ForwardNoisingExplorer(widgets.VBox):
+class _Explorer(widgets.VBox):
+    """What every explorer shares: CSS classes a browser test can find, and a display bundle that carries a
+    PNG of the picture on show and one line of text beside the widget view (see the module docstring)."""
+
+    SUMMARY = "an interactive explorer"  # the plain-text line says what it is; each explorer says more
+
+    def _tag(self, kind: str, **parts: widgets.DOMWidget) -> None:
+        self.add_class("sdlearn-explorer")
+        self.add_class(f"sdlearn-{kind}")
+        for name, part in parts.items():
+            part.add_class(f"sdlearn-{name}")
+
+    def _repr_mimebundle_(self, **kwargs):
+        bundle = super()._repr_mimebundle_(**kwargs)
+        if bundle is None:  # (ipywidgets returns nothing for a widget without a view)
+            return None
+        bundle["text/plain"] = f"{type(self).__name__}: {self.SUMMARY} (run the notebook to use its controls)"
+        png = bytes(self.picture.value)
+        if png:
+            bundle["image/png"] = base64.b64encode(png).decode("ascii")
+        return bundle
+
+
+class ForwardNoisingExplorer(_Explorer):
     """A t slider over x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε: the noised image, its pixel histogram against
     N(0, 1), and where t sits on the √ᾱ_t / √(1−ᾱ_t) curves. "New noise" draws another ε.
 
@@ -70,6 +108,8 @@ class ForwardNoisingExplorer(widgets.VBox):
     and noise scales and the SNR), ``picture`` (the ``ipywidgets.Image`` showing ``figure``),
     ``schedule``, ``x0``, ``noise`` and ``x_t`` (the tensors behind the current picture).
     """
+
+    SUMMARY = "a t slider over the forward process x_t = √ᾱ_t x₀ + √(1−ᾱ_t) ε"
 
     def __init__(self, image=None, schedule: NoiseSchedule | str | None = None, seed: int = 0, t: int | None = None):
         if schedule is None or isinstance(schedule, str):
@@ -87,6 +127,8 @@ class ForwardNoisingExplorer(widgets.VBox):
         self.readout = widgets.HTML()
         self.picture = widgets.Image(format="png")
         super().__init__([widgets.HBox([self.t_slider, self.new_noise_button]), self.readout, self.picture])
+        self._tag("forward-noising-explorer", t_slider=self.t_slider, new_noise_button=self.new_noise_button,
+                  readout=self.readout, picture=self.picture)
 
         self._build_figure()
         self.t_slider.observe(lambda change: self.update(), names="value")
@@ -155,7 +197,26 @@ def forward_noising_explorer(image=None, schedule: NoiseSchedule | str | None = 
     return ForwardNoisingExplorer(image, schedule, seed)
 
 
-class ScheduleExplorer(widgets.VBox):
+def _check_rescalable(betas: torch.Tensor) -> None:
+    """Raise ``ValueError`` naming the cause if zero-terminal SNR (Lin et al. 2023, Algorithm 1) cannot rescale
+    ``betas``: the rescaling recovers α_t = ᾱ_t / ᾱ_{t−1}, which is 0/0 once ᾱ is 0 before the last step,
+    because a β is 1 or because the product ∏(1 − β) underflows float32 (below about 1e-45)."""
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)  # [T], in betas' dtype, as the rescaling computes it
+    zero = (alphas_cumprod[:-1] == 0).nonzero()
+    if not len(zero):
+        return
+    k, T = int(zero[0]), len(betas)
+    if (betas[: k + 1] >= 1).any():
+        j = int((betas[: k + 1] >= 1).nonzero()[0])
+        cause = f"β = 1 at t = {j} wipes the image out, so ᾱ is 0 from t = {j} on"
+    else:
+        cause = (f"ᾱ underflows to 0 in {str(betas.dtype).removeprefix('torch.')} at t = {k} (it falls below the "
+                 f"smallest number a {str(betas.dtype).removeprefix('torch.')} holds)")
+    raise ValueError(f"zero terminal SNR cannot rescale this schedule: {cause}, before the last step t = {T - 1}, and "
+                     "the rescaling divides ᾱ_t by ᾱ_(t−1) = 0 (0/0). Lower β end or T, or untick zero terminal SNR.")
+
+
+class ScheduleExplorer(_Explorer):
     """Choose a schedule (name, T, β range, zero-terminal SNR) and see ᾱ_t, log-SNR and the same image
     noised at t = 0, T/4, T/2, 3T/4 and T−1, with Stable Diffusion's schedule dashed for comparison.
 
@@ -163,11 +224,13 @@ class ScheduleExplorer(widgets.VBox):
     name resets the β range to that schedule's defaults (cosine has none: its sliders are greyed). The current
     :class:`NoiseSchedule` is ``.schedule``; ``.problems`` lists what is wrong with it in plain words
     (see :meth:`NoiseSchedule.problems`), also shown under the controls. Settings that cannot make a
-    schedule at all (zero-terminal SNR of a schedule that is pure noise from the first step: 0/0) leave
-    ``.schedule`` None and say why in ``.readout`` and ``.problems`` instead of raising.
+    schedule at all (zero-terminal SNR of a schedule whose ᾱ is already 0 before its last step: the rescaling
+    divides 0 by 0) leave ``.schedule`` (and ``.x_t``) None, say why in ``.readout`` and ``.problems`` instead
+    of raising, and grey the picture out, so that no plot of an earlier schedule stays on show beside the error.
     """
 
     FRACTIONS = (0.0, 0.25, 0.5, 0.75, 1.0)
+    SUMMARY = "choose a noise schedule and see ᾱ_t, log-SNR and an image noised at five timesteps"
 
     def __init__(self, image=None, seed: int = 0):
         self.x0 = _check_image(image)  # [3, H, W]
@@ -188,6 +251,9 @@ class ScheduleExplorer(widgets.VBox):
             self.zero_terminal_snr,
         ])
         super().__init__([controls, self.readout, self.picture])
+        self._tag("schedule-explorer", name=self.name, num_steps=self.num_steps, beta_start=self.beta_start,
+                  beta_end=self.beta_end, zero_terminal_snr=self.zero_terminal_snr, readout=self.readout,
+                  picture=self.picture)
         self.schedule: NoiseSchedule | None = None
         self.problems: list[str] = []
         self.figure: Figure | None = None
@@ -212,6 +278,7 @@ class ScheduleExplorer(widgets.VBox):
         name, T = self.name.value, int(self.num_steps.value)
         betas = make_betas(name, T, beta_start=self.beta_start.value, beta_end=self.beta_end.value)
         if self.zero_terminal_snr.value:
+            _check_rescalable(betas)
             betas = rescale_zero_terminal_snr(betas)
         return NoiseSchedule(betas)
 
@@ -221,9 +288,10 @@ class ScheduleExplorer(widgets.VBox):
         self.beta_start.disabled = self.beta_end.disabled = cosine  # the cosine schedule has no β range
         try:
             schedule = self._make_schedule()
-        except ValueError as error:  # e.g. zero-terminal SNR of a schedule that is pure noise from t = 0 (0/0)
-            self.schedule, self.problems = None, [str(error)]
-            self.readout.value = f"<b style='color:#b00'>Cannot build this schedule:</b> {error}"
+        except ValueError as error:  # e.g. zero-terminal SNR of a schedule whose ᾱ is 0 before its last step (0/0)
+            self.schedule, self.problems, self.x_t, self.timesteps = None, [str(error)], None, None
+            self.readout.value = f"<b style='color:#b00'>Cannot build this schedule:</b> {html.escape(str(error))}"
+            self._grey_out()
             return
         self.schedule = schedule
         self.problems = schedule.problems()
@@ -237,6 +305,7 @@ class ScheduleExplorer(widgets.VBox):
 
         if self.figure is None:
             self._build_figure()
+        self._no_schedule.set_visible(False)
         steps = np.arange(T)
         reference = NoiseSchedule.from_name("scaled_linear", num_train_timesteps=T)
         for k, s in enumerate((reference, schedule)):  # line 0: the reference, line 1: this schedule
@@ -277,6 +346,24 @@ class ScheduleExplorer(widgets.VBox):
             ax.set_title("t", fontsize=8)
             ax.axis("off")
         fig.tight_layout()
+        self._no_schedule = fig.text(0.5, 0.25, "no schedule: see the message above the picture", ha="center",
+                                     va="center", fontsize=14, color="#b00", visible=False,
+                                     bbox={"facecolor": "white", "edgecolor": "#b00"})
+
+    def _grey_out(self) -> None:
+        """Show that there is no schedule: empty this schedule's curves, grey the five images, say so."""
+        if self.figure is None:
+            self._build_figure()
+        for ax in (self._abar_axes, self._snr_axes):
+            ax.lines[1].set_data([], [])  # line 1: this schedule (line 0, the reference, stays for orientation)
+            ax.relim()
+            ax.autoscale_view()
+        grey = np.full(to_image(self.x0).shape, 0.85)
+        for artist in self._images:
+            artist.set_data(grey)
+            artist.axes.set_title("—", fontsize=8)
+        self._no_schedule.set_visible(True)
+        self.picture.value = _png(self.figure)
 
 
 def schedule_explorer(image=None, seed: int = 0) -> ScheduleExplorer:
@@ -288,7 +375,7 @@ def schedule_explorer(image=None, seed: int = 0) -> ScheduleExplorer:
 # ---------------------------------------------------------------------------------------------------
 # The sampler-step scrubber (notebooks 06 and 08)
 # ---------------------------------------------------------------------------------------------------
-class SamplerScrubber(widgets.VBox):
+class SamplerScrubber(_Explorer):
     """Run a sampler once and scrub through its model evaluations with a slider: at each one, the
     model's input x_t and the clean image x̂₀ it predicts there, and where the step sits on the noise
     level curve √(1 − ᾱ_t). The last position shows the finished sample.
@@ -306,6 +393,8 @@ class SamplerScrubber(widgets.VBox):
     input, predicted x̂₀; all of the batch) plus a final one with ``t`` None and the sample as both
     ``x_t`` and ``x0``; ``sample`` is the sampler's output, and ``x_t``/``x0`` are the frame on show.
     """
+
+    SUMMARY = "a slider through one sampling run: x_t and the predicted x̂₀ at every model evaluation"
 
     def __init__(self, model_fn, schedule: NoiseSchedule, shape=None, *, noise: torch.Tensor | None = None,
                  sampler: str = "ddim", num_inference_steps: int = 20, seed: int = 0, spacing: str = "leading",
@@ -337,6 +426,8 @@ class SamplerScrubber(widgets.VBox):
         self.readout = widgets.HTML()
         self.picture = widgets.Image(format="png")
         super().__init__([widgets.HBox([self.sampler, self.steps]), self.step, self.readout, self.picture])
+        self._tag("sampler-scrubber", sampler=self.sampler, steps=self.steps, step=self.step, readout=self.readout,
+                  picture=self.picture)
         self.figure: Figure | None = None
         self._quiet = False
         self.sampler.observe(lambda change: self.run(), names="value")
@@ -444,7 +535,7 @@ def sampler_scrubber(model_fn, schedule: NoiseSchedule, shape=None, *, noise: to
 # ---------------------------------------------------------------------------------------------------
 # The prompt playground (notebooks 00 and 08)
 # ---------------------------------------------------------------------------------------------------
-class PromptPlayground(widgets.VBox):
+class PromptPlayground(_Explorer):
     """Type a prompt, set the knobs, press **Generate**: a text-to-image pipeline answers with a grid of images.
 
     ``pipe`` is a :class:`sdlearn.pipeline.LatentDiffusionPipeline` (None: the shipped one, from
@@ -456,8 +547,11 @@ class PromptPlayground(widgets.VBox):
 
     After a run, ``images`` holds the output ``[N, 3, 32, 32]`` in [-1, 1] (None after a refused run),
     ``picture`` shows them and ``readout`` says what was run and how long it took, with the tokenizer's
-    warnings (unknown words, a prompt too long) and the pipeline's errors in words instead of a traceback.
+    warnings (unknown words, a prompt too long) and the pipeline's errors in words instead of a traceback. The
+    readout quotes the prompt once; the warnings about it say "the prompt" instead of quoting it again.
     """
+
+    SUMMARY = "type a prompt and press Generate: the pipeline answers with a grid of images"
 
     def __init__(self, pipe=None, prompt: str = "a large red circle in the top left", *, negative_prompt: str = "",
                  num_inference_steps: int = 20, guidance_scale: float = 4.0, seed: int = 0,
@@ -495,6 +589,10 @@ class PromptPlayground(widgets.VBox):
             self.readout,
             self.picture,
         ])
+        self._tag("prompt-playground", prompt=self.prompt, negative=self.negative, steps=self.steps,
+                  guidance=self.guidance, seed=self.seed, num_images_per_prompt=self.num_images_per_prompt,
+                  sampler=self.sampler, generate_button=self.generate_button, readout=self.readout,
+                  picture=self.picture)
         self.images: torch.Tensor | None = None
         self.seconds: float | None = None
         self.generate_button.on_click(lambda _: self.generate())
@@ -545,7 +643,8 @@ class PromptPlayground(widgets.VBox):
 
         w = kwargs["guidance_scale"]
         guidance = "off (w = 1: the conditional model alone)" if w == 1 else f"w = {w:g}"
-        notes = "".join(f"<br><span style='color:#a60'>⚠ {html.escape(str(c.message))}</span>" for c in caught)
+        messages = dict.fromkeys(_without_quotes_of(str(c.message), prompt, negative) for c in caught)  # once each
+        notes = "".join(f"<br><span style='color:#a60'>⚠ {html.escape(m)}</span>" for m in messages)
         self.readout.value = (
             f"{n} image{'s' * (n != 1)} of <i>{html.escape(prompt) or '(empty prompt)'}</i>"
             + (f", negative <i>{html.escape(negative)}</i>" if negative else "")
@@ -554,6 +653,15 @@ class PromptPlayground(widgets.VBox):
         )
 
     update = generate  # the explorers' common name for "redraw from the controls"
+
+
+def _without_quotes_of(message: str, prompt: str, negative: str) -> str:
+    """A tokenizer warning with the prompt it quotes replaced by "the prompt" (the readout shows it already),
+    e.g. "unknown word(s) 'zebra' in prompt 'a red zebra' became <unk>" → "... in the prompt became <unk>"."""
+    for text, name in ((prompt, "the prompt"), (negative, "the negative prompt")):
+        if text:
+            message = message.replace(f"in prompt {text!r}", f"in {name}").replace(f"prompt {text!r}", name)
+    return message
 
 
 def prompt_playground(pipe=None, prompt: str = "a large red circle in the top left", **kwargs) -> PromptPlayground:

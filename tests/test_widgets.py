@@ -1,12 +1,18 @@
 """The explorers: they build, respond to their controls, and show what the controls say."""
 
+import base64
+import io
+import re
+
 import matplotlib
 
 matplotlib.use("Agg")
 
 import ipywidgets  # noqa: E402
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from sdlearn.schedules import NoiseSchedule  # noqa: E402
 from sdlearn.widgets import forward_noising_explorer, schedule_explorer  # noqa: E402
@@ -82,6 +88,43 @@ def test_schedule_explorer_rebuilds_the_schedule_from_its_controls():
     assert explorer.beta_start.disabled and explorer.beta_end.disabled
 
 
+def test_schedule_explorer_warns_when_alpha_bar_reaches_zero_long_before_the_end():
+    explorer = schedule_explorer(_image())
+    explorer.name.value = "linear"
+    assert explorer.problems == []  # DDPM's linear schedule: ᾱ < 1e-4 only from t = 954
+    explorer.beta_end.value = 0.79  # ᾱ ≈ 0 from t ≈ 150: every picture after the first is pure noise
+    assert explorer.schedule is not None
+    assert [p for p in explorer.problems if "falls below 0.0001 already at t=149, before T/2 = 500" in p], explorer.problems
+    assert "851 of the 1000 steps" in explorer.readout.value and "No problems" not in explorer.readout.value
+
+
+def _grey_fraction(png: bytes) -> float:
+    """The share of a picture's pixels that are the explorer's "no schedule" grey (0.85 × 255)."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return float((abs(pixels - 217) <= 1).all(axis=-1).mean())
+
+
+def test_schedule_explorer_names_the_underflow_that_zero_terminal_snr_cannot_rescale_and_greys_its_plots():
+    explorer = schedule_explorer(_image())
+    explorer.name.value = "linear"
+    explorer.beta_end.value = 0.3  # ᾱ underflows to 0 in float32 before the last step
+    assert explorer.schedule.alphas_cumprod[-2] == 0
+    drawn = bytes(explorer.picture.value)
+    assert _grey_fraction(drawn) < 0.01
+    explorer.zero_terminal_snr.value = True
+    assert explorer.schedule is None and explorer.x_t is None
+    (problem,) = explorer.problems
+    assert "zero terminal SNR cannot rescale this schedule: ᾱ underflows to 0 in float32 at t = " in problem
+    assert "0/0" in problem and "finite" not in problem
+    assert "Cannot build this schedule" in explorer.readout.value and "underflows" in explorer.readout.value
+    greyed = bytes(explorer.picture.value)
+    assert greyed != drawn and _grey_fraction(greyed) > 0.05  # no stale plot beside the error
+
+    explorer.beta_end.value = 0.02  # rescalable again: the plots come back
+    assert explorer.schedule is not None and explorer.schedule.alphas_cumprod[-1] == 0
+    assert _grey_fraction(bytes(explorer.picture.value)) < 0.01
+
+
 def test_schedule_explorer_explains_broken_schedules_instead_of_raising():
     explorer = schedule_explorer(_image())
     explorer.beta_start.value, explorer.beta_end.value = 0.5, 0.001  # starts large and runs backwards
@@ -93,6 +136,7 @@ def test_schedule_explorer_explains_broken_schedules_instead_of_raising():
     assert explorer.schedule is not None and explorer.schedule.alphas_cumprod[0] == 0
     explorer.zero_terminal_snr.value = True  # cannot be rescaled: 0 / 0
     assert explorer.schedule is None and "Cannot build this schedule" in explorer.readout.value
+    assert "β = 1 at t = 0" in explorer.readout.value
     explorer.zero_terminal_snr.value = False
     assert explorer.schedule is not None
 
@@ -218,6 +262,18 @@ def test_prompt_playground_reports_warnings_and_errors_in_words():
         prompt_playground("not a pipeline")
 
 
+def test_prompt_playground_quotes_a_long_prompt_once():
+    from sdlearn.widgets import prompt_playground
+
+    pipe = _tiny_pipeline()
+    prompt = " and ".join(["a large red circle in the top left", "a small blue square in the bottom right"] * 3)
+    playground = prompt_playground(pipe, prompt, num_inference_steps=1, num_images_per_prompt=1, negative_prompt="red")
+    readout = playground.readout.value
+    assert readout.count(prompt) == 1, readout
+    assert "the prompt names 6 objects" in readout and "the prompt has " in readout  # its warnings, still said
+    assert readout.count("⚠") == 2
+
+
 def test_prompt_playground_old_num_images_keyword_still_works_with_a_deprecation_warning():
     from sdlearn.widgets import prompt_playground
 
@@ -227,3 +283,78 @@ def test_prompt_playground_old_num_images_keyword_still_works_with_a_deprecation
     assert playground.images.shape == (2, 3, 32, 32)
     with pytest.warns(DeprecationWarning, match="num_images_per_prompt"):
         assert playground.num_images is playground.num_images_per_prompt
+
+
+# -- a picture before running (issue 19) ------------------------------------------------------------------
+def _explorers():
+    from sdlearn.samplers import GaussianDataModel
+    from sdlearn.widgets import prompt_playground, sampler_scrubber
+
+    schedule = NoiseSchedule.from_name("scaled_linear")
+    yield forward_noising_explorer(_image(), "linear")
+    yield schedule_explorer(_image())
+    yield sampler_scrubber(GaussianDataModel(schedule), schedule, (2, 3, 8, 8), num_inference_steps=3)
+    yield prompt_playground(_tiny_pipeline(), "a red circle", num_inference_steps=1, num_images_per_prompt=2)
+
+
+def test_every_explorer_displays_a_picture_of_its_first_frame_beside_the_widget_view():
+    from IPython.core.formatters import DisplayFormatter
+
+    for explorer in _explorers():
+        data, _ = DisplayFormatter().format(explorer)  # what the kernel publishes for a cell that ends with it
+        name = type(explorer).__name__
+        assert data["application/vnd.jupyter.widget-view+json"]["model_id"] == explorer.model_id
+        assert base64.b64decode(data["image/png"]) == bytes(explorer.picture.value), name
+        text = data["text/plain"]
+        assert text.startswith(f"{name}: ") and "\n" not in text and len(text) < 160 and "children=" not in text
+
+
+def test_a_playground_that_has_not_generated_yet_displays_no_picture():
+    from sdlearn.widgets import prompt_playground
+
+    data = prompt_playground(_tiny_pipeline(), generate=False)._repr_mimebundle_()
+    assert "image/png" not in data and data["text/plain"].startswith("PromptPlayground: ")
+
+
+def test_an_executed_notebook_shows_the_explorer_as_a_picture_in_html_without_javascript(tmp_path):
+    """``make notebooks`` executes without storing widget state; nbconvert's HTML then shows each explorer's PNG
+    as a plain <img> (with widget state it would pick the widget view, which needs JavaScript from a CDN)."""
+    import nbformat
+    from nbclient import NotebookClient
+    from nbconvert import HTMLExporter
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(
+        "import torch\nfrom sdlearn.widgets import forward_noising_explorer\n"
+        "forward_noising_explorer(torch.zeros(3, 8, 8), 'linear')")])
+    NotebookClient(nb, timeout=300, kernel_name="python3", store_widget_state=False,
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
+    (output,) = nb.cells[0].outputs
+    assert "widgets" not in nb.metadata
+    html_page, _ = HTMLExporter().from_notebook_node(nb)
+    assert re.search(rf'<img [^>]*src="data:image/png;base64,{re.escape(output.data["image/png"])}"', html_page)
+    assert "ForwardNoisingExplorer: " not in html_page and "children=" not in html_page
+
+
+def test_every_explorer_in_the_committed_notebooks_shows_a_picture_without_a_kernel():
+    """The README's promise, "you can read the results before running anything", for the explorers' cells: each
+    widget output of the committed notebooks carries its PNG, and no notebook stores widget state (which makes
+    nbconvert and notebook viewers pick the widget view, blank without JavaScript). Re-execute the notebooks with
+    ``make notebooks`` after a change to an explorer."""
+    import nbformat
+
+    from sdlearn.exercises import default_notebooks_dir
+
+    without_picture, with_state = [], []
+    paths = sorted(default_notebooks_dir().glob("[0-9][0-9]_*.ipynb"))
+    assert paths, f"no notebooks in {default_notebooks_dir()}"
+    for path in paths:
+        nb = nbformat.read(path, as_version=4)
+        if "widgets" in nb.metadata:
+            with_state.append(path.name)
+        for index, cell in enumerate(nb.cells):
+            for output in cell.get("outputs", []):
+                data = output.get("data", {})
+                if "application/vnd.jupyter.widget-view+json" in data and "image/png" not in data:
+                    without_picture.append(f"{path.name} cell {index}: {data.get('text/plain', '')[:60]}")
+    assert without_picture == [], "explorer outputs without a picture (re-execute: make notebooks)"
+    assert with_state == [], "notebooks that store widget state (re-execute: make notebooks)"
