@@ -1,0 +1,62 @@
+"""Diagnostic for issue 13: do the sampler, the guidance scale or the guidance interval rescue partial and
+two-object colour + shape prompts? Prints, per setting, the three figures that ``benchmarks/quality.py`` misses.
+
+    python benchmarks/guidance_sweep.py [N] [SETTINGS]
+
+N images per figure (default 96: a diagnostic to compare settings, not a measurement of a target, which needs
+≥ 256); SETTINGS: comma-separated indices into ``SETTINGS`` (default all). Prompts as ``quality.py``'s
+targets 3, 6 and 4 (the same seeds; four of its ten TV prompts). "TV excess" is the open attribute's TV to the
+data's distribution minus a perfect sampler's at the same count (:func:`sdlearn.metrics.open_attribute_tv`).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402
+
+from sdlearn.metrics import default_scene_reader, open_attribute_tv, prompt_accuracy  # noqa: E402
+from sdlearn.pretrained import load_pipeline  # noqa: E402
+
+TV_PROMPTS = ("a red shape", "a large blue square", "a small yellow object in the center", "a blue circle in the center")
+SETTINGS = (  # (sampler, guidance scale, guidance interval in timesteps)
+    ("dpm++", 4.0, (0, 600)), ("dpm++", 4.0, (0, 1000)), ("dpm++", 1.0, (0, 1000)), ("dpm++", 2.0, (0, 1000)),
+    ("ddpm", 4.0, (0, 600)), ("ddpm", 4.0, (0, 1000)), ("ddpm", 2.0, (0, 1000)), ("euler", 4.0, (0, 600)),
+    ("dpm++", 7.0, (0, 1000)), ("ddpm", 7.0, (0, 1000)), ("dpm++", 4.0, (200, 800)), ("ddpm", 4.0, (200, 800)),
+)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    n = int(sys.argv[1]) if len(sys.argv) > 1 else 96
+    chosen = [SETTINGS[int(i)] for i in sys.argv[2].split(",")] if len(sys.argv) > 2 else list(SETTINGS)
+    pipe, reader = load_pipeline(), default_scene_reader()
+    partial = quality.partial_prompts(n, 4244)
+    two = quality.two_object_prompts(n, 4246, colour_and_shape=True)
+    print(f"{n} images per figure, 20 steps, 1 thread; torch {torch.__version__}")
+    for sampler, scale, interval in chosen:
+        start = time.time()
+
+        def draw(prompts, seed, sampler=sampler, scale=scale, interval=interval):
+            return torch.cat([pipe(prompts[i:i + 128], num_inference_steps=20, guidance_scale=scale, sampler=sampler,
+                                   guidance_interval=interval, seed=seed + i, progress=False)
+                              for i in range(0, len(prompts), 128)])
+
+        a = prompt_accuracy(draw(partial, 4244), partial, reader)
+        b = prompt_accuracy(draw(two, 4246), two, reader)
+        excess = []
+        for k, prompt in enumerate(TV_PROMPTS):
+            r = open_attribute_tv(draw([prompt] * n, 4247 + 1000 * k), prompt, reader)
+            excess.append(" ".join(f"{name}:{r.tv[name] - r.perfect_sampler[name]:+.2f}" for name in r.tv))
+        print(f"{sampler:6} w={scale} interval={interval}: partial {a.overall:.3f} (object count {a.object_count:.2f}) | "
+              f"two c+s {b.overall:.3f} (object count {b.object_count:.2f}, swaps {b.binding_errors}) | "
+              f"TV excess {' ; '.join(excess)} [{time.time() - start:.0f} s]", flush=True)
+
+
+if __name__ == "__main__":
+    main()
