@@ -12,7 +12,7 @@ TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 BIN         := $(VENV)/bin
 STAMP       := $(VENV)/.sdlearn-installed
 
-.PHONY: lab notebook test test-browser lint notebooks student clean-venv
+.PHONY: lab notebook test test-fast test-browser lint notebooks student clean-venv
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,10 @@ test: $(STAMP)
 # for another). Fails, rather than skips, without Chromium. Failure screenshots land in test-artifacts/.
 test-browser: $(STAMP)
 	SDLEARN_REQUIRE_BROWSER=1 $(BIN)/python -m pytest tests/browser
+
+# The unit tests alone: no notebook is executed (no nbval, no student copies, no browser).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest tests --ignore=tests/browser --ignore=tests/test_student_copies.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
