@@ -85,7 +85,16 @@ from sdlearn.text import (
     clip_loss,
     zero_shot_accuracy,
 )
-from sdlearn.training import TrainResult, resolve_device, set_threads, train, write_or_rescue
+from sdlearn.training import (
+    TrainResult,
+    barrier,
+    is_main_process,
+    rank_seed,
+    resolve_device,
+    set_threads,
+    train,
+    write_or_rescue,
+)
 from sdlearn.vae import VAE, VAEConfig, compute_scaling_factor, psnr, vae_loss
 
 # ------------------------------------------------------------------------------------------------
@@ -107,8 +116,9 @@ def command_line() -> str:
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator a recipe's ``batch_fn`` draws step ``step`` from: a pure function of ``(seed, step)``."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+    """The generator a recipe's ``batch_fn`` draws step ``step`` from: a pure function of ``(seed, step)`` (and,
+    under torchrun, of the rank: :func:`sdlearn.training.rank_seed`, so that each rank draws its own data)."""
+    return torch.Generator().manual_seed(rank_seed(seed * 1_000_003 + step))
 
 
 def default_budget(minutes: float | None, steps: int | None, default_minutes: float | None = None,
@@ -155,10 +165,13 @@ def finish(name: str, model, result: TrainResult, training: dict, out_dir: Path 
     """The end of every recipe: ``save(model, out_dir / name, training=training)`` when there is an ``out_dir``,
     the one-line summary ``"NAME: N steps in M min, SUMMARY; wrote ..."``, and ``model.training_info``.
     Returns ``(model, result)``."""
-    if out_dir is not None:  # a full disk now would lose the run: write_or_rescue saves it elsewhere and says where
-        write_or_rescue(lambda path: save(model, path, training=training), out_dir / f"{name}.safetensors",
-                        f"the {name} weights")
-    if progress:
+    try:  # under torchrun rank 0 writes; the others wait for it
+        if out_dir is not None and is_main_process():  # a full disk now would lose the run: write_or_rescue saves
+            write_or_rescue(lambda path: save(model, path, training=training), out_dir / f"{name}.safetensors",
+                            f"the {name} weights")  # it elsewhere and says where
+    finally:
+        barrier()
+    if progress and is_main_process():
         where = f"; wrote {out_dir / f'{name}.safetensors'}" if out_dir is not None else ""
         print(f"{name}: {result.step} steps in {result.seconds / 60:.1f} min, {summary}{where}")
     model.training_info = training
@@ -910,8 +923,9 @@ def train_all(
     record.update(train_minutes=round(train_seconds / 60, 3), total_minutes=round((time.perf_counter() - started) / 60, 3),
                   device=str(device), torch_threads=torch.get_num_threads(), torch_version=torch.__version__,
                   date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-    atomic_write_bytes(out_dir / "train_all.json", (json.dumps(record, indent=1) + "\n").encode("utf-8"))
-    if progress:
+    if is_main_process():  # under torchrun rank 0 writes
+        atomic_write_bytes(out_dir / "train_all.json", (json.dumps(record, indent=1) + "\n").encode("utf-8"))
+    if progress and is_main_process():
         print(f"train all: {train_seconds / 60:.1f} min of training, {record['total_minutes']:.1f} min in all; "
               f"wrote {out_dir} (load it with sdlearn.pretrained.load_pipeline({str(out_dir)!r}))")
         for split, s in scores.items():

@@ -35,12 +35,24 @@ Behaviour (decisions, written down):
   cannot be written (a full disk) warns and training goes on; the final one (or an interrupt's), if it still
   cannot be written, is saved to a rescue folder instead (:func:`write_or_rescue`) and a warning says where.
 
+- **Several processes** (``torchrun --nproc_per_node=N``, detected by its variables ``RANK``, ``WORLD_SIZE`` and
+  ``LOCAL_RANK``): :func:`train` starts a process group (gloo on CPU, nccl on CUDA, one GPU per process) and trains
+  the model wrapped in ``DistributedDataParallel``, which averages the gradients of the N processes' batches
+  (data parallelism, Li et al. 2020), so one step on N batches of B is one step on a batch of N·B. Each rank draws
+  its own data and noise (:func:`rank_seed`); the ranks agree each step on the (mean) loss, on a signal and on the
+  time budget, so they stop together; rank 0 alone writes checkpoints, the others wait for it; every rank resumes
+  from rank 0's checkpoint. The EMA and the checkpoints hold the unwrapped model (no ``module.`` in names).
+  Without those variables nothing of this happens. ``loss_fn`` must reach the parameters through ``model(...)``
+  (the forward pass DDP watches); other attributes (``model.config``) are passed through to the model.
+
 Checkpoints use the format of :mod:`sdlearn.checkpoint` (safetensors + JSON, written atomically, never
 unpickled). The recipes that train each model of the course on this loop are in :mod:`sdlearn.recipes`.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import errno
 import json
 import math
@@ -58,7 +70,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from sdlearn.checkpoint import (
@@ -90,7 +104,7 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'mps', got {device!r}")
     if device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return resolve_device("cuda")
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -100,6 +114,8 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"unknown device {device!r}; expected 'auto', 'cpu', 'cuda' or 'mps'") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu or auto")
+    if resolved.type == "cuda" and resolved.index is None and launched_by_torchrun():
+        resolved = torch.device("cuda", int(os.environ["LOCAL_RANK"]))  # one GPU per process
     if resolved.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError(f"device {device!r} asked for, but MPS is not available here; use --device cpu or auto")
     return resolved
@@ -125,6 +141,95 @@ def set_threads(threads: int) -> int:
         threads = cores
     torch.set_num_threads(threads)
     return threads
+
+
+# ------------------------------------------------------------------------------------------------
+# Several processes: torchrun and DistributedDataParallel
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+RANK_SEED_STRIDE = 1_099_511_627_791  # the first prime above 2**40: rank r's seeds are seed + r·stride
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process is one of several that ``torchrun`` started: its variables ``RANK``, ``WORLD_SIZE`` and
+    ``LOCAL_RANK`` are all set, with ``WORLD_SIZE`` > 1."""
+    if not all(name in os.environ for name in TORCHRUN_VARIABLES):
+        return False
+    try:
+        return int(os.environ["WORLD_SIZE"]) > 1
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE must be a whole number, got {os.environ['WORLD_SIZE']!r}") from None
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Start the process group once, when :func:`launched_by_torchrun`: nccl for a CUDA ``device`` (which becomes
+    this process's current GPU), gloo otherwise, meeting at ``MASTER_ADDR:MASTER_PORT`` (torchrun sets them).
+    → whether a process group is running. It is shut down when the process exits."""
+    if dist.is_available() and dist.is_initialized():
+        return True
+    if not launched_by_torchrun():
+        return False
+    if not dist.is_available():
+        raise RuntimeError("torchrun started this process, but this build of torch has no torch.distributed")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    atexit.register(_shut_down_process_group)
+    return True
+
+
+def _shut_down_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def distributed_rank() -> int:
+    """This process's rank in the process group, 0 when there is none."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def distributed_world_size() -> int:
+    """How many processes train together, 1 when there is no process group."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main_process() -> bool:
+    """Whether this process writes the files: rank 0, or the only process."""
+    return distributed_rank() == 0
+
+
+def barrier() -> None:
+    """Wait until every process gets here (nothing to wait for without a process group)."""
+    if distributed_world_size() > 1:
+        dist.barrier()
+
+
+def rank_seed(seed: int) -> int:
+    """``seed`` for rank 0 (and a single process), ``seed + rank · RANK_SEED_STRIDE`` for the others: each rank's
+    own stream of data and noise, far from every other rank's streams."""
+    return seed + distributed_rank() * RANK_SEED_STRIDE
+
+
+def _all_ranks(values: list[float], device: torch.device, op) -> list[float]:
+    """``values`` reduced over the ranks with ``op`` (a ``dist.ReduceOp``); unchanged in a single process."""
+    if distributed_world_size() == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+class _SharedModel(DistributedDataParallel):
+    """``DistributedDataParallel`` that passes attribute look-ups it does not know (``model.config``) to the wrapped
+    model, so that a ``loss_fn`` written for one process runs unchanged."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "module":
+                raise
+            return getattr(self.module, name)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -408,6 +513,9 @@ class TrainResult:
         return float(sum(tail) / len(tail)) if tail else math.nan
 
 
+PRECISIONS = ("fp32", "bf16")  # train(precision=...): float32 throughout, or bf16 autocast over float32 weights
+
+
 def _to_device(batch, device: torch.device):
     if isinstance(batch, torch.Tensor):
         return batch.to(device, non_blocking=True)
@@ -453,13 +561,20 @@ def train(
     progress: bool = True,
     log_every: int = 25,
     desc: str = "training",
+    precision: str = "fp32",
 ) -> TrainResult:
     """Train ``model`` by minimising ``loss_fn(model, batch_fn(step), step)`` until a budget is spent.
 
     See the module docstring for the behaviour of budgets, schedules, EMA, checkpoints, resume and the
     divergence guard. ``config`` (JSON-serialisable) is stored in every checkpoint; resuming with a
     different config raises :class:`CheckpointError`. ``seed`` seeds torch's global generator at the start
-    of a fresh (not resumed) run. Returns a :class:`TrainResult`; the model is left in the mode it had.
+    of a fresh (not resumed) run (:func:`rank_seed` of it, under torchrun). Returns a :class:`TrainResult`; the
+    model is left in the mode it had (and unwrapped: the caller's ``model`` is trained in place).
+
+    ``precision="bf16"`` runs ``loss_fn`` under ``torch.autocast`` in bfloat16 (on CUDA, and on the CPU, where it is
+    correct but rarely faster): matrix products and convolutions compute in bf16, while the weights, the optimizer's
+    state, the gradients and the EMA stay float32 (mixed precision, Micikevicius et al. 2018; bf16 keeps float32's
+    exponent range, so no loss scaling is needed). ``"fp32"`` (the default) uses no autocast.
     """
     if max_steps is None and max_minutes is None:
         raise ValueError("give a budget: max_steps, max_minutes, or both")
@@ -469,11 +584,17 @@ def train(
         raise ValueError(f"max_minutes must be a non-negative number, got {max_minutes!r}")
     if checkpoint_every is not None and checkpoint_every < 1:
         raise ValueError(f"checkpoint_every must be a positive integer or None, got {checkpoint_every!r}")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     config = dict(config or {})
     json.dumps(config, allow_nan=False)  # fail now, not at the first checkpoint
     if checkpoint_dir is not None:
         check_writable_folder(checkpoint_dir)  # now, not after an hour of training
     device = next(model.parameters()).device
+    if precision == "bf16" and device.type not in ("cuda", "cpu"):
+        raise ValueError(f"precision 'bf16' needs a CUDA device or the CPU, not {device.type!r}; use precision 'fp32'")
+    shared = init_distributed(device) and distributed_world_size() > 1
+    main = is_main_process()
     if optimizer is None:
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     for group in optimizer.param_groups:
@@ -488,9 +609,18 @@ def train(
     if ckpt_path is not None and resume and checkpoint_paths(ckpt_path)[0].exists():
         _resume(ckpt_path, model, optimizer, ema, result, config)
         result.checkpoint = checkpoint_paths(ckpt_path)[0]
+        if shared and not main:  # rank 0's generator state was restored: give this rank its own stream again
+            torch.manual_seed(rank_seed((seed or 0) + result.step))
     elif seed is not None:
-        torch.manual_seed(seed)
+        torch.manual_seed(rank_seed(seed))
     result.start_step = result.step
+    # the model loss_fn sees: DDP averages the gradients over the ranks during backward; it starts by sending rank
+    # 0's weights to all. EMA, checkpoints and the caller keep the unwrapped model.
+    shared_model = _SharedModel(model, device_ids=[device] if device.type == "cuda" else None) if shared else model
+
+    def rank_zero_succeeded(succeeded: bool) -> bool:
+        """Rank 0's outcome of a write, known to every rank (which waits for it): the ranks stay in step."""
+        return bool(_all_ranks([float(succeeded or not main)], device, dist.ReduceOp.MIN)[0]) if shared else succeeded
 
     def save_to(path: Path) -> None:
         tensors = {f"model/{k}": v for k, v in model.state_dict().items()}
@@ -512,18 +642,40 @@ def train(
         result.checkpoint = save_checkpoint(path, tensors, state)
 
     def save() -> bool:
-        """The periodic checkpoint → whether it was written; if it cannot be (a full disk), warn and train on."""
-        try:
-            save_to(ckpt_path)
-        except OSError as error:
-            kept = f"the last one written is {str(result.checkpoint)!r}" if result.checkpoint else "none was written yet"
-            warnings.warn(f"could not write the checkpoint {str(ckpt_path)!r} at step {result.step} ({_reason(error)}); "
-                          f"training goes on ({kept}), and the next save tries again", stacklevel=2)
-            return False
-        return True
+        """The periodic checkpoint → whether it was written; if it cannot be (a full disk), warn and train on.
+        Under torchrun rank 0 writes it and the others wait."""
+        written = True
+        if main:
+            try:
+                save_to(ckpt_path)
+            except OSError as error:
+                kept = f"the last one written is {str(result.checkpoint)!r}" if result.checkpoint else "none was written yet"
+                warnings.warn(f"could not write the checkpoint {str(ckpt_path)!r} at step {result.step} "
+                              f"({_reason(error)}); training goes on ({kept}), and the next save tries again", stacklevel=2)
+                written = False
+        written = rank_zero_succeeded(written)
+        if written and not main:
+            result.checkpoint = checkpoint_paths(ckpt_path)[0]
+        return written
 
     def save_or_rescue() -> str:
-        """The checkpoint that must not be lost (the end, an interrupt) → a note on where it went."""
+        """The checkpoint that must not be lost (the end, an interrupt) → a note on where it went. Under torchrun
+        rank 0 writes it and the others wait."""
+        note, failure = "", None
+        if main:
+            try:
+                note = save_or_rescue_here()
+            except OSError as error:
+                failure = error
+        if not rank_zero_succeeded(failure is None):
+            if failure is not None:
+                raise failure
+            raise OSError(f"rank 0 could not write the checkpoint {str(ckpt_path)!r}; its message says why")
+        if not main:
+            result.checkpoint = checkpoint_paths(ckpt_path)[0]
+        return note
+
+    def save_or_rescue_here() -> str:
         try:
             write_or_rescue(save_to, checkpoint_paths(ckpt_path)[0], "the checkpoint")
         except SavedElsewhereError as moved:
@@ -548,7 +700,7 @@ def train(
 
     was_training = model.training
     model.train()
-    bar = tqdm(total=max_steps, initial=result.step, desc=desc, disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=max_steps, initial=result.step, desc=desc, disable=not (progress and main), dynamic_ncols=True)
     running = None
     last_saved = result.step
     stop = _StopBetweenSteps(saving=ckpt_path is not None)
@@ -564,10 +716,23 @@ def train(
         return TrainingInterrupted(f"{stop.received} at step {result.step}: {saved}", result.step, result.checkpoint,
                                    stop.received, result)
 
+    def agreed_budget_spent() -> str:
+        """:func:`budget_spent`, and under torchrun what all ranks agree on: a time budget spent or a signal
+        received on any rank stops them all, between the same two steps."""
+        reason = budget_spent()
+        if shared:
+            any_spent, any_signal = _all_ranks([float(bool(reason)), float(bool(stop.received))], device,
+                                               dist.ReduceOp.MAX)
+            if any_spent and not reason:
+                reason = "max_minutes"  # the only budget that ranks can see differently
+            if any_signal and not stop.received:
+                stop.received = "SIGTERM"  # another rank was signalled
+        return reason
+
     clock = time.perf_counter()
     try:
         stop.__enter__()
-        while not (reason := budget_spent()):
+        while not (reason := agreed_budget_spent()):
             if stop.received:
                 result.stopped_reason = "interrupted"
                 raise interrupted()
@@ -578,11 +743,15 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = group["initial_lr"] * factor
 
-            out = loss_fn(model, _to_device(batch_fn(step), device), step)
+            mixed = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+            with mixed:
+                out = loss_fn(shared_model, _to_device(batch_fn(step), device), step)
             loss, logs = out if isinstance(out, tuple) else (out, {})
             if not isinstance(loss, torch.Tensor) or loss.dim() != 0:
                 raise ValueError(f"loss_fn must return a scalar tensor (or (loss, logs)), got {type(loss).__name__}")
             loss_value = loss.item()
+            if shared:  # the mean over the ranks: every rank sees a non-finite loss anywhere, and skips together
+                loss_value = _all_ranks([loss_value], device, dist.ReduceOp.SUM)[0] / distributed_world_size()
             grad_norm = math.nan
             if math.isfinite(loss_value):
                 optimizer.zero_grad(set_to_none=True)
