@@ -103,9 +103,11 @@ class DistributionDistance:
         return self.value
 
     def __str__(self) -> str:
-        scale = max(abs(self.value), abs(self.low), abs(self.high), 1e-12)
-        decimals = min(max(2 - math.floor(math.log10(scale)), 0), 8)  # two or three significant digits
-        low, value, high = (f"{x:,.{decimals}f}" for x in (self.low, self.value, self.high))
+        # three significant digits of the largest figure, the others to the same place: the fourth would be
+        # float round-off from one machine's arithmetic to another's, not a property of the images
+        place = math.floor(math.log10(max(abs(self.value), abs(self.low), abs(self.high), 1e-12))) - 2
+        decimals = min(max(-place, 0), 8)
+        low, value, high = (f"{round(x, -place) if place > 0 else x:,.{decimals}f}" for x in (self.low, self.value, self.high))
         return f"{self.name} {value} ({100 * CONFIDENCE:.0f}% CI {low}–{high}, n = {self.num_real} vs {self.num_fake})"
 
 

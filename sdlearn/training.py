@@ -66,6 +66,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -174,13 +175,25 @@ def init_distributed(device: torch.device) -> bool:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    atexit.register(_shut_down_process_group)
+    atexit.register(shut_down_distributed)
     return True
 
 
-def _shut_down_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+SHUTDOWN_WAIT = timedelta(seconds=60)
+
+
+def shut_down_distributed() -> None:
+    """Leave the process group once every rank has finished: without that wait, a rank that exits and closes its
+    connections while another is still finishing the last collective can make gloo abort the other process
+    ("terminate called without an active exception"). With gloo the wait gives up after ``SHUTDOWN_WAIT``
+    (a rank that failed never arrives), and the group is left all the same. :func:`init_distributed` registers
+    it to run at exit; it does nothing without a process group, so calling it earlier is safe."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if dist.get_backend() == "gloo" and distributed_world_size() > 1:
+        with contextlib.suppress(RuntimeError):  # a rank that never arrived: its own error says why
+            dist.monitored_barrier(timeout=SHUTDOWN_WAIT)
+    dist.destroy_process_group()
 
 
 def distributed_rank() -> int:

@@ -24,6 +24,7 @@ from sdlearn.training import (
     distributed_world_size,
     launched_by_torchrun,
     rank_seed,
+    shut_down_distributed,
     train,
 )
 
@@ -89,6 +90,8 @@ def _as_torchrun_rank(rank: int, worker, folder: str, port: int, args) -> None:
                       LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
     worker(rank, Path(folder), *args)
+    shut_down_distributed()  # what the exit would do (init_distributed registers it); here so a test sees it work
+    assert not dist.is_initialized()
 
 
 def _save_parameters(model: nn.Module, path: Path) -> None:
@@ -220,6 +223,7 @@ def test_a_single_process_is_not_distributed(monkeypatch):
     with pytest.raises(ValueError, match="WORLD_SIZE must be a whole number"):
         launched_by_torchrun()
     assert RANK_SEED_STRIDE > 2**40
+    shut_down_distributed()  # without a process group: nothing to leave, and no error
 
 
 # ------------------------------------------------------------------------------------------------------------

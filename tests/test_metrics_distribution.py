@@ -96,7 +96,7 @@ def test_kid_real_vs_real_near_zero_real_vs_other_clearly_not(shipped, two_real_
 
 def test_distribution_distance_prints_estimate_interval_and_counts(tiny):
     assert str(DistributionDistance("KID", 0.0123, 0.0101, 0.0147, 256, 256, 1000)) == "KID 0.0123 (95% CI 0.0101–0.0147, n = 256 vs 256)"
-    assert str(DistributionDistance("FID", 1686.2, 595.4, 3232.0, 300, 300, 200)) == "FID 1,686 (95% CI 595–3,232, n = 300 vs 300)"
+    assert str(DistributionDistance("FID", 1686.2, 595.4, 3232.0, 300, 300, 200)) == "FID 1,690 (95% CI 600–3,230, n = 300 vs 300)"
     text = str(kid(real_images(6, seed=1), real_images(8, seed=2), tiny, bootstrap=10))
     assert re.fullmatch(r"KID -?[\d,.]+ \(95% CI -?[\d,.]+–-?[\d,.]+, n = 6 vs 8\)", text), text
 
