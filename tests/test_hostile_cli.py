@@ -67,6 +67,20 @@ def files_in(folder: Path) -> list[str]:
     return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
 
 
+@pytest.fixture(autouse=True)
+def ctrl_c_reaches_the_tests():
+    """Ctrl-C as in a terminal. A shell that starts ``make test &`` in the background (or ``nohup``) hands the
+    tests SIGINT *ignored*, which the training loop rightly respects (it then installs no handler)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def sigint_as_in_a_terminal() -> None:
+    """For a child process (``preexec_fn``): SIGINT back to its default, which Python turns into KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def read_only(monkeypatch):
     """``read_only(folder)`` makes creating or opening for writing any file or folder under ``folder`` fail with
@@ -340,7 +354,8 @@ def test_a_signal_from_outside_stops_a_training_process_with_a_checkpoint(tmp_pa
     script.write_text(CHILD)
     out = tmp_path / "run"
     child = subprocess.Popen([sys.executable, str(script), "train", "vae", "--steps", "100000", "--out", str(out)],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=sigint_as_in_a_terminal)
     killer = threading.Timer(240, child.kill)  # a hung child fails the test instead of hanging it
     killer.start()
     try:
