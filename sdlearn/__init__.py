@@ -3,7 +3,8 @@
 The package is layered: a module imports only from the layers above it in this table (function-level imports
 included) and never another module's ``_private`` names. Within a layer: in the foundations and the interfaces
 a module may import those listed before it; among the models only ``text`` imports ``denoiser`` (its attention
-block); in the assembly only ``pretrained`` imports ``pipeline``. ``tests/test_layers.py`` enforces the rule.
+block); in the assembly only ``pretrained`` imports ``pipeline``; among the recipes only ``own_data``
+imports ``recipes``. ``tests/test_layers.py`` enforces the rule.
 
 ====================  ===========================================================================
 layer                 modules
@@ -22,7 +23,8 @@ assembly              ``pipeline`` (text→image, img2img, inpainting), ``pretra
                       ``save_X`` with its ``load_X``, ``load_pipeline``)
 recipes               ``recipes`` (``train_vae``, ``train_clip``, ``train_classifier``,
                       ``train_scene_reader``, ``train_denoiser``, ``train_all`` on one
-                      skeleton)
+                      skeleton), ``own_data`` (your own captioned images: the captions'
+                      vocabulary, ``train_all_on_folder``; imports ``recipes``)
 interfaces            ``plotting``, ``widgets``, ``exercises/``, ``__main__`` (the command line)
 ====================  ===========================================================================
 """

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdlearn import recipes
+from sdlearn import own_data, recipes
 from sdlearn.checkpoint import atomic_write_bytes
 from sdlearn.exercises import write_student_copies
 from sdlearn.pipeline import SEED_HIGH, check_seed, to_pil
@@ -38,7 +38,8 @@ from sdlearn.pretrained import load_pipeline
 from sdlearn.samplers import SAMPLER_NAMES
 from sdlearn.training import TrainingInterrupted, check_writable_folder, resolve_device, set_threads
 
-# python -m sdlearn train NAME → the recipe; each takes out_dir, minutes, steps, device, seed.
+# python -m sdlearn train NAME → the recipe; each takes out_dir, minutes, steps, device, seed (and precision, data,
+# prediction_type when they are given).
 TRAINERS = {
     "vae": recipes.train_vae,
     "clip": recipes.train_clip,
@@ -47,6 +48,15 @@ TRAINERS = {
     "denoiser": recipes.train_denoiser,
     "all": recipes.train_all,
 }
+# python -m sdlearn train NAME --data FOLDER → the recipe for a folder of your own images (sdlearn.own_data); it also
+# takes the folder, as ``data``. The classifier and the scene reader read Shapes scenes only.
+FOLDER_TRAINERS = {
+    "vae": recipes.train_vae,
+    "clip": own_data.train_clip_on_folder,
+    "all": own_data.train_all_on_folder,
+}
+PRECISION_HELP = ("fp32 (default), or bf16: bfloat16 autocast over float32 weights, optimizer state and EMA, meant "
+                  "for CUDA GPUs; it also runs on the CPU (correct, rarely faster), not on mps")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -125,7 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
     train.add_argument("--out", default=None, help="folder for the checkpoint and weights (default: runs/MODEL)")
     train.add_argument("--seed", type=_seed_in(TRAIN_SEED_HIGH), default=0, help="random seed, 0 to 2**32 - 1 (default 0)")
-    train.add_argument("--data", default="shapes", help="'shapes' (default) or a folder of your own images (vae only)")
+    train.add_argument("--data", default="shapes",
+                       help="'shapes' (default), or a folder of your own images with captions.jsonl (vae, clip, all: "
+                            "'train all --data FOLDER' trains every model on it, the text tower on its captions' words)")
+    train.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help=PRECISION_HELP)
     train.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch, at most the number of cores (default: torch's choice)")
     train.add_argument(
         "--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
@@ -340,9 +353,15 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "train":
         train_fn = TRAINERS[args.model]
         kwargs = dict(out_dir=args.out or f"runs/{args.model}", minutes=args.minutes, steps=args.steps, device=args.device, seed=args.seed)
+        if args.precision != "fp32":  # every recipe's default is fp32
+            kwargs["precision"] = args.precision
         if args.data != "shapes":
-            if args.model != "vae":
-                raise ValueError(f"--data PATH is supported by 'train vae' only, not by 'train {args.model}'")
+            if args.model not in FOLDER_TRAINERS:
+                why = ("it needs the folder's own VAE and text tower: use 'train all --data FOLDER'"
+                       if args.model == "denoiser" else "it reads Shapes scenes only")
+                raise ValueError(f"--data FOLDER works with 'train vae', 'train clip' and 'train all', not "
+                                 f"'train {args.model}': {why}")
+            train_fn = FOLDER_TRAINERS[args.model]
             kwargs["data"] = args.data
         if args.prediction_type is not None:
             if args.model not in ("denoiser", "all"):

@@ -98,14 +98,28 @@ def load_text_encoder(path: PathLike | None = None, device: str | torch.device =
 
 def load_tokenizer(path: PathLike | None = None) -> Tokenizer:
     """The :class:`sdlearn.text.Tokenizer` the shipped (or ``path``'s) TinyCLIP was trained with (from ``clip.json``,
-    or, with a warning, from the copy of it inside ``clip.safetensors`` when the JSON is missing or damaged)."""
+    or, with a warning, from the copy of it inside ``clip.safetensors`` when the JSON is missing or damaged).
+
+    ``clip.json`` keeps the tokenizer's vocabulary and ``max_length`` under ``"tokenizer"``: the Shapes words, or
+    the words of your own captions (``python -m sdlearn train all --data FOLDER``). A file that records no
+    tokenizer was written before the vocabulary was saved, so it gets the Shapes vocabulary, provided its text
+    tower has as many tokens."""
     return _tokenizer_from(read_checkpoint_config(weights_path("clip", path), use_embedded_copy=True), path)
 
 
 def _tokenizer_from(info: Mapping[str, Any], path: PathLike | None) -> Tokenizer:
-    if "tokenizer" not in info:
-        raise CheckpointError(f"{str(checkpoint_paths(weights_path('clip', path))[1])!r} records no tokenizer")
-    return Tokenizer.from_dict(info["tokenizer"])
+    where = repr(str(checkpoint_paths(weights_path("clip", path))[1]))
+    try:
+        if "tokenizer" in info:
+            return Tokenizer.from_dict(info["tokenizer"])
+        text = TinyCLIPConfig.from_dict(info["model_config"]).text
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{where} holds no usable tokenizer: {e}") from None
+    shapes = Tokenizer(max_length=text.max_length)  # an older file: the Shapes vocabulary, the only one there was
+    if text.vocab_size != shapes.vocab_size:
+        raise CheckpointError(f"{where} records no tokenizer, and its text tower has {text.vocab_size} tokens, not "
+                              f"the {shapes.vocab_size} of the Shapes vocabulary; add its \"tokenizer\" entry")
+    return shapes
 
 
 # The attribute classifier (sdlearn.metrics), the judge of prompt accuracy.

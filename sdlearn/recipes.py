@@ -1,7 +1,8 @@
 """The recipes: how each model of the course is trained, on one skeleton; ``python -m sdlearn train NAME``.
 
-Every recipe ``train_NAME(out_dir=None, minutes=None, steps=None, device="auto", *, seed=0, ..., progress=True,
-resume=True) -> (model, TrainResult)`` does the same four things:
+Every recipe ``train_NAME(out_dir=None, minutes=None, steps=None, device="auto", *, seed=0, ..., precision="fp32",
+progress=True, resume=True) -> (model, TrainResult)`` does the same four things (``precision="bf16"``: bfloat16
+autocast over float32 weights, for CUDA; see :func:`sdlearn.training.train`):
 
 1. **budget and device**: ``minutes`` and/or ``steps`` (neither: the shipped recipe's budget), and
    :func:`sdlearn.training.resolve_device`;
@@ -15,6 +16,7 @@ resume=True) -> (model, TrainResult)`` does the same four things:
 - :func:`train_vae` (notebook 03), :func:`train_clip` (07), :func:`train_classifier` (the judge of prompt
   accuracy), :func:`train_scene_reader` (its successor for scenes of two objects), :func:`train_denoiser` (05) and :func:`train_all`, the whole system from scratch into one folder,
   which returns ``(pipeline, TrainResult)`` like the others (its ``record`` attribute holds the summary).
+  :mod:`sdlearn.own_data` trains the same system on a folder of your own captioned images.
 """
 
 from __future__ import annotations
@@ -88,6 +90,7 @@ from sdlearn.text import (
 from sdlearn.training import (
     TrainResult,
     barrier,
+    init_distributed,
     is_main_process,
     rank_seed,
     resolve_device,
@@ -130,13 +133,15 @@ def default_budget(minutes: float | None, steps: int | None, default_minutes: fl
 
 
 def fit(name: str, model, loss_fn: Callable, batch_fn: Callable, run_config: Mapping[str, Any], *, out_dir: Path | None,
-        minutes: float | None, steps: int | None, seed: int, resume: bool, progress: bool, **options) -> TrainResult:
+        minutes: float | None, steps: int | None, seed: int, resume: bool, progress: bool, precision: str = "fp32",
+        **options) -> TrainResult:
     """:func:`sdlearn.training.train` with what every recipe passes: the budget, the checkpoint
-    ``out_dir/NAME_checkpoint.*`` (resumed from when present), the seed and ``run_config`` (what a resumed run
-    must share). ``options``: the learning rate, schedule, EMA, ... of this recipe."""
+    ``out_dir/NAME_checkpoint.*`` (resumed from when present), the seed, ``run_config`` (what a resumed run
+    must share) and the ``precision`` ("fp32", or "bf16": autocast over float32 weights; the run's precision may
+    change on resuming). ``options``: the learning rate, schedule, EMA, ... of this recipe."""
     return train(model, loss_fn, batch_fn, max_steps=steps, max_minutes=minutes, checkpoint_dir=out_dir,
                  checkpoint_name=f"{name}_checkpoint", resume=resume, seed=seed, config=dict(run_config),
-                 progress=progress, desc=f"train {name}", **options)
+                 progress=progress, desc=f"train {name}", precision=precision, **options)
 
 
 def training_record(result: TrainResult, run_config: Mapping[str, Any], keys: Sequence[str], device, steps, minutes,
@@ -216,6 +221,7 @@ def train_vae(
     seed: int = 0,
     config=None,
     data: str | os.PathLike = "shapes",
+    precision: str = "fp32",
     progress: bool = True,
     resume: bool = True,
 ):
@@ -252,7 +258,8 @@ def train_vae(
     vae_config = {k: v for k, v in config.to_dict().items() if k != "scaling_factor"}
     run_config = {"model": "vae", "vae_config": vae_config, "data": str(data), "batch_size": batch_size, "lr": lr, "seed": seed}
     result = fit("vae", vae, lambda model, images, step: vae_loss(model, images), batch_fn, run_config, out_dir=out_dir,
-                 minutes=minutes, steps=steps, seed=seed, resume=resume, progress=progress, lr=lr, **SHORT_RECIPE)
+                 minutes=minutes, steps=steps, seed=seed, resume=resume, progress=progress, lr=lr, precision=precision,
+                 **SHORT_RECIPE)
     vae.eval()
     with torch.inference_mode():
         if str(data) == "shapes":
@@ -269,13 +276,14 @@ def train_vae(
     mean_psnr = psnr(recon.clamp(-1, 1), eval_images).mean().item()
 
     training = training_record(
-        result, run_config, ("data", "batch_size", "lr", "seed"), device, steps, minutes,
+        result, run_config, ("data", "batch_size", "lr", "seed"), device, steps, minutes, precision=precision,
         eval_psnr_db=round(psnr_db, 3),
         eval_mean_psnr_db=round(mean_psnr, 3),
         eval_images="ShapesDataset(1024, 'all', seed=10000, num_objects=(1, 2))" if str(data) == "shapes"
         else f"{len(eval_images)} training images of {data}",
     )
-    summary = (f"loss {result.final_loss:.3g}, PSNR {psnr_db:.2f} dB on 1,024 fresh images, "
+    which = "fresh images" if str(data) == "shapes" else "training images"
+    summary = (f"loss {result.final_loss:.3g}, PSNR {psnr_db:.2f} dB on {len(eval_images):,} {which}, "
                f"scaling_factor {vae.scaling_factor:.4f}")
     return finish("vae", vae, result, training, out_dir, save_vae, summary, progress)
 
@@ -295,6 +303,7 @@ def train_clip(
     config: TinyCLIPConfig | None = None,
     partial_fraction: float = 0.5,
     eval_images: int = 1000,
+    precision: str = "fp32",
     progress: bool = True,
     resume: bool = True,
 ):
@@ -336,14 +345,14 @@ def train_clip(
                   "seed": seed, "partial_fraction": partial_fraction}
     result = fit("clip", clip, lambda model, batch, step: clip_loss(model, batch), batch_fn, run_config, out_dir=out_dir,
                  minutes=minutes, steps=steps, seed=seed, resume=resume, progress=progress, optimizer=optimizer,
-                 **SHORT_RECIPE)
+                 precision=precision, **SHORT_RECIPE)
     clip.eval()
     started = time.perf_counter()
     accuracy = {split: zero_shot_accuracy(clip, eval_images, CLIP_EVAL_SEED, split, tokenizer) for split in ("train", "heldout")}
     retrieval = {split: caption_retrieval_accuracy(clip, eval_images, CLIP_EVAL_SEED, split, tokenizer)
                  for split in ("train", "heldout")}
     training = training_record(
-        result, run_config, ("batch_size", "lr", "seed", "partial_fraction"), device, steps, minutes,
+        result, run_config, ("batch_size", "lr", "seed", "partial_fraction"), device, steps, minutes, precision=precision,
         logit_scale=round(clip.scale().item(), 3),
         zero_shot_accuracy={s: {k: round(v, 4) for k, v in acc.items()} for s, acc in accuracy.items()},
         caption_retrieval_accuracy={s: round(v, 4) for s, v in retrieval.items()},
@@ -366,7 +375,7 @@ AUGMENTATION_NOTE = f"blur mix a~U(0,1) on half, Gaussian noise sigma~U(0,{AUGME
 
 def train_judge(name: str, model_cls, config, targets: Callable, loss_fn: Callable, evaluate: Callable, eval_images: str,
                 summarize: Callable, save: Callable, *, num_objects, out_dir, minutes, steps, device, batch_size, lr, seed,
-                progress, resume):
+                progress, resume, precision="fp32"):
     """What :func:`train_classifier` and :func:`train_scene_reader` share → ``(model, result)``.
 
     Data: fresh Shapes items of ``num_objects`` from ``split="all"`` every step (a judge must read the held-out
@@ -390,11 +399,12 @@ def train_judge(name: str, model_cls, config, targets: Callable, loss_fn: Callab
     model = model_cls(config).to(device)
     run_config = {"model": name, "model_config": config.to_dict(), "batch_size": batch_size, "lr": lr, "seed": seed}
     result = fit(name, model, lambda model, batch, step: loss_fn(model, *batch), batch_fn, run_config, out_dir=out_dir,
-                 minutes=minutes, steps=steps, seed=seed, resume=resume, progress=progress, lr=lr, **SHORT_RECIPE)
+                 minutes=minutes, steps=steps, seed=seed, resume=resume, progress=progress, lr=lr, precision=precision,
+                 **SHORT_RECIPE)
     model.eval()
     accuracy = evaluate(model)
     training = training_record(
-        result, run_config, ("batch_size", "lr", "seed"), device, steps, minutes,
+        result, run_config, ("batch_size", "lr", "seed"), device, steps, minutes, precision=precision,
         eval_accuracy={split: {k: round(v, 5) for k, v in acc.items()} for split, acc in accuracy.items()},
         eval_images=eval_images, augmentation=AUGMENTATION_NOTE,
     )
@@ -411,6 +421,7 @@ def train_classifier(
     lr: float = 2e-3,
     seed: int = 0,
     config: ClassifierConfig | None = None,
+    precision: str = "fp32",
     progress: bool = True,
     resume: bool = True,
 ):
@@ -438,7 +449,7 @@ def train_classifier(
         classifier_loss, lambda model: {split: attribute_accuracy(model, 2048, split) for split in ("train", "heldout")},
         f"ShapesDataset(2048, split, seed={CLASSIFIER_EVAL_SEED}) for split in ('train', 'heldout'), clean",
         summarize, save_classifier, num_objects=1, out_dir=out_dir, minutes=minutes, steps=steps, device=device,
-        batch_size=batch_size, lr=lr, seed=seed, progress=progress, resume=resume)
+        batch_size=batch_size, lr=lr, seed=seed, progress=progress, resume=resume, precision=precision)
 
 
 def train_scene_reader(
@@ -451,6 +462,7 @@ def train_scene_reader(
     lr: float = 2e-3,
     seed: int = 0,
     config: SceneReaderConfig | None = None,
+    precision: str = "fp32",
     progress: bool = True,
     resume: bool = True,
 ):
@@ -476,7 +488,7 @@ def train_scene_reader(
         lambda model: {split: scene_accuracy(model, 2048, split) for split in ("train", "heldout")},
         f"ShapesDataset(2048, split, seed={SCENE_EVAL_SEED}, num_objects=(1, 2)) for split in ('train', 'heldout'), clean",
         summarize, save_scene_reader, num_objects=(1, 2), out_dir=out_dir, minutes=minutes, steps=steps, device=device,
-        batch_size=batch_size, lr=lr, seed=seed, progress=progress, resume=resume)
+        batch_size=batch_size, lr=lr, seed=seed, progress=progress, resume=resume, precision=precision)
 
 
 # The denoiser's training recipe: `python -m sdlearn train denoiser`
@@ -601,7 +613,7 @@ def latent_batch_fn(
     return batch_fn
 
 
-def _resolve_text_encoder(text_encoder, device):
+def resolve_text_encoder(text_encoder, device):
     """``"shipped"`` / a folder or file / a TextEncoder / None → ``(encoder or None, tokenizer or None, record)``."""
     if text_encoder is None:
         return None, None, None
@@ -627,7 +639,7 @@ def _resolve_text_encoder(text_encoder, device):
     )
 
 
-def _resolve_vae(vae, device):
+def resolve_vae(vae, device):
     if vae is None or isinstance(vae, (str, os.PathLike)):
         st_path = weights_path("vae", vae)
         model = load_vae(vae, device=device)
@@ -661,6 +673,7 @@ def train_denoiser(
     latent_window: int = LATENT_WINDOW,
     latent_refresh: int = LATENT_REFRESH,
     checkpoint_every: int = 250,
+    precision: str = "fp32",
     progress: bool = True,
     resume: bool = True,
 ):
@@ -717,8 +730,8 @@ def train_denoiser(
         raise ValueError(f"eval_images must be a non-negative integer, got {eval_images!r}")
     noise_schedule = NoiseSchedule.from_name(schedule)
     device = resolve_device(device)
-    text_encoder, tokenizer, text_record = _resolve_text_encoder(text_encoder, device)
-    vae, vae_record = _resolve_vae(vae, device)
+    text_encoder, tokenizer, text_record = resolve_text_encoder(text_encoder, device)
+    vae, vae_record = resolve_vae(vae, device)
 
     if config is None:
         config = DenoiserConfig(prediction_type=prediction_type, text_dim=text_encoder.width if text_encoder else 128)
@@ -747,14 +760,14 @@ def train_denoiser(
     result = fit("denoiser", denoiser, lambda model, batch, step: denoiser_loss(model, batch, noise_schedule), batch_fn,
                  run_config, out_dir=out_dir, minutes=minutes, steps=steps, seed=seed, resume=resume,
                  progress=progress, lr=lr, warmup_steps=200, lr_schedule="cosine", grad_clip=1.0, ema_decay=ema_decay,
-                 checkpoint_every=checkpoint_every)
+                 checkpoint_every=checkpoint_every, precision=precision)
     denoiser.raw_state_dict = {k: v.detach().clone() for k, v in denoiser.state_dict().items()}
     result.ema.copy_to(denoiser)
     denoiser.eval()
 
     training = training_record(
         result, run_config, ("batch_size", "lr", "ema_decay", "caption_dropout", "open_fraction", "seed"), device, steps,
-        minutes,
+        minutes, precision=precision,
         images_seen=result.step * batch_size,
         losses=[float(f"{loss:.4g}") for loss in result.losses],  # per step, for notebook 05's curve
         weights=f"EMA (decay {ema_decay}), stored as float16",
@@ -763,7 +776,7 @@ def train_denoiser(
              f"latents of a {latent_window}-image window, {latent_refresh} fresh images per step",
         vae=vae_record,
     )
-    if text_encoder is not None and eval_images > 0:
+    if text_encoder is not None and eval_images > 0 and is_main_process():  # rank 0 alone records it
         try:
             judge = load_scene_reader()
         except CheckpointError as e:
@@ -845,6 +858,7 @@ def train_all(
     *,
     eval_prompts: int = 256,
     prediction_type: str | None = None,
+    precision: str = "fp32",
     options: Mapping[str, Mapping[str, Any]] | None = None,
 ):
     """Train Stable Diffusion at course scale from scratch → ``(pipeline, result)``; the recipe behind
@@ -868,7 +882,8 @@ def train_all(
     is measured on ``eval_prompts`` captions of each split (``ShapesDataset(n, split, seed=50_000)``), drawn with
     20 DPM-Solver++ steps at guidance 4, image i's noise from seed i. ``train_all.json`` in ``out_dir`` records
     the stages and the scores; so does ``result.record``, where ``result`` (a :class:`~sdlearn.training.TrainResult`)
-    counts the steps and training seconds of all four stages. ``prediction_type`` (None: the denoiser's default, ε) goes to the denoiser;
+    counts the steps and training seconds of all four stages. ``prediction_type`` (None: the denoiser's default, ε) goes to the denoiser,
+    ``precision`` to every stage;
     ``options`` maps a stage name to extra keyword arguments of its function (e.g. ``{"denoiser": {"batch_size": 64}}``).
     """
     minutes, steps = default_budget(minutes, steps, default_minutes=30.0)
@@ -882,32 +897,35 @@ def train_all(
     unknown = set(options) - set(TRAIN_ALL_SPLIT)
     if unknown:
         raise ValueError(f"options has unknown stage(s) {sorted(unknown)}; the stages are {', '.join(TRAIN_ALL_SPLIT)}")
-    reserved = {"out_dir", "minutes", "steps", "device", "seed", "progress", "text_encoder", "vae"}
+    reserved = {"out_dir", "minutes", "steps", "device", "seed", "progress", "text_encoder", "vae", "precision"}
     for name, value in options.items():
         if reserved & set(value):
             raise ValueError(f"options[{name!r}] may not set {sorted(reserved & set(value))}: train_all chooses those")
     if prediction_type is not None:
         options["denoiser"] = {**options.get("denoiser", {}), "prediction_type": prediction_type}
     device = resolve_device(device)
+    init_distributed(device)  # under torchrun: now, so that rank 0 alone prints from the start
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     stages = {
-        "vae": lambda budget: train_vae(out_dir, budget, steps, device, seed=seed, progress=progress, **options.get("vae", {})),
-        "clip": lambda budget: train_clip(out_dir, budget, steps, device, seed=seed, progress=progress, **options.get("clip", {})),
+        "vae": lambda budget: train_vae(out_dir, budget, steps, device, seed=seed, progress=progress,
+                                           precision=precision, **options.get("vae", {})),
+        "clip": lambda budget: train_clip(out_dir, budget, steps, device, seed=seed, progress=progress,
+                                           precision=precision, **options.get("clip", {})),
         "scene_reader": lambda budget: train_scene_reader(out_dir, budget, steps, device, seed=seed, progress=progress,
-                                                          **options.get("scene_reader", {})),
+                                                          precision=precision, **options.get("scene_reader", {})),
         "denoiser": lambda budget: train_denoiser(out_dir, budget, steps, device, text_encoder=out_dir, vae=out_dir,
-                                                  seed=seed, eval_images=0, progress=progress,
+                                                  seed=seed, eval_images=0, progress=progress, precision=precision,
                                                   **options.get("denoiser", {})),
     }
     started = time.perf_counter()
     record: dict[str, Any] = {"command": command_line(), "out_dir": str(out_dir), "max_minutes": minutes,
-                              "max_steps": steps, "split": TRAIN_ALL_SPLIT, "stages": {}}
+                              "max_steps": steps, "precision": precision, "split": TRAIN_ALL_SPLIT, "stages": {}}
     models = {}
     for number, (name, run) in enumerate(stages.items(), start=1):
         budget = None if minutes is None else minutes * TRAIN_ALL_SPLIT[name]
-        if progress:
+        if progress and is_main_process():
             limits = [f"{budget:.1f} min" if budget is not None else "", f"{steps} steps" if steps else ""]
             print(f"train all [{number}/4] {name}: {' / '.join(x for x in limits if x)}", flush=True)
         models[name], result = run(budget)

@@ -82,6 +82,7 @@ from sdlearn.denoiser import SelfAttention  # the same fused-QKV attention as th
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<bos>", "<eos>", "<unk>")
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+KNOWN_WORDS_SHOWN = 60  # an unknown-word warning lists at most this many known words (Shapes has 40)
 
 # ----------------------------------------------------------------------------------------------------------
 # The tokenizer
@@ -92,9 +93,11 @@ class Tokenizer:
 
     Ids: ``<pad>`` = 0, ``<bos>`` = 1, ``<eos>`` = 2, ``<unk>`` = 3, then the vocabulary's words in
     order. Words are split as captions are (:func:`sdlearn.data.split_words`: lower case, punctuation
-    dropped). An unknown word becomes ``<unk>`` with a warning naming it; a prompt longer than
-    ``max_length - 2`` words is truncated (its ``<eos>`` kept last) with a warning, and one naming more
-    than two objects (two "and"s) warns that a Shapes scene holds at most two.
+    dropped). An unknown word becomes ``<unk>`` with a warning naming it (and up to :data:`KNOWN_WORDS_SHOWN`
+    of the words it knows); a prompt longer than ``max_length - 2`` words is truncated (its ``<eos>`` kept
+    last) with a warning. With the Shapes vocabulary (the default), a prompt naming more than two objects
+    (two "and"s) warns that a Shapes scene holds at most two; a vocabulary built from your own captions
+    (:func:`sdlearn.own_data.caption_vocabulary`) makes no such claim.
     """
 
     def __init__(self, vocabulary: Sequence[str] = VOCABULARY, max_length: int = MAX_CAPTION_WORDS + 2):
@@ -109,6 +112,7 @@ class Tokenizer:
         if len(set(words)) != len(words):
             raise ValueError("vocabulary has repeated words")
         self.max_length = max_length
+        self.is_shapes_vocabulary = words == list(VOCABULARY)  # then a prompt names at most MAX_OBJECTS objects
         self.id_to_token: list[str] = [*SPECIAL_TOKENS, *words]
         self.token_to_id: dict[str, int] = {t: i for i, t in enumerate(self.id_to_token)}
 
@@ -144,11 +148,11 @@ class Tokenizer:
             if unknown:
                 warnings.warn(
                     f"unknown word(s) {', '.join(repr(w) for w in dict.fromkeys(unknown))} in prompt {prompt!r} "
-                    f"became <unk>; the tokenizer knows: {', '.join(self.vocabulary)}",
+                    f"became <unk>; the tokenizer knows: {self._known_words()}",
                     UserWarning,
                     stacklevel=2,
                 )
-            if words.count(JOIN_WORD) >= MAX_OBJECTS:
+            if self.is_shapes_vocabulary and words.count(JOIN_WORD) >= MAX_OBJECTS:
                 warnings.warn(
                     f"prompt {prompt!r} names {words.count(JOIN_WORD) + 1} objects, but a Shapes scene holds at most "
                     f"{MAX_OBJECTS}; the model was never shown such a scene, so expect at most two objects",
@@ -170,6 +174,13 @@ class Tokenizer:
 
     __call__ = encode  # tokenizer(text) is tokenizer.encode(text)
 
+    def _known_words(self) -> str:
+        """The vocabulary for a warning: every word of a small one, the first :data:`KNOWN_WORDS_SHOWN` of a large one."""
+        words = self.vocabulary
+        if len(words) <= KNOWN_WORDS_SHOWN:
+            return ", ".join(words)
+        return ", ".join(words[:KNOWN_WORDS_SHOWN]) + f", ... ({len(words)} words in all)"
+
     def decode(self, ids) -> str | list[str]:
         """Ids → text: ``[L]`` (or a list of ints) gives a string, ``[B, L]`` a list of strings.
         ``<pad>``, ``<bos>`` and ``<eos>`` are dropped; ``<unk>`` is kept as "<unk>"."""
@@ -188,6 +199,11 @@ class Tokenizer:
 
     @classmethod
     def from_dict(cls, d: dict) -> Tokenizer:
+        """The inverse of :meth:`to_dict`; anything else (a damaged file's entry) raises a ``ValueError`` saying what
+        was expected."""
+        if not isinstance(d, dict) or set(d) != {"vocabulary", "max_length"} or not isinstance(d["vocabulary"], list):
+            shown = sorted(d) if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f'a tokenizer is stored as {{"vocabulary": [words], "max_length": int}}, got {shown}')
         return cls(vocabulary=d["vocabulary"], max_length=d["max_length"])
 
 

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("models and losses", ["sdlearn.vae", "sdlearn.denoiser", "sdlearn.text", "sdlearn.metrics", "sdlearn.samplers"]),
     ("the generic loop", ["sdlearn.training"]),
     ("assembly", ["sdlearn.pipeline", "sdlearn.pretrained"]),
-    ("recipes", ["sdlearn.recipes"]),
+    ("recipes", ["sdlearn.recipes", "sdlearn.own_data"]),
     ("interfaces", ["sdlearn.plotting", "sdlearn.widgets", "sdlearn.exercises", "sdlearn.exercises.*", "sdlearn.__main__",
                     "sdlearn"]),
 ]
@@ -46,7 +46,7 @@ WITHIN_LAYER: dict[str, str | set[tuple[str, str]]] = {
     "models and losses": {("sdlearn.text", "sdlearn.denoiser")},  # the text encoder reuses the denoiser's attention
     "the generic loop": set(),
     "assembly": {("sdlearn.pretrained", "sdlearn.pipeline")},  # load_pipeline builds a pipeline
-    "recipes": set(),
+    "recipes": {("sdlearn.own_data", "sdlearn.recipes")},  # your own images, on the recipes' skeleton
     "interfaces": "earlier rows",
 }
 
