@@ -14,7 +14,8 @@ foundations           ``checks`` (shared input checks), ``checkpoint`` (file for
                       (Shapes, captions, the attribute table),
                       ``schedules`` (β, ᾱ, SNR, add_noise, ε/x₀/v conversions), ``stats``
                       (Wilson and bootstrap intervals, Fréchet distance, MMD², TV)
-models and losses     ``vae``, ``denoiser`` (DiT, ``denoiser_loss``), ``text`` (tokenizer, text
+models and losses     ``vae``, ``denoiser`` (DiT, ``denoiser_loss``), ``unet`` (Stable Diffusion's
+                      U-Net from scratch; ``UNet.from_diffusers``), ``text`` (tokenizer, text
                       encoder, TinyCLIP; uses the denoiser's attention block), ``metrics`` (the
                       attribute classifier, the scene reader, prompt accuracy, KID, FID,
                       diversity, memorisation), ``samplers``

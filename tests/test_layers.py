@@ -31,7 +31,8 @@ MAX_LINES = 1000
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["sdlearn.checks", "sdlearn.checkpoint", "sdlearn.images", "sdlearn.data", "sdlearn.schedules",
                      "sdlearn.stats"]),
-    ("models and losses", ["sdlearn.vae", "sdlearn.denoiser", "sdlearn.text", "sdlearn.metrics", "sdlearn.samplers"]),
+    ("models and losses", ["sdlearn.vae", "sdlearn.denoiser", "sdlearn.unet", "sdlearn.text", "sdlearn.metrics",
+                           "sdlearn.samplers"]),
     ("the generic loop", ["sdlearn.training"]),
     ("assembly", ["sdlearn.pipeline", "sdlearn.pretrained"]),
     ("recipes", ["sdlearn.recipes", "sdlearn.own_data"]),
