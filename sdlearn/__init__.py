@@ -21,7 +21,9 @@ models and losses     ``vae``, ``denoiser`` (DiT, ``denoiser_loss``), ``unet`` (
                       diversity, memorisation), ``samplers``
 the generic loop      ``training`` (``train``, EMA, ``TrainResult``, ``resolve_device``)
 assembly              ``pipeline`` (text→image, img2img, inpainting), ``pretrained`` (every
-                      ``save_X`` with its ``load_X``, ``load_pipeline``)
+                      ``save_X`` with its ``load_X``, ``load_pipeline``), ``stable_diffusion``
+                      (SD v1.5's sizes and block map; a local diffusers SD folder run by
+                      sdlearn's U-Net, samplers and guidance)
 recipes               ``recipes`` (``train_vae``, ``train_clip``, ``train_classifier``,
                       ``train_scene_reader``, ``train_denoiser``, ``train_all`` on one
                       skeleton), ``own_data`` (your own captioned images: the captions'

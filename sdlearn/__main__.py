@@ -15,6 +15,7 @@ partial file: every file is written whole or not at all (a temporary file in the
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import math
 import os
@@ -34,8 +35,9 @@ from sdlearn.checkpoint import atomic_write_bytes
 from sdlearn.exercises import write_student_copies
 from sdlearn.pipeline import SEED_HIGH, check_seed, to_pil
 from sdlearn.plotting import image_grid, to_image
-from sdlearn.pretrained import load_pipeline
+from sdlearn.pretrained import DENOISERS, load_pipeline
 from sdlearn.samplers import SAMPLER_NAMES
+from sdlearn.stable_diffusion import load_diffusers_pipeline
 from sdlearn.training import TrainingInterrupted, check_writable_folder, resolve_device, set_threads
 
 # python -m sdlearn train NAME → the recipe; each takes out_dir, minutes, steps, device, seed (and precision, data,
@@ -46,6 +48,7 @@ TRAINERS = {
     "classifier": recipes.train_classifier,
     "scene_reader": recipes.train_scene_reader,
     "denoiser": recipes.train_denoiser,
+    "unet": recipes.train_unet,
     "all": recipes.train_all,
 }
 # python -m sdlearn train NAME --data FOLDER → the recipe for a folder of your own images (sdlearn.own_data); it also
@@ -118,14 +121,27 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="draw images for a prompt with the shipped (or your own) weights")
     generate.add_argument("prompt", help='what to draw, e.g. "a small red circle in the top left"')
     generate.add_argument("--negative", default=None, help="negative prompt (replaces the empty prompt in guidance)")
-    generate.add_argument("--steps", type=_positive_int, default=20, help="sampling steps (default 20)")
-    generate.add_argument("--guidance", type=_non_negative_float, default=4.0, help="guidance scale (default 4)")
-    generate.add_argument("--sampler", choices=SAMPLER_NAMES, default="dpm++", help="sampler (default dpm++)")
+    generate.add_argument("--steps", type=_positive_int, default=None,
+                          help="sampling steps (default 20; with --diffusers 50, as Stable Diffusion)")
+    generate.add_argument("--guidance", type=_non_negative_float, default=None,
+                          help="guidance scale (default 4; with --diffusers 7.5)")
+    generate.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
+                          help="sampler (default dpm++; with --diffusers ddim)")
     generate.add_argument("--seed", type=_seed_in(SEED_HIGH), default=0, help="random seed, 0 to 2**64 - 1 (default 0)")
     generate.add_argument("--n", type=_positive_int, default=1, help="number of images (default 1)")
     generate.add_argument("--out", default=None, help=f"PNG file for a grid of the images (at most {MAX_GRID_IMAGES})")
     generate.add_argument("--out-dir", default=None, help="folder for one 32×32 PNG per image")
     generate.add_argument("--weights", default=None, help="folder written by 'train all' (default: the shipped weights)")
+    generate.add_argument("--denoiser", choices=list(DENOISERS), default="dit",
+                          help="dit (default: the transformer, denoiser.*) or unet (the course U-Net, unet.*, written "
+                               "by 'train unet')")
+    generate.add_argument("--diffusers", default=None, metavar="PATH",
+                          help="a local Stable Diffusion v1/v2 folder in diffusers' format (model_index.json, unet/, "
+                               "vae/, ...), run by sdlearn's own U-Net, samplers and guidance; nothing is downloaded")
+    generate.add_argument("--height", type=_positive_int, default=None,
+                          help="image height with --diffusers (default: the model's, 512 for SD v1.5)")
+    generate.add_argument("--width", type=_positive_int, default=None,
+                          help="image width with --diffusers (default: the model's, 512 for SD v1.5)")
     generate.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
 
     train = commands.add_parser("train", help="train a model of the course from scratch")
@@ -142,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch, at most the number of cores (default: torch's choice)")
     train.add_argument(
         "--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
-        help="what the denoiser predicts (denoiser only; default epsilon)",
+        help="what the denoiser predicts (denoiser, unet and all; default epsilon)",
     )
 
     exercises = commands.add_parser("exercises", help="write student copies of the notebooks, solutions removed")
@@ -233,9 +249,9 @@ def generate_files(
     *,
     out_dir: str | os.PathLike | None = None,
     negative_prompt: str | None = None,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 4.0,
-    sampler: str = "dpm++",
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
+    sampler: str | None = None,
     seed: int | None = 0,
     num_images_per_prompt: int = 1,
     weights: str | os.PathLike | None = None,
@@ -243,6 +259,10 @@ def generate_files(
     nrow: int = 8,
     progress: bool = True,
     batch_size: int = GENERATE_BATCH,
+    denoiser: str = "dit",
+    diffusers: str | os.PathLike | None = None,
+    height: int | None = None,
+    width: int | None = None,
 ) -> Iterator[Path]:
     """:func:`generate_to_files`, yielding each path as soon as its file is written (what the command line prints).
 
@@ -250,7 +270,23 @@ def generate_files(
     are written before the next batch is drawn, so memory does not grow with ``num_images_per_prompt``. For up to
     ``batch_size`` images this is exactly one call of the pipeline; beyond, a deterministic sampler (all but
     ``"ddpm"``) gives the same images as one call for all of them, since the batches draw their starting noise
-    one after the other from the same generator. ``out`` (the grid) holds at most :data:`MAX_GRID_IMAGES`."""
+    one after the other from the same generator. ``out`` (the grid) holds at most :data:`MAX_GRID_IMAGES`.
+
+    ``diffusers``: a local Stable Diffusion folder in diffusers' format, run by
+    :func:`sdlearn.stable_diffusion.load_diffusers_pipeline` (sdlearn's U-Net, samplers and guidance) instead of the
+    course's weights; ``height``/``width`` are for it only. Unset steps, guidance and sampler take the course's
+    defaults (20, 4, dpm++) or, with ``diffusers``, Stable Diffusion's (50, 7.5, ddim)."""
+    if diffusers is not None:
+        if weights is not None or denoiser != "dit":
+            raise ValueError("--diffusers runs that folder's own models: leave out --weights and --denoiser")
+        defaults = (50, 7.5, "ddim")
+    else:
+        if height is not None or width is not None:
+            raise ValueError("--height and --width are for --diffusers: the course's models draw 32 × 32 images")
+        defaults = (20, 4.0, "dpm++")
+    num_inference_steps, guidance_scale, sampler = (
+        default if value is None else value for value, default in zip((num_inference_steps, guidance_scale, sampler),
+                                                                      defaults))
     if sampler not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
     for name, value in (("num_images_per_prompt", num_images_per_prompt), ("batch_size", batch_size)):
@@ -259,7 +295,12 @@ def generate_files(
     count, batch_size = int(num_images_per_prompt), int(batch_size)
     out, out_dir = _check_outputs(out, out_dir, count)
     generator = torch.Generator().manual_seed(check_seed(seed)) if seed is not None else None
-    pipe = load_pipeline(weights, device=resolve_device(device))
+    if diffusers is not None:
+        pipe = load_diffusers_pipeline(diffusers, device=resolve_device(device))
+        size = pipe.image_size(height, width)
+        draw = functools.partial(pipe, height=size[0], width=size[1])
+    else:
+        pipe = draw = load_pipeline(weights, device=resolve_device(device), denoiser=denoiser)
 
     def refuse_non_finite(i, t, latents, x0_pred) -> None:
         if not torch.isfinite(latents).all():
@@ -273,10 +314,10 @@ def generate_files(
     try:
         for start in range(0, count, batch_size):
             size = min(batch_size, count - start)
-            images = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
+            images = draw(prompt, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
                           guidance_scale=guidance_scale, sampler=sampler, generator=generator,
                           num_images_per_prompt=size, progress=progress and bar is None, callback=refuse_non_finite)
-            images = images.to("cpu")  # [size, 3, 32, 32]
+            images = images.to("cpu")  # [size, 3, 32, 32] (SD: [size, 3, height, width])
             if not torch.isfinite(images).all():
                 raise ValueError(f"the decoded images hold NaN or infinite values (guidance scale {guidance_scale:g})")
             if out_dir is not None:
@@ -315,9 +356,11 @@ def generate_to_files(
     nrow: int = 8,
     progress: bool = True,
     batch_size: int = GENERATE_BATCH,
+    denoiser: str = "dit",
 ) -> list[Path]:
     """What ``python -m sdlearn generate`` does: load the pipeline (the shipped weights, or the folder ``weights``
-    that ``python -m sdlearn train all`` wrote), generate ``num_images_per_prompt`` images of ``prompt``, and write them as
+    that ``python -m sdlearn train all`` wrote; ``denoiser``: "dit" or "unet", as in
+    :func:`sdlearn.pretrained.load_pipeline`), generate ``num_images_per_prompt`` images of ``prompt``, and write them as
     one grid PNG to ``out`` (at most :data:`MAX_GRID_IMAGES` images) and/or one PNG per image (``out_dir/NNN.png``,
     32×32). Returns the paths written. Folders are created as needed.
 
@@ -329,7 +372,7 @@ def generate_to_files(
     written = list(generate_files(
         prompt, out, out_dir=out_dir, negative_prompt=negative_prompt, num_inference_steps=num_inference_steps,
         guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images_per_prompt=num_images_per_prompt,
-        weights=weights, device=device, nrow=nrow, progress=progress, batch_size=batch_size))
+        weights=weights, device=device, nrow=nrow, progress=progress, batch_size=batch_size, denoiser=denoiser))
     return written[-1:] + written[:-1] if out is not None else written
 
 
@@ -345,7 +388,8 @@ def _run(args: argparse.Namespace) -> int:
         for path in generate_files(
             args.prompt, args.out, out_dir=args.out_dir, negative_prompt=args.negative, num_inference_steps=args.steps,
             guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, num_images_per_prompt=args.n,
-            weights=args.weights, device=args.device,
+            weights=args.weights, device=args.device, denoiser=args.denoiser, diffusers=args.diffusers,
+            height=args.height, width=args.width,
         ):
             print(path, flush=True)
         return 0
@@ -358,14 +402,15 @@ def _run(args: argparse.Namespace) -> int:
         if args.data != "shapes":
             if args.model not in FOLDER_TRAINERS:
                 why = ("it needs the folder's own VAE and text tower: use 'train all --data FOLDER'"
-                       if args.model == "denoiser" else "it reads Shapes scenes only")
+                       if args.model in ("denoiser", "unet") else "it reads Shapes scenes only")
                 raise ValueError(f"--data FOLDER works with 'train vae', 'train clip' and 'train all', not "
                                  f"'train {args.model}': {why}")
             train_fn = FOLDER_TRAINERS[args.model]
             kwargs["data"] = args.data
         if args.prediction_type is not None:
-            if args.model not in ("denoiser", "all"):
-                raise ValueError(f"--prediction-type is for 'train denoiser' only, not 'train {args.model}'")
+            if args.model not in ("denoiser", "unet", "all"):
+                raise ValueError(f"--prediction-type is for 'train denoiser', 'train unet' and 'train all', not "
+                                 f"'train {args.model}'")
             kwargs["prediction_type"] = args.prediction_type
         _check_writable("--out", Path(kwargs["out_dir"]))  # before the first step, not after an hour of training
         if args.threads is not None:
@@ -390,7 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     shown, warnings.showwarning = warnings.showwarning, _one_line_warning
     try:
         return _run(args)
-    except (ValueError, OSError) as error:  # OSError: a full disk, a read-only place, a folder where a file is meant
+    except (ValueError, OSError, ImportError) as error:  # OSError: a full disk, a read-only place, a folder where a
+        # file is meant; ImportError: --diffusers without diffusers or transformers installed
         print(f"python -m sdlearn {args.command}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except TrainingInterrupted as error:

@@ -1,9 +1,10 @@
 """Stable Diffusion end to end: text → image, image → image (SDEdit), and inpainting.
 
 Every piece of the course meets here (Rombach et al. 2022, Fig. 3). A prompt is read by the frozen text
-tower; noise x_T in the VAE's latent space is denoised step by step by the transformer under
-classifier-free guidance; the VAE decodes the result. A different seed gives a different x_T, so a
-different image::
+tower; noise x_T in the VAE's latent space is denoised step by step by the denoiser (the DiT of
+:mod:`sdlearn.denoiser`, or the U-Net of :mod:`sdlearn.unet`: the pipeline needs only their shared call and
+``config.prediction_type``) under classifier-free guidance; the VAE decodes the result. A different seed gives
+a different x_T, so a different image::
 
     >>> from sdlearn.pretrained import load_pipeline
     >>> pipe = load_pipeline()
@@ -59,6 +60,7 @@ from PIL import Image
 from sdlearn.checks import check_batch
 from sdlearn.samplers import SAMPLER_NAMES, Sampler, classifier_free_guidance, get_sampler, sample
 from sdlearn.schedules import NoiseSchedule
+from sdlearn.unet import UNetConfig
 
 # ----------------------------------------------------------------------------------------------------------
 # Images out: numpy and PIL
@@ -183,20 +185,33 @@ def _draw_noise(shape: tuple[int, ...], generator, device: torch.device) -> torc
 def check_compatible(vae, text_encoder, tokenizer, denoiser_config, schedule: NoiseSchedule) -> None:
     """Raise a ValueError saying what does not fit, unless these parts can make one pipeline: the VAE's latents are
     what the denoiser (of ``denoiser_config``) reads, the schedule has its T, and the text encoder (with its
-    tokenizer, or neither of them) emits tokens as wide as its ``text_dim``."""
+    tokenizer, or neither of them) emits tokens as wide as its ``text_dim``.
+
+    ``denoiser_config`` is a :class:`~sdlearn.denoiser.DenoiserConfig` (the DiT: ``latent_channels``,
+    ``latent_size``, ``text_dim``) or a :class:`~sdlearn.unet.UNetConfig` (diffusers' names: ``in_channels`` =
+    ``out_channels``, any latent size divisible by 2^(levels − 1), ``cross_attention_dim``)."""
     cfg = denoiser_config
-    latent = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
-    if tuple(vae.latent_shape) != latent:
-        raise ValueError(f"the VAE makes latents {list(vae.latent_shape)} but the denoiser expects {list(latent)}")
+    if isinstance(cfg, UNetConfig):
+        C, H, W = vae.latent_shape
+        factor = 2 ** (cfg.num_levels - 1)  # the U-Net halves the latent (levels − 1) times
+        if cfg.in_channels != C or cfg.out_channels != C or H % factor or W % factor:
+            raise ValueError(f"the VAE makes latents {list(vae.latent_shape)} but the U-Net reads {cfg.in_channels} "
+                             f"channels (and predicts {cfg.out_channels}) of a size divisible by {factor}")
+        text_dim, text_field = cfg.cross_attention_dim, "cross_attention_dim"
+    else:
+        latent = (cfg.latent_channels, cfg.latent_size, cfg.latent_size)
+        if tuple(vae.latent_shape) != latent:
+            raise ValueError(f"the VAE makes latents {list(vae.latent_shape)} but the denoiser expects {list(latent)}")
+        text_dim, text_field = cfg.text_dim, "text_dim"
     if cfg.num_train_timesteps != schedule.num_train_timesteps:
         raise ValueError(f"the denoiser was built for T = {cfg.num_train_timesteps} timesteps, the schedule has "
                          f"{schedule.num_train_timesteps}")
     if (text_encoder is None) != (tokenizer is None):
         raise ValueError("give both a text encoder and its tokenizer, or neither (an unconditional denoiser)")
     if text_encoder is not None:
-        if text_encoder.config.width != cfg.text_dim:
+        if text_encoder.config.width != text_dim:
             raise ValueError(f"the text encoder's tokens are {text_encoder.config.width} wide, but the denoiser "
-                             f"reads text_dim = {cfg.text_dim}")
+                             f"reads {text_field} = {text_dim}")
         if tokenizer.vocab_size != text_encoder.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, the text encoder "
                              f"{text_encoder.config.vocab_size}: use the tokenizer it was trained with")

@@ -9,8 +9,9 @@ each shipped file was trained. Every ``save_NAME`` here is paired with its ``loa
   the tokenizer it was trained with);
 - :func:`save_classifier` / :func:`load_classifier`;
 - :func:`save_scene_reader` / :func:`load_scene_reader`;
-- :func:`save_denoiser` / :func:`load_denoiser`;
-- :func:`load_pipeline`: the whole text-to-image pipeline of a folder.
+- :func:`save_denoiser` / :func:`load_denoiser` (the DiT);
+- :func:`save_unet` / :func:`load_unet` (the course U-Net, notebook 10);
+- :func:`load_pipeline`: the whole text-to-image pipeline of a folder, with either denoiser.
 
 Adding a model is a pair of lines on top of :func:`sdlearn.checkpoint.save_module` and
 :func:`sdlearn.checkpoint.load_module`:
@@ -44,12 +45,13 @@ from sdlearn.metrics import AttributeClassifier, ClassifierConfig, SceneReader, 
 from sdlearn.pipeline import LatentDiffusionPipeline
 from sdlearn.schedules import NoiseSchedule
 from sdlearn.text import TextEncoder, TinyCLIP, TinyCLIPConfig, Tokenizer
+from sdlearn.unet import UNet, UNetConfig
 from sdlearn.vae import VAE, VAEConfig
 
 __all__ = [
     "WEIGHTS_DIR", "weights_path", "load_module", "save_vae", "load_vae", "save_clip", "load_clip",
     "load_text_encoder", "load_tokenizer", "save_classifier", "load_classifier", "save_scene_reader",
-    "load_scene_reader", "save_denoiser", "load_denoiser",
+    "load_scene_reader", "save_denoiser", "load_denoiser", "save_unet", "load_unet", "DENOISERS",
     "load_pipeline",
 ]
 
@@ -173,6 +175,15 @@ def save_denoiser(
                        text_encoder=None if text_encoder is None else dict(text_encoder))
 
 
+def _sampling_info(model: Denoiser | UNet) -> Denoiser | UNet:
+    """Set ``schedule_name`` and ``text_encoder_info`` of a loaded denoiser from its JSON (or from the copy of it
+    in the .safetensors when the JSON is lost)."""
+    info = model.checkpoint_info
+    model.schedule_name = info.get("schedule", "scaled_linear")
+    model.text_encoder_info = info.get("text_encoder")
+    return model
+
+
 def load_denoiser(path: PathLike | None = None, device: str | torch.device = "cpu") -> Denoiser:
     """The text-conditioned :class:`sdlearn.denoiser.Denoiser` (EMA weights, eval mode): the shipped one
     (``sdlearn/weights/denoiser.*``), or one written by ``python -m sdlearn train denoiser --out DIR``.
@@ -181,43 +192,85 @@ def load_denoiser(path: PathLike | None = None, device: str | torch.device = "cp
     is the noise schedule it was trained for (a :func:`sdlearn.schedules.make_betas` name) and
     ``denoiser.text_encoder_info`` the text tower it reads (source, sha256 of its file, config; None when it
     was trained unconditionally); ``config.prediction_type`` says what it predicts."""
-    denoiser = load_module(Denoiser, DenoiserConfig, "denoiser", path, device)
-    info = denoiser.checkpoint_info  # the JSON, or the copy of it in the .safetensors when the JSON is lost
-    denoiser.schedule_name = info.get("schedule", "scaled_linear")
-    denoiser.text_encoder_info = info.get("text_encoder")
-    return denoiser
+    return _sampling_info(load_module(Denoiser, DenoiserConfig, "denoiser", path, device))
+
+
+# The course U-Net (sdlearn.unet, notebook 10): the same file format as the DiT's, kind "unet".
+
+
+def save_unet(
+    unet: UNet,
+    path: PathLike,
+    training: Mapping[str, Any] | None = None,
+    *,
+    schedule: str = "scaled_linear",
+    text_encoder: Mapping[str, Any] | None = None,
+    dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write a :class:`sdlearn.unet.UNet` as ``PATH.safetensors`` + ``PATH.json``, the format :func:`load_unet`
+    reads; the same entries as :func:`save_denoiser` (config in diffusers' names, ``schedule``, prediction type,
+    ``text_encoder``, ``training``), tensors as ``dtype`` (float16 by default: the course U-Net is 7.8 MB)."""
+    return save_module(unet, path, "unet", training, dtype=dtype, schedule=schedule,
+                       prediction_type=unet.config.prediction_type,
+                       text_encoder=None if text_encoder is None else dict(text_encoder))
+
+
+def load_unet(path: PathLike | None = None, device: str | torch.device = "cpu") -> UNet:
+    """The course :class:`sdlearn.unet.UNet` (EMA weights, eval mode): the shipped one (``sdlearn/weights/unet.*``),
+    or one written by ``python -m sdlearn train unet --out DIR``; ``schedule_name`` and ``text_encoder_info`` as
+    in :func:`load_denoiser`."""
+    return _sampling_info(load_module(UNet, UNetConfig, "unet", path, device))
 
 
 # The whole text-to-image pipeline (sdlearn.pipeline, notebooks 00 and 08).
 
 
-def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cpu") -> LatentDiffusionPipeline:
+DENOISERS = {"dit": "denoiser", "unet": "unet"}
+"""``load_pipeline(denoiser=NAME)`` → the stem of the weights it loads: the DiT (``denoiser.*``, the default) or the
+course U-Net (``unet.*``)."""
+
+
+def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cpu", *,
+                  denoiser: str = "dit") -> LatentDiffusionPipeline:
     """The :class:`sdlearn.pipeline.LatentDiffusionPipeline` of the shipped weights (``sdlearn/weights/``: ``vae.*``,
     ``clip.*`` for the text tower and its tokenizer, ``denoiser.*``), or of the folder ``path`` that
     ``python -m sdlearn train all --out DIR`` wrote. The noise schedule is the one the denoiser's JSON names.
+
+    ``denoiser``: ``"dit"`` (default) loads the transformer, ``denoiser.*``; ``"unet"`` the course U-Net,
+    ``unet.*`` (:func:`load_unet`, written by ``python -m sdlearn train unet``), with the same VAE and text tower.
+    A folder without that file raises :class:`CheckpointError` saying how to train one.
 
     A missing folder or a missing, damaged or mismatched file raises :class:`CheckpointError` (a ``ValueError``)
     naming it; so does a shipped file whose bytes differ from the SHA-256 its JSON records (your own files warn).
     A lost ``.json`` is replaced, with a warning, by the copy of it inside its ``.safetensors``. When the
     denoiser's JSON records the hash of the text tower it was trained with and ``clip``'s file differs, a
     warning says so (the pair would still run, but answer prompts badly)."""
+    if not isinstance(denoiser, str) or denoiser not in DENOISERS:
+        raise ValueError(f"denoiser must be one of {', '.join(map(repr, DENOISERS))} (the DiT, the course U-Net), "
+                         f"got {denoiser!r}")
+    name = DENOISERS[denoiser]
     if path is not None and not Path(path).is_dir():
         raise CheckpointError(f"weights folder {str(path)!r} not found; expected a folder holding vae.*, clip.* and "
-                              "denoiser.* (.safetensors + .json), as `python -m sdlearn train all --out DIR` writes")
+                              f"{name}.* (.safetensors + .json), as `python -m sdlearn train all --out DIR` writes")
+    if denoiser == "unet" and not weights_path(name, path).is_file():
+        where = "the shipped weights hold" if path is None else f"{str(path)!r} holds"
+        raise CheckpointError(f"{where} no U-Net ({str(weights_path(name, path))!r} not found); train one with "
+                              "`python -m sdlearn train unet --out DIR` (it reads the shipped VAE and text tower) and put "
+                              "DIR/unet.safetensors + unet.json beside the vae.* and clip.* it was trained with")
     vae = load_vae(path, device)
     clip = load_clip(path, device)
     text_encoder = clip.text_encoder
     text_encoder.training_info = clip.training_info
     tokenizer = _tokenizer_from(clip.checkpoint_info, path)
-    denoiser = load_denoiser(path, device)
-    recorded = (denoiser.text_encoder_info or {}).get("sha256")
+    model = load_unet(path, device) if denoiser == "unet" else load_denoiser(path, device)
+    recorded = (model.text_encoder_info or {}).get("sha256")
     clip_file = weights_path("clip", path)
     if recorded is not None and recorded != file_sha256(clip_file):
-        warnings.warn(f"the denoiser in {str(weights_path('denoiser', path))!r} was trained with another text tower "
+        warnings.warn(f"the denoiser in {str(weights_path(name, path))!r} was trained with another text tower "
                       f"than {str(clip_file)!r} (sha256 differs); its images may not follow the prompts", stacklevel=2)
     try:
-        schedule = NoiseSchedule.from_name(denoiser.schedule_name)
+        schedule = NoiseSchedule.from_name(model.schedule_name)
     except ValueError as e:
-        raise CheckpointError(f"{str(checkpoint_paths(weights_path('denoiser', path))[1])!r} names an unknown "
+        raise CheckpointError(f"{str(checkpoint_paths(weights_path(name, path))[1])!r} names an unknown "
                               f"schedule: {e}") from None
-    return LatentDiffusionPipeline(vae, text_encoder, tokenizer, denoiser, schedule)
+    return LatentDiffusionPipeline(vae, text_encoder, tokenizer, model, schedule)

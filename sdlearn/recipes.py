@@ -14,7 +14,8 @@ autocast over float32 weights, for CUDA; see :func:`sdlearn.training.train`):
    a one-line summary.
 
 - :func:`train_vae` (notebook 03), :func:`train_clip` (07), :func:`train_classifier` (the judge of prompt
-  accuracy), :func:`train_scene_reader` (its successor for scenes of two objects), :func:`train_denoiser` (05) and :func:`train_all`, the whole system from scratch into one folder,
+  accuracy), :func:`train_scene_reader` (its successor for scenes of two objects), :func:`train_denoiser` (05; the DiT,
+  or with ``denoiser="unet"`` the course U-Net: :func:`train_unet`, 10) and :func:`train_all`, the whole system from scratch into one folder,
   which returns ``(pipeline, TrainResult)`` like the others (its ``record`` attribute holds the summary).
   :mod:`sdlearn.own_data` trains the same system on a folder of your own captioned images.
 """
@@ -64,6 +65,7 @@ from sdlearn.metrics import (
 )
 from sdlearn.pipeline import LatentDiffusionPipeline, check_compatible
 from sdlearn.pretrained import (
+    DENOISERS,
     load_pipeline,
     load_scene_reader,
     load_text_encoder,
@@ -73,6 +75,7 @@ from sdlearn.pretrained import (
     save_clip,
     save_denoiser,
     save_scene_reader,
+    save_unet,
     save_vae,
 )
 from sdlearn.schedules import NoiseSchedule, check_prediction_type
@@ -98,6 +101,7 @@ from sdlearn.training import (
     train,
     write_or_rescue,
 )
+from sdlearn.unet import UNet, UNetConfig
 from sdlearn.vae import VAE, VAEConfig, compute_scaling_factor, psnr, vae_loss
 
 # ------------------------------------------------------------------------------------------------
@@ -657,6 +661,7 @@ def train_denoiser(
     steps: int | None = None,
     device: str | torch.device = "auto",
     *,
+    denoiser: str = "dit",
     text_encoder="shipped",
     vae=None,
     prediction_type: str = "epsilon",
@@ -680,6 +685,8 @@ def train_denoiser(
     """Train the text-conditioned :class:`~sdlearn.denoiser.Denoiser` on VAE latents of Shapes → ``(denoiser, result)``;
     the recipe behind ``python -m sdlearn train denoiser``. The returned denoiser holds the EMA weights (eval
     mode); the raw weights are in ``denoiser.raw_state_dict`` (and in the checkpoint, ``model/…``).
+    ``denoiser="unet"`` trains the course :class:`~sdlearn.unet.UNet` (``config``: a ``UNetConfig``) instead of the
+    DiT (``"dit"``: a ``DenoiserConfig``) by this same recipe; its files are ``unet_checkpoint.*`` and ``unet.*``.
 
     - **Data**: fresh Shapes scenes of one or two objects (half each) from ``split="train"`` (the four held-out
       colour–shape pairs are never seen, in any object),
@@ -705,8 +712,8 @@ def train_denoiser(
       ``steps``; neither means the shipped recipe's 45 minutes. ``lr`` 1e-3 (batch 128) was picked from 300-step
       runs with a random text tower (``benchmarks/results/docstring-figures-2026-11.md``).
       ``threads`` sets ``torch.set_num_threads``.
-    - **Evaluation** (when ``text_encoder`` is given and ``eval_images`` > 0 and the shipped attribute
-      classifier exists): ``eval_images`` prompts from each of the train and held-out splits
+    - **Evaluation** (when ``text_encoder`` is given and ``eval_images`` > 0 and the shipped scene reader
+      exists): ``eval_images`` prompts from each of the train and held-out splits
       (captions of ``ShapesDataset(n, split, seed=50_000)``) are drawn with 20 DPM-Solver++ steps at guidance 4,
       and their prompt accuracy (:func:`sdlearn.metrics.prompt_accuracy`) is recorded.
 
@@ -715,6 +722,9 @@ def train_denoiser(
     (:func:`save_denoiser`, loadable by :func:`sdlearn.pretrained.load_denoiser`).
     """
     minutes, steps = default_budget(minutes, steps, default_minutes=45.0)
+    if not isinstance(denoiser, str) or denoiser not in DENOISERS:
+        raise ValueError(f"denoiser must be one of {', '.join(map(repr, DENOISERS))}, got {denoiser!r}")
+    stem, model_cls, config_cls = DENOISERS[denoiser], *((UNet, UNetConfig) if denoiser == "unet" else (Denoiser, DenoiserConfig))
     check_positive_int(batch_size, "batch_size")
     check_prediction_type(prediction_type)
     for name, value in (("caption_dropout", caption_dropout), ("open_fraction", open_fraction)):
@@ -734,9 +744,11 @@ def train_denoiser(
     vae, vae_record = resolve_vae(vae, device)
 
     if config is None:
-        config = DenoiserConfig(prediction_type=prediction_type, text_dim=text_encoder.width if text_encoder else 128)
-    if not isinstance(config, DenoiserConfig):
-        raise ValueError(f"config must be a DenoiserConfig, got {type(config).__name__}")
+        text_dim = text_encoder.width if text_encoder else 128
+        config = UNetConfig(prediction_type=prediction_type, cross_attention_dim=text_dim) if denoiser == "unet" \
+            else DenoiserConfig(prediction_type=prediction_type, text_dim=text_dim)
+    if not isinstance(config, config_cls):
+        raise ValueError(f"config must be a {config_cls.__name__} for denoiser={denoiser!r}, got {type(config).__name__}")
     if config.prediction_type != prediction_type:
         raise ValueError(f"config.prediction_type is {config.prediction_type!r} but prediction_type={prediction_type!r}; make them agree")
     check_compatible(vae, text_encoder, tokenizer, config, noise_schedule)
@@ -749,21 +761,21 @@ def train_denoiser(
                                 caption_dropout=caption_dropout, open_fraction=open_fraction, window=latent_window,
                                 refresh=latent_refresh)
     torch.manual_seed(seed)
-    denoiser = Denoiser(config).to(device)
+    model = model_cls(config).to(device)
     run_config = {
-        "model": "denoiser", "denoiser_config": config.to_dict(), "schedule": schedule,
+        "model": stem, f"{stem}_config": config.to_dict(), "schedule": schedule,
         "text_encoder": None if text_record is None else text_record.get("sha256", text_record["source"]),
         "vae": vae_record.get("sha256", vae_record["source"]), "batch_size": batch_size, "lr": lr,
         "ema_decay": ema_decay, "caption_dropout": caption_dropout, "open_fraction": open_fraction, "seed": seed,
         "latent_window": [latent_window, latent_refresh],
     }
-    result = fit("denoiser", denoiser, lambda model, batch, step: denoiser_loss(model, batch, noise_schedule), batch_fn,
+    result = fit(stem, model, lambda model, batch, step: denoiser_loss(model, batch, noise_schedule), batch_fn,
                  run_config, out_dir=out_dir, minutes=minutes, steps=steps, seed=seed, resume=resume,
                  progress=progress, lr=lr, warmup_steps=200, lr_schedule="cosine", grad_clip=1.0, ema_decay=ema_decay,
                  checkpoint_every=checkpoint_every, precision=precision)
-    denoiser.raw_state_dict = {k: v.detach().clone() for k, v in denoiser.state_dict().items()}
-    result.ema.copy_to(denoiser)
-    denoiser.eval()
+    model.raw_state_dict = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    result.ema.copy_to(model)
+    model.eval()
 
     training = training_record(
         result, run_config, ("batch_size", "lr", "ema_decay", "caption_dropout", "open_fraction", "seed"), device, steps,
@@ -782,16 +794,27 @@ def train_denoiser(
         except CheckpointError as e:
             training["evaluation"] = {"skipped": f"no scene reader to judge with ({e})"}
         else:
-            pipe = LatentDiffusionPipeline(vae, text_encoder, tokenizer, denoiser, noise_schedule)
+            pipe = LatentDiffusionPipeline(vae, text_encoder, tokenizer, model, noise_schedule)
             training["evaluation"] = evaluate_prompt_accuracy(pipe, eval_images, judge)[1]
     scores = training.get("evaluation", {}).get("prompt_accuracy")
     summary = f"loss {result.final_loss:.4g}" + (f", prompt accuracy {scores}" if scores else "")
-    denoiser.schedule_name = schedule
-    denoiser.text_encoder_info = text_record
-    return finish("denoiser", denoiser, result, training, out_dir,
-                  lambda model, path, training: save_denoiser(model, path, training=training, schedule=schedule,
-                                                              text_encoder=text_record),
+    model.schedule_name = schedule
+    model.text_encoder_info = text_record
+    save = save_unet if denoiser == "unet" else save_denoiser
+    return finish(stem, model, result, training, out_dir,
+                  lambda model, path, training: save(model, path, training=training, schedule=schedule,
+                                                     text_encoder=text_record),
                   summary, progress)
+
+
+def train_unet(out_dir: str | os.PathLike | None = None, minutes: float | None = None, steps: int | None = None,
+               device: str | torch.device = "auto", **options):
+    """Train the course U-Net (:class:`sdlearn.unet.UNet`, ``UNetConfig()``: 3.9M parameters, the DiT's size) →
+    ``(unet, result)``; the recipe behind ``python -m sdlearn train unet``: :func:`train_denoiser` with
+    ``denoiser="unet"``, so the same latents, text tower, captions, optimiser, EMA, budget (45 minutes) and
+    evaluation as the DiT, into ``out_dir/unet.*`` (:func:`sdlearn.pretrained.load_unet`). ``options``: those of
+    :func:`train_denoiser`."""
+    return train_denoiser(out_dir, minutes, steps, device, denoiser="unet", **options)
 
 
 @torch.no_grad()
@@ -897,7 +920,7 @@ def train_all(
     unknown = set(options) - set(TRAIN_ALL_SPLIT)
     if unknown:
         raise ValueError(f"options has unknown stage(s) {sorted(unknown)}; the stages are {', '.join(TRAIN_ALL_SPLIT)}")
-    reserved = {"out_dir", "minutes", "steps", "device", "seed", "progress", "text_encoder", "vae", "precision"}
+    reserved = {"out_dir", "minutes", "steps", "device", "seed", "progress", "text_encoder", "vae", "precision", "denoiser"}
     for name, value in options.items():
         if reserved & set(value):
             raise ValueError(f"options[{name!r}] may not set {sorted(reserved & set(value))}: train_all chooses those")

@@ -34,7 +34,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("models and losses", ["sdlearn.vae", "sdlearn.denoiser", "sdlearn.unet", "sdlearn.text", "sdlearn.metrics",
                            "sdlearn.samplers"]),
     ("the generic loop", ["sdlearn.training"]),
-    ("assembly", ["sdlearn.pipeline", "sdlearn.pretrained"]),
+    ("assembly", ["sdlearn.pipeline", "sdlearn.pretrained", "sdlearn.stable_diffusion"]),
     ("recipes", ["sdlearn.recipes", "sdlearn.own_data"]),
     ("interfaces", ["sdlearn.plotting", "sdlearn.widgets", "sdlearn.exercises", "sdlearn.exercises.*", "sdlearn.__main__",
                     "sdlearn"]),
