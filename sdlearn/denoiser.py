@@ -487,6 +487,9 @@ def capture_attention(model: Denoiser) -> Iterator[dict[str, list[torch.Tensor]]
     """
     maps: dict[str, list[torch.Tensor]] = {}
     layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (SelfAttention, CrossAttention))]
+    if not layers:
+        raise ValueError(f"capture_attention records the DiT's attention layers (sdlearn.denoiser), and this "
+                         f"{type(model).__name__} has none; the course U-Net's are not recorded yet")
     for name, module in layers:
         maps[name] = module.captured = []
     try:

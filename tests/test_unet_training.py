@@ -160,3 +160,12 @@ def test_train_unet_on_the_command_line(tmp_path, monkeypatch, capsys):
     assert main(["train", "unet", "--data", str(tmp_path), "--steps", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "not 'train unet'" in err[0] and "train all --data FOLDER" in err[0]
+
+
+def test_capture_attention_refuses_a_unet_instead_of_recording_nothing():
+    from sdlearn.denoiser import capture_attention
+    from sdlearn.unet import UNet, UNetConfig
+
+    with pytest.raises(ValueError, match="UNet has none"):
+        with capture_attention(UNet(UNetConfig(block_out_channels=(32, 64), norm_num_groups=8))):
+            pass
