@@ -15,6 +15,8 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+import pytest
+
 SLOW_NOTEBOOK_S = 90.0
 NBVAL, STUDENT_COPY = "nbval", "student copy"
 STUDENT_COPY_TEST = re.compile(r"(^|/)test_student_copies\.py::\w+\[(?P<notebook>[^\]/]+\.ipynb)\]$")
@@ -58,6 +60,37 @@ class NotebookTimes:
         write(f"{'all other tests':<{width}}  {self.other_seconds:9.1f}")
 
 
+def pytest_collection_modifyitems(config, items) -> None:
+    """Keep what must share one process together when ``make test`` spreads the tests over workers
+    (pytest-xdist, ``--dist loadgroup``): every cell of a notebook (nbval runs them in order in one kernel), and
+    the browser tests (one JupyterLab server and one Chromium for all of them). Without xdist the marks do nothing."""
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        if path.endswith(".ipynb"):
+            item.add_marker(pytest.mark.xdist_group(name=path))
+        elif path.startswith("tests/browser/"):
+            item.add_marker(pytest.mark.xdist_group(name="browser"))
+
+
+class WorkerLines:
+    """Under pytest-xdist: the lines a worker's conftest had for the end of the run (tests/browser: "not run,
+    because …"), printed once by the controller. Registered only with xdist, whose hook this is."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def pytest_testnodedown(self, node, error) -> None:
+        for line in getattr(node, "workeroutput", {}).get("sdlearn_not_run", []):
+            if line not in self.lines:
+                self.lines.append(line)
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        for line in self.lines:
+            terminalreporter.write_line(line, yellow=True, bold=True)
+
+
 def pytest_configure(config) -> None:
     # Registered as a plugin rather than written as conftest hooks, so that it sees every test's report.
     config.pluginmanager.register(NotebookTimes(), "sdlearn-notebook-times")
+    if config.pluginmanager.hasplugin("xdist") and not hasattr(config, "workerinput"):
+        config.pluginmanager.register(WorkerLines(), "sdlearn-worker-lines")

@@ -74,6 +74,14 @@ def pytest_terminal_summary(terminalreporter):
         terminalreporter.write_line(line, yellow=True, bold=True)
 
 
+def pytest_sessionfinish(session):
+    # Under pytest-xdist this runs in each worker, whose summary nobody sees: hand the line to the controller,
+    # which prints it (the root conftest.py, pytest_testnodedown).
+    output = getattr(session.config, "workeroutput", None)
+    if output is not None and _not_run:
+        output["sdlearn_not_run"] = list(_not_run)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def browser_available():
     reason = missing_browser()
