@@ -30,11 +30,12 @@ lab: $(STAMP)
 notebook: $(STAMP)
 	$(BIN)/jupyter notebook $(LAB_ARGS) notebooks/
 
-# Two workers (pytest-xdist) by default: while one waits on a kernel or the browser, the other computes. Each
-# notebook's cells, and the browser tests, stay in one worker (conftest.py). TEST_WORKERS=0: one process.
+# Two workers (pytest-xdist) by default: while one waits on a kernel or the browser, the other computes.
+# --dist loadfile keeps each file in one worker: a notebook's cells share one kernel, in order, under nbval.
+# TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadgroup)
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 # The explorers in JupyterLab in headless Chromium (Debian's: apt-get install chromium; SDLEARN_CHROMIUM=PATH
 # for another). Fails, rather than skips, without Chromium. Failure screenshots land in test-artifacts/.

@@ -15,8 +15,6 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
-import pytest
-
 SLOW_NOTEBOOK_S = 90.0
 NBVAL, STUDENT_COPY = "nbval", "student copy"
 STUDENT_COPY_TEST = re.compile(r"(^|/)test_student_copies\.py::\w+\[(?P<notebook>[^\]/]+\.ipynb)\]$")
@@ -58,18 +56,6 @@ class NotebookTimes:
             write(f"{name:<{width}}  {cell(nbval, name)}  {cell(student, name):>12}{flag}")
         write(f"{'total':<{width}}  {sum(nbval.values()):9.1f}  {sum(student.values()):12.1f}")
         write(f"{'all other tests':<{width}}  {self.other_seconds:9.1f}")
-
-
-def pytest_collection_modifyitems(config, items) -> None:
-    """Keep what must share one process together when ``make test`` spreads the tests over workers
-    (pytest-xdist, ``--dist loadgroup``): every cell of a notebook (nbval runs them in order in one kernel), and
-    the browser tests (one JupyterLab server and one Chromium for all of them). Without xdist the marks do nothing."""
-    for item in items:
-        path = item.nodeid.split("::")[0]
-        if path.endswith(".ipynb"):
-            item.add_marker(pytest.mark.xdist_group(name=path))
-        elif path.startswith("tests/browser/"):
-            item.add_marker(pytest.mark.xdist_group(name="browser"))
 
 
 class WorkerLines:

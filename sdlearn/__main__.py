@@ -66,6 +66,9 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but errors are one line and exit with status 2."""
 
     def error(self, message: str):
+        # an argument holding a line break or another control character is quoted as Python would ("\\r"), so the
+        # error stays one line
+        message = "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

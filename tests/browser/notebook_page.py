@@ -53,6 +53,10 @@ _ALL_DONE_JS = """() => {
   return busy === 0 && panel.sessionContext.session.kernel.status === 'idle';
 }"""
 
+# Code cells with source that have not run (yet): Run All may still be about to send the next one.
+_NOT_RUN_JS = """() => window.__sdlearnPanel.content.widgets.filter(cell => cell.model.type === 'code'
+    && cell.model.sharedModel.getSource().trim() && cell.model.executionCount === null).length"""
+
 _MODEL_JS = "() => window.__sdlearnPanel.content.model.toJSON()"
 
 # What each code cell's output area shows, by cell index: the text and the images that have loaded.
@@ -134,15 +138,18 @@ class NotebookPage:
 
     def run_all(self, timeout_s: float = RUN_ALL_TIMEOUT_S) -> float:
         """Run All, as a learner would; wait until no cell is left queued or running and the kernel is idle
-        (twice in a row, 0.5 s apart). Returns the seconds it took."""
+        (twice in a row, 0.5 s apart; for 5 s while a code cell has not run, since on a busy machine the page
+        can take a moment to send the next cell). Returns the seconds it took."""
         start = time.monotonic()
         result = self.page.evaluate(_RUN_ALL_JS, int(timeout_s * 1000))
         assert result != "timed out", f"Run All of {self.path} did not finish within {timeout_s:.0f} s"
         left = timeout_s - (time.monotonic() - start)
+        idle_s = 0.0
         while True:
             self.wait_until(lambda: self.page.evaluate(_ALL_DONE_JS), "every cell to finish", timeout_s=max(left, 1))
             self.page.wait_for_timeout(500)
-            if self.page.evaluate(_ALL_DONE_JS):
+            idle_s = idle_s + 0.5 if self.page.evaluate(_ALL_DONE_JS) else 0.0
+            if idle_s >= (5.0 if self.page.evaluate(_NOT_RUN_JS) else 0.5):
                 break
         self.page.evaluate(_LISTEN_JS)
         return time.monotonic() - start
