@@ -437,6 +437,41 @@ def _alt_contrastive_loss(image_emb, text_emb, logit_scale):
     return float(image_to_text + text_to_image) / 2
 
 
+def _alt_resblock(x, emb, params, groups):
+    def group_norm(h, name):  # by hand: statistics over each group of channels and every pixel
+        B, C, H, W = h.shape
+        g = h.double().reshape(B, groups, -1)
+        g = (g - g.mean(-1, keepdim=True)) / torch.sqrt(g.var(-1, unbiased=False, keepdim=True) + 1e-5)
+        return g.reshape(B, C, H, W).float() * params[f"{name}.weight"][:, None, None] + params[f"{name}.bias"][:, None, None]
+
+    def conv3(h, name):
+        return torch.nn.functional.conv2d(h, params[f"{name}.weight"], params[f"{name}.bias"], padding=1)
+
+    h = conv3(torch.nn.functional.silu(group_norm(x, "norm1")), "conv1")
+    h = h + (emb @ params["time_proj.weight"].T + params["time_proj.bias"]).reshape(*emb.shape[:1], -1, 1, 1)
+    h = conv3(group_norm(h, "norm2") * torch.sigmoid(group_norm(h, "norm2")), "conv2")  # SiLU(u) = u · σ(u)
+    if "skip.weight" in params:  # a 1×1 conv is a matrix product over the channels
+        x = torch.einsum("oc,bchw->bohw", params["skip.weight"][:, :, 0, 0], x) + params["skip.bias"][:, None, None]
+    return x + h
+
+
+def _alt_skip_channels(block_out_channels, layers_per_block):
+    down = [block_out_channels[0]]  # conv_in, then each level's ResBlocks and its downsampling conv
+    for i, c in enumerate(block_out_channels):
+        down += [c] * (layers_per_block + (i < len(block_out_channels) - 1))
+    reads = list(reversed(down))  # the up path reads them in reverse order, one per up ResBlock
+    h = [block_out_channels[-1]] + [c for c in reversed(block_out_channels) for _ in range(layers_per_block + 1)]
+    return [a + b for a, b in zip(h, reads)]
+
+
+def _alt_loss_by_timestep(model_fn, x0, noise, timesteps, alphas_cumprod):
+    K, B = len(timesteps), len(x0)
+    a = alphas_cumprod[timesteps].repeat_interleave(B).reshape(-1, 1, 1, 1)  # [K·B, 1, 1, 1]
+    x_t = a.sqrt() * x0.repeat(K, 1, 1, 1) + (1 - a).sqrt() * noise.repeat(K, 1, 1, 1)  # every timestep in one batch
+    eps = model_fn(x_t, timesteps.repeat_interleave(B))
+    return (eps - noise.repeat(K, 1, 1, 1)).pow(2).reshape(K, -1).mean(dim=1)
+
+
 # Correct answers written the way a learner might (other operations, float64, python floats),
 # which must pass: the tolerances must not reject honest floating-point differences.
 ALTERNATIVE_SOLUTIONS = {
@@ -470,6 +505,9 @@ ALTERNATIVE_SOLUTIONS = {
     "check_tokenize": _alt_tokenize,
     "check_contrastive_loss": _alt_contrastive_loss,
     "check_cfg": lambda eps_uncond, eps_cond, scale: torch.lerp(eps_uncond, eps_cond, scale),
+    "check_resblock": _alt_resblock,
+    "check_skip_channels": _alt_skip_channels,
+    "check_loss_by_timestep": _alt_loss_by_timestep,
 }
 
 
