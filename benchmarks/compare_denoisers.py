@@ -95,15 +95,8 @@ KID_KINDS = {"one-object full, train split": 1, "two-object full": 2}  # kind â†
 LABEL, COLUMN = 44, 30  # widths of the table's label and of each model's column
 
 
-class Report:
-    """Prints lines and keeps them, for ``--out``."""
-
-    def __init__(self):
-        self.lines: list[str] = []
-
-    def say(self, text: str = "") -> None:
-        print(text, flush=True)
-        self.lines.append(text)
+class Report(quality.Report):
+    """quality.py's report (prints lines and keeps them, for ``--out``), with a side-by-side row."""
 
     def row(self, label: str, cells: Sequence[str], note: str = "") -> None:
         self.say(f"{label:<{LABEL - 1}} " + "".join(f"{c:<{COLUMN - 1}} " for c in cells) + note)

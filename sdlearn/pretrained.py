@@ -170,8 +170,14 @@ def save_denoiser(
     Tensors are stored as ``dtype``, float16 by default: half the bytes, and loading casts them back to float32.
     float16 rounds each weight by at most 2⁻¹¹ relative; ``python benchmarks/pipeline.py`` measures what that
     changes in the images."""
-    return save_module(denoiser, path, "denoiser", training, dtype=dtype, schedule=schedule,
-                       prediction_type=denoiser.config.prediction_type,
+    return _save_sampling_model(denoiser, path, "denoiser", training, schedule, text_encoder, dtype)
+
+
+def _save_sampling_model(model: Denoiser | UNet, path: PathLike, kind: str, training, schedule: str, text_encoder,
+                         dtype: torch.dtype) -> Path:
+    """What :func:`save_denoiser` and :func:`save_unet` write: the module, plus what sampling needs to know."""
+    return save_module(model, path, kind, training, dtype=dtype, schedule=schedule,
+                       prediction_type=model.config.prediction_type,
                        text_encoder=None if text_encoder is None else dict(text_encoder))
 
 
@@ -210,9 +216,7 @@ def save_unet(
     """Write a :class:`sdlearn.unet.UNet` as ``PATH.safetensors`` + ``PATH.json``, the format :func:`load_unet`
     reads; the same entries as :func:`save_denoiser` (config in diffusers' names, ``schedule``, prediction type,
     ``text_encoder``, ``training``), tensors as ``dtype`` (float16 by default: the course U-Net is 7.8 MB)."""
-    return save_module(unet, path, "unet", training, dtype=dtype, schedule=schedule,
-                       prediction_type=unet.config.prediction_type,
-                       text_encoder=None if text_encoder is None else dict(text_encoder))
+    return _save_sampling_model(unet, path, "unet", training, schedule, text_encoder, dtype)
 
 
 def load_unet(path: PathLike | None = None, device: str | torch.device = "cpu") -> UNet:
