@@ -245,8 +245,9 @@ def main() -> None:
     parser.add_argument("--out", nargs="?", const="", default=None, metavar="NAME",
                         help="also write the report to benchmarks/results/NAME (default quality-DATE.txt)")
     parser.add_argument("--weights", default=None, help="a weights folder to load instead of the shipped ones")
-    parser.add_argument("--denoiser", choices=["dit", "unet"], default="dit",
-                        help="the DiT (default, denoiser.*) or the course U-Net (unet.*) with the same VAE and text tower")
+    parser.add_argument("--denoiser", choices=["dit", "unet", "flow"], default="dit",
+                        help="the DiT (default, denoiser.*), the course U-Net (unet.*) or the flow DiT (flow.*), with the "
+                             "same VAE and text tower")
     parser.add_argument("--reader", default=None, help="a scene reader (folder or .safetensors) instead of the shipped one")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -293,7 +294,7 @@ def main() -> None:
     report.say(f"\ntotal {time.perf_counter() - start:.0f} s, peak memory {peak_rss_mb():.0f} MB RSS")
     if args.out is not None:
         RESULTS_DIR.mkdir(exist_ok=True)
-        path = RESULTS_DIR / (args.out or f"quality-{'unet-' if args.denoiser == 'unet' else ''}{started:%Y%m%d-%H%M}{'-quick' if args.quick else ''}.txt")
+        path = RESULTS_DIR / (args.out or f"quality-{'' if args.denoiser == 'dit' else args.denoiser + '-'}{started:%Y%m%d-%H%M}{'-quick' if args.quick else ''}.txt")
         path.write_text("\n".join(report.lines) + "\n")
         print(f"report written to {path}")
 

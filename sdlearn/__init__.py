@@ -3,8 +3,8 @@
 The package is layered: a module imports only from the layers above it in this table (function-level imports
 included) and never another module's ``_private`` names. Within a layer: in the foundations and the interfaces
 a module may import those listed before it; among the models only ``text`` imports ``denoiser`` (its attention
-block); in the assembly only ``pretrained`` imports ``pipeline``; among the recipes only ``own_data``
-imports ``recipes``. ``tests/test_layers.py`` enforces the rule.
+block) and ``flow`` imports ``samplers`` (their interface); in the assembly only ``pretrained`` imports
+``pipeline``; among the recipes only ``own_data`` imports ``recipes``. ``tests/test_layers.py`` enforces the rule.
 
 ====================  ===========================================================================
 layer                 modules
@@ -12,13 +12,16 @@ layer                 modules
 foundations           ``checks`` (shared input checks), ``checkpoint`` (file format, config base
                       class, loading weights), ``images`` (an image folder, a photograph), ``data``
                       (Shapes, captions, the attribute table),
-                      ``schedules`` (β, ᾱ, SNR, add_noise, ε/x₀/v conversions), ``stats``
+                      ``schedules`` (β, ᾱ, SNR, add_noise, ε/x₀/v conversions, the flow
+                      path), ``stats``
                       (Wilson and bootstrap intervals, Fréchet distance, MMD², TV)
 models and losses     ``vae``, ``denoiser`` (DiT, ``denoiser_loss``), ``unet`` (Stable Diffusion's
                       U-Net from scratch; ``UNet.from_diffusers``), ``text`` (tokenizer, text
                       encoder, TinyCLIP; uses the denoiser's attention block), ``metrics`` (the
                       attribute classifier, the scene reader, prompt accuracy, KID, FID,
-                      diversity, memorisation), ``samplers``
+                      diversity, memorisation), ``samplers``, ``flow`` (rectified flow's
+                      samplers, EDM's preconditioning and Heun, an exact Gaussian mixture;
+                      imports ``samplers``)
 the generic loop      ``training`` (``train``, EMA, ``TrainResult``, ``resolve_device``)
 assembly              ``pipeline`` (text→image, img2img, inpainting), ``pretrained`` (every
                       ``save_X`` with its ``load_X``, ``load_pipeline``), ``stable_diffusion``

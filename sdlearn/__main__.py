@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from sdlearn import own_data, recipes
 from sdlearn.checkpoint import atomic_write_bytes
 from sdlearn.exercises import write_student_copies
+from sdlearn.flow import FLOW_SAMPLERS
 from sdlearn.pipeline import SEED_HIGH, check_seed, to_pil
 from sdlearn.plotting import image_grid, to_image
 from sdlearn.pretrained import DENOISERS, load_pipeline
@@ -49,6 +50,7 @@ TRAINERS = {
     "scene_reader": recipes.train_scene_reader,
     "denoiser": recipes.train_denoiser,
     "unet": recipes.train_unet,
+    "flow": recipes.train_flow,
     "all": recipes.train_all,
 }
 # python -m sdlearn train NAME --data FOLDER → the recipe for a folder of your own images (sdlearn.own_data); it also
@@ -129,15 +131,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--guidance", type=_non_negative_float, default=None,
                           help="guidance scale (default 4; with --diffusers 7.5)")
     generate.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
-                          help="sampler (default dpm++; with --diffusers ddim)")
+                          help="sampler (default dpm++; with --denoiser flow euler, its flow sampler (heun the other); "
+                               "with --diffusers ddim)")
     generate.add_argument("--seed", type=_seed_in(SEED_HIGH), default=0, help="random seed, 0 to 2**64 - 1 (default 0)")
     generate.add_argument("--n", type=_positive_int, default=1, help="number of images (default 1)")
     generate.add_argument("--out", default=None, help=f"PNG file for a grid of the images (at most {MAX_GRID_IMAGES})")
     generate.add_argument("--out-dir", default=None, help="folder for one 32×32 PNG per image")
     generate.add_argument("--weights", default=None, help="folder written by 'train all' (default: the shipped weights)")
     generate.add_argument("--denoiser", choices=list(DENOISERS), default="dit",
-                          help="dit (default: the transformer, denoiser.*) or unet (the course U-Net, unet.*, written "
-                               "by 'train unet')")
+                          help="dit (default: the transformer, denoiser.*), unet (the course U-Net, unet.*, written "
+                               "by 'train unet') or flow (the transformer trained with rectified flow, flow.*, written by "
+                               "'train flow')")
     generate.add_argument("--diffusers", default=None, metavar="PATH",
                           help="a local Stable Diffusion v1/v2 folder in diffusers' format (model_index.json, unet/, "
                                "vae/, ...), run by sdlearn's own U-Net, samplers and guidance; nothing is downloaded")
@@ -286,12 +290,15 @@ def generate_files(
     else:
         if height is not None or width is not None:
             raise ValueError("--height and --width are for --diffusers: the course's models draw 32 × 32 images")
-        defaults = (20, 4.0, "dpm++")
+        defaults = (20, 4.0, "euler" if denoiser == "flow" else "dpm++")
     num_inference_steps, guidance_scale, sampler = (
         default if value is None else value for value, default in zip((num_inference_steps, guidance_scale, sampler),
                                                                       defaults))
     if sampler not in SAMPLER_NAMES:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
+    if denoiser == "flow" and sampler not in FLOW_SAMPLERS:
+        raise ValueError(f"--denoiser flow was trained with rectified flow: its samplers are "
+                         f"{' and '.join(FLOW_SAMPLERS)}, not {sampler} (a diffusion sampler)")
     for name, value in (("num_images_per_prompt", num_images_per_prompt), ("batch_size", batch_size)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
             raise ValueError(f"{name} must be a whole number ≥ 1, got {value!r}")
@@ -351,7 +358,7 @@ def generate_to_files(
     negative_prompt: str | None = None,
     num_inference_steps: int = 20,
     guidance_scale: float = 4.0,
-    sampler: str = "dpm++",
+    sampler: str | None = None,
     seed: int | None = 0,
     num_images_per_prompt: int = 1,
     weights: str | os.PathLike | None = None,
@@ -362,7 +369,7 @@ def generate_to_files(
     denoiser: str = "dit",
 ) -> list[Path]:
     """What ``python -m sdlearn generate`` does: load the pipeline (the shipped weights, or the folder ``weights``
-    that ``python -m sdlearn train all`` wrote; ``denoiser``: "dit" or "unet", as in
+    that ``python -m sdlearn train all`` wrote; ``denoiser``: "dit", "unet" or "flow", as in
     :func:`sdlearn.pretrained.load_pipeline`), generate ``num_images_per_prompt`` images of ``prompt``, and write them as
     one grid PNG to ``out`` (at most :data:`MAX_GRID_IMAGES` images) and/or one PNG per image (``out_dir/NNN.png``,
     32×32). Returns the paths written. Folders are created as needed.
@@ -411,7 +418,7 @@ def _run(args: argparse.Namespace) -> int:
             train_fn = FOLDER_TRAINERS[args.model]
             kwargs["data"] = args.data
         if args.prediction_type is not None:
-            if args.model not in ("denoiser", "unet", "all"):
+            if args.model not in ("denoiser", "unet", "all"):  # train flow's objective is fixed
                 raise ValueError(f"--prediction-type is for 'train denoiser', 'train unet' and 'train all', not "
                                  f"'train {args.model}'")
             kwargs["prediction_type"] = args.prediction_type

@@ -67,7 +67,7 @@ from torch import nn
 
 from sdlearn.checkpoint import MAX_CONFIG_DEPTH, ConfigMixin, count_parameters  # noqa: F401 (count_parameters: re-exported for notebooks 04, 05)
 from sdlearn.checks import check_mask
-from sdlearn.schedules import check_prediction_type  # one of "epsilon", "v_prediction", "sample"
+from sdlearn.schedules import FLOW, check_model_prediction_type, flow_interpolate, flow_target
 
 # ----------------------------------------------------------------------------------------------------------
 # Configuration
@@ -87,13 +87,13 @@ class DenoiserConfig(ConfigMixin):
     text_dim: int = 128  # width of the text encoder's tokens
     cross_attn_ratio: float = 0.5  # cross-attention's queries, keys and values have cross_attn_ratio · D channels
     num_train_timesteps: int = 1000  # T: timesteps are in [0, T)
-    prediction_type: str = "epsilon"  # what the network predicts: ε, v, or x₀
+    prediction_type: str = "epsilon"  # what the network predicts: ε, v, or x₀; or "flow", the velocity ε − x₀
     frequency_dim: int = 256  # size of the sinusoidal timestep embedding (DiT uses 256)
 
     size_limits = {"depth": MAX_CONFIG_DEPTH, "num_train_timesteps": 100_000}
 
     def __post_init__(self) -> None:
-        check_prediction_type(self.prediction_type)
+        check_model_prediction_type(self.prediction_type)
         self.check_positive_ints("latent_channels", "latent_size", "patch_size", "width", "depth", "heads", "text_dim",
                                  "num_train_timesteps", "frequency_dim")
         for ratio in ("mlp_ratio", "cross_attn_ratio"):
@@ -396,9 +396,12 @@ class Denoiser(nn.Module):
             raise ValueError(f"t must be a number, a 0-d tensor or a tensor of shape [{B}]; got shape {list(t.shape)}")
         if t.dtype == torch.bool or t.is_complex():
             raise ValueError(f"t must hold real timesteps; got dtype {t.dtype}")
-        if not bool(((t >= 0) & (t < cfg.num_train_timesteps)).all()):
+        # A diffusion model's timesteps are indices t ∈ [0, T); a flow model's are σ·T, σ ∈ [0, 1] (σ = 1 included).
+        flow = cfg.prediction_type == FLOW
+        if not bool(((t >= 0) & ((t <= cfg.num_train_timesteps) if flow else (t < cfg.num_train_timesteps))).all()):
             raise ValueError(
-                f"timesteps must lie in [0, {cfg.num_train_timesteps}); got min {t.min().item()}, max {t.max().item()}"
+                f"timesteps must lie in [0, {cfg.num_train_timesteps}{']' if flow else ')'}; got min {t.min().item()}, "
+                f"max {t.max().item()}"
             )
 
         if text_tokens is None:
@@ -522,8 +525,17 @@ def denoiser_loss(model: Denoiser, batch: Mapping[str, Any], schedule) -> tuple[
     (Ho et al. 2020, eq. 14, "L_simple"), where the target is ε, v = √ᾱ_t ε − √(1 − ᾱ_t) x₀ (Salimans & Ho
     2022) or x₀, as ``model.config.prediction_type`` says → ``(loss, logs)`` like every ``*_loss`` of the
     package (the logs are empty: the loss is all there is to report). ``batch``: ``x0``, ``noise`` and ``t``,
-    and optionally the text's ``tokens`` and ``mask`` (:func:`sdlearn.recipes.latent_batch_fn` makes it)."""
+    and optionally the text's ``tokens`` and ``mask`` (:func:`sdlearn.recipes.latent_batch_fn` makes it).
+
+    A flow model (``prediction_type`` "flow") learns rectified flow instead (Liu et al. 2023; Esser et al. 2024):
+    L = E ‖(ε − x₀) − v_θ(x_σ, σT, text)‖², x_σ = (1 − σ) x₀ + σ ε, with ``batch["t"]`` = σT (float timesteps,
+    σ ∈ [0, 1], logit-normal in training): the conditional flow-matching regression to the velocity of each
+    sample's straight path, whose minimiser is the marginal velocity field (Lipman et al. 2023, Thm. 2)."""
     x0, noise, t = batch["x0"], batch["noise"], batch["t"]
+    if model.config.prediction_type == FLOW:
+        sigma = t.to(x0.device, torch.float32) / model.config.num_train_timesteps  # [B] in [0, 1]
+        prediction = model(flow_interpolate(x0, noise, sigma), t.to(x0.device), batch.get("tokens"), batch.get("mask"))
+        return F.mse_loss(prediction, flow_target(x0, noise)), {}
     x_t = schedule.add_noise(x0, noise, t)
     prediction = model(x_t, t.to(x0.device), batch.get("tokens"), batch.get("mask"))
     target = schedule.target(x0, noise, t, model.config.prediction_type)

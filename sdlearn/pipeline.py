@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sdlearn.checks import check_batch
+from sdlearn.flow import FLOW_SAMPLERS, FlowMatchSampler, check_sampler_fits, get_flow_sampler
 from sdlearn.samplers import SAMPLER_NAMES, Sampler, classifier_free_guidance, get_sampler, sample
 from sdlearn.schedules import NoiseSchedule
 from sdlearn.unet import UNetConfig
@@ -239,6 +240,8 @@ class LatentDiffusionPipeline:
         # Guidance only where t ≤ 0.6 T (Kynkäänniemi et al. 2024): at the highest noise levels the layout is chosen,
         # and guiding there collapses what a prompt leaves open; benchmarks/quality.py measures the choice.
         self.guidance_interval: tuple[float, float] = (0, GUIDANCE_INTERVAL_END * schedule.num_train_timesteps)
+        # A flow denoiser's samplers space σ with SD3's resolution shift (1: none; Esser et al. 2024, §5.3.2).
+        self.flow_shift = 1.0
 
     to_numpy = staticmethod(to_numpy)
     to_pil = staticmethod(to_pil)
@@ -292,19 +295,44 @@ class LatentDiffusionPipeline:
         """Diffusion latents ``[B, 4, 8, 8]`` → images ``[B, 3, 32, 32]`` in [-1, 1] (clamped), on ``pipe.device``."""
         return self.vae.decode(latents.to(self.device) / self.vae.scaling_factor).clamp(-1, 1)
 
-    def get_sampler(self, sampler: str | Sampler = "dpm++") -> Sampler:
-        """A sampler for this denoiser by name (``"ddpm"``, ``"ddim"``, ``"euler"``, ``"heun"``, ``"dpm++"``), or
-        a :class:`~sdlearn.samplers.Sampler` built by hand (e.g. ``DDIMSampler(schedule, eta=1.0)``), checked."""
+    @property
+    def is_flow(self) -> bool:
+        """Whether the denoiser was trained with rectified flow (``prediction_type`` "flow") rather than diffusion."""
+        return self.denoiser.config.prediction_type == "flow"
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler used when none is named: ``"dpm++"`` for a diffusion denoiser, ``"euler"``
+        (:class:`~sdlearn.flow.FlowMatchEulerSampler`) for a flow denoiser."""
+        return "euler" if self.is_flow else "dpm++"
+
+    def get_sampler(self, sampler: str | Sampler | None = None) -> Sampler:
+        """A sampler for this denoiser by name, or a :class:`~sdlearn.samplers.Sampler` built by hand (e.g.
+        ``DDIMSampler(schedule, eta=1.0)``), checked; None picks :attr:`default_sampler`. A diffusion denoiser takes
+        ``"ddpm"``, ``"ddim"``, ``"euler"``, ``"heun"`` or ``"dpm++"``; a flow denoiser ``"euler"`` or ``"heun"``, the
+        flow samplers (:mod:`sdlearn.flow`, with ``shift`` = :attr:`flow_shift`). A sampler of the other kind raises
+        ``ValueError`` naming the objective the denoiser was trained with."""
         prediction_type = self.denoiser.config.prediction_type
+        if sampler is None:
+            sampler = self.default_sampler
         if isinstance(sampler, Sampler):
+            check_sampler_fits(sampler, prediction_type)
+            if isinstance(sampler, FlowMatchSampler):
+                if sampler.num_train_timesteps != self.schedule.num_train_timesteps:
+                    raise ValueError(f"the sampler has T = {sampler.num_train_timesteps}, the denoiser "
+                                     f"{self.schedule.num_train_timesteps}")
+                return sampler
             if sampler.prediction_type != prediction_type:
                 raise ValueError(f"the sampler reads {sampler.prediction_type!r} predictions but the denoiser makes "
                                  f"{prediction_type!r} ones")
             if not torch.equal(sampler.schedule.alphas_cumprod, self.schedule.alphas_cumprod):
                 raise ValueError("the sampler's noise schedule differs from the pipeline's (the denoiser's)")
             return sampler
+        names = tuple(FLOW_SAMPLERS) if self.is_flow else SAMPLER_NAMES
         if not isinstance(sampler, str):
-            raise ValueError(f"sampler must be one of {', '.join(SAMPLER_NAMES)} or a Sampler, got {sampler!r}")
+            raise ValueError(f"sampler must be one of {', '.join(names)} or a Sampler, got {sampler!r}")
+        if self.is_flow:
+            return get_flow_sampler(sampler, self.schedule.num_train_timesteps, shift=self.flow_shift)
         return get_sampler(sampler, self.schedule, prediction_type=prediction_type)
 
     # -- the shared loop --------------------------------------------------------------------------------
@@ -370,7 +398,7 @@ class LatentDiffusionPipeline:
         negative_prompt: str | list[str] | None = None,
         num_inference_steps: int = 20,
         guidance_scale: float = 4.0,
-        sampler: str | Sampler = "dpm++",
+        sampler: str | Sampler | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         seed: int | None = None,
         num_images_per_prompt: int = 1,
@@ -385,7 +413,8 @@ class LatentDiffusionPipeline:
           prompts or a list as long as ``prompt``. (Ignored at ``guidance_scale`` 1, where there is no
           unconditional pass.)
         - ``num_inference_steps`` ≥ 1; ``guidance_scale`` w ≥ 0 (ε̃ = ε_u + w (ε_c − ε_u)); ``sampler``: a name
-          among ``"ddpm"``, ``"ddim"``, ``"euler"``, ``"heun"``, ``"dpm++"`` or a Sampler.
+          among ``"ddpm"``, ``"ddim"``, ``"euler"``, ``"heun"``, ``"dpm++"`` or a Sampler; None (default) is
+          ``"dpm++"``, or for a flow denoiser ``"euler"`` (:meth:`get_sampler`).
         - ``seed`` or ``generator`` (one, or a list with one per image; image i then depends on generator i only):
           the same seed gives the same images. With neither, the noise comes from torch's global random state.
         - ``callback(i, t, latents, x0_pred)`` after each step, as in :func:`sdlearn.samplers.sample` (a tensor
@@ -513,6 +542,6 @@ class LatentDiffusionPipeline:
         if unknown:
             raise ValueError(f"unknown keyword argument(s) {', '.join(sorted(unknown))}; expected some of "
                              f"{', '.join(cls._COMMON + ('progress', 'callback', 'guidance_interval'))}")
-        defaults = {"negative_prompt": None, "num_inference_steps": 20, "guidance_scale": 4.0, "sampler": "dpm++",
+        defaults = {"negative_prompt": None, "num_inference_steps": 20, "guidance_scale": 4.0, "sampler": None,
                     "generator": None, "seed": None, "num_images_per_prompt": 1}
         return {name: kwargs.get(name, default) for name, default in defaults.items()}

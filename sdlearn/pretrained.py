@@ -51,7 +51,8 @@ from sdlearn.vae import VAE, VAEConfig
 __all__ = [
     "WEIGHTS_DIR", "weights_path", "load_module", "save_vae", "load_vae", "save_clip", "load_clip",
     "load_text_encoder", "load_tokenizer", "save_classifier", "load_classifier", "save_scene_reader",
-    "load_scene_reader", "save_denoiser", "load_denoiser", "save_unet", "load_unet", "DENOISERS",
+    "load_scene_reader", "save_denoiser", "load_denoiser", "save_unet", "load_unet", "save_flow", "load_flow",
+    "DENOISERS",
     "load_pipeline",
 ]
 
@@ -229,9 +230,31 @@ def load_unet(path: PathLike | None = None, device: str | torch.device = "cpu") 
 # The whole text-to-image pipeline (sdlearn.pipeline, notebooks 00 and 08).
 
 
-DENOISERS = {"dit": "denoiser", "unet": "unet"}
-"""``load_pipeline(denoiser=NAME)`` → the stem of the weights it loads: the DiT (``denoiser.*``, the default) or the
-course U-Net (``unet.*``)."""
+DENOISERS = {"dit": "denoiser", "unet": "unet", "flow": "flow"}
+"""``load_pipeline(denoiser=NAME)`` → the stem of the weights it loads: the DiT (``denoiser.*``, the default), the
+course U-Net (``unet.*``) or the DiT trained with rectified flow (``flow.*``)."""
+
+
+def save_flow(flow: Denoiser, path: PathLike, training: Mapping[str, Any] | None = None, *, schedule: str = "scaled_linear",
+              text_encoder: Mapping[str, Any] | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the flow DiT as ``PATH.safetensors`` + ``PATH.json`` (kind "flow"), the format :func:`load_flow` reads;
+    the entries of :func:`save_denoiser` (``schedule`` is kept only for the timestep count and the interface)."""
+    if flow.config.prediction_type != "flow":
+        raise ValueError(f"save_flow writes a flow model (prediction_type 'flow'); this one predicts "
+                         f"{flow.config.prediction_type!r}: use save_denoiser")
+    return _save_sampling_model(flow, path, "flow", training, schedule, text_encoder, dtype)
+
+
+def load_flow(path: PathLike | None = None, device: str | torch.device = "cpu") -> Denoiser:
+    """The DiT trained with rectified flow (``config.prediction_type == "flow"``; EMA weights, eval mode): the
+    shipped one (``sdlearn/weights/flow.*``), or one written by ``python -m sdlearn train flow --out DIR``. The file
+    format is :func:`save_denoiser`'s, kind "flow"; ``schedule_name`` and ``text_encoder_info`` as in
+    :func:`load_denoiser`."""
+    model = _sampling_info(load_module(Denoiser, DenoiserConfig, "flow", path, device))
+    if model.config.prediction_type != "flow":
+        raise CheckpointError(f"{str(weights_path('flow', path))!r} holds a denoiser with prediction_type "
+                              f"{model.config.prediction_type!r}, not a flow model")
+    return model
 
 
 def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cpu", *,
@@ -250,23 +273,25 @@ def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cp
     denoiser's JSON records the hash of the text tower it was trained with and ``clip``'s file differs, a
     warning says so (the pair would still run, but answer prompts badly)."""
     if not isinstance(denoiser, str) or denoiser not in DENOISERS:
-        raise ValueError(f"denoiser must be one of {', '.join(map(repr, DENOISERS))} (the DiT, the course U-Net), "
+        raise ValueError(f"denoiser must be one of {', '.join(map(repr, DENOISERS))} (the DiT, the course U-Net, the "
+                         "flow DiT), "
                          f"got {denoiser!r}")
     name = DENOISERS[denoiser]
     if path is not None and not Path(path).is_dir():
         raise CheckpointError(f"weights folder {str(path)!r} not found; expected a folder holding vae.*, clip.* and "
                               f"{name}.* (.safetensors + .json), as `python -m sdlearn train all --out DIR` writes")
-    if denoiser == "unet" and not weights_path(name, path).is_file():
+    if denoiser in ("unet", "flow") and not weights_path(name, path).is_file():
         where = "the shipped weights hold" if path is None else f"{str(path)!r} holds"
-        raise CheckpointError(f"{where} no U-Net ({str(weights_path(name, path))!r} not found); train one with "
-                              "`python -m sdlearn train unet --out DIR` (it reads the shipped VAE and text tower) and put "
-                              "DIR/unet.safetensors + unet.json beside the vae.* and clip.* it was trained with")
+        what = "U-Net" if denoiser == "unet" else "flow model"
+        raise CheckpointError(f"{where} no {what} ({str(weights_path(name, path))!r} not found); train one with "
+                              f"`python -m sdlearn train {denoiser} --out DIR` (it reads the shipped VAE and text tower) "
+                              f"and put DIR/{name}.safetensors + {name}.json beside the vae.* and clip.* it was trained with")
     vae = load_vae(path, device)
     clip = load_clip(path, device)
     text_encoder = clip.text_encoder
     text_encoder.training_info = clip.training_info
     tokenizer = _tokenizer_from(clip.checkpoint_info, path)
-    model = load_unet(path, device) if denoiser == "unet" else load_denoiser(path, device)
+    model = {"unet": load_unet, "flow": load_flow, "dit": load_denoiser}[denoiser](path, device)
     recorded = (model.text_encoder_info or {}).get("sha256")
     clip_file = weights_path("clip", path)
     if recorded is not None and recorded != file_sha256(clip_file):

@@ -74,11 +74,12 @@ from sdlearn.pretrained import (
     save_classifier,
     save_clip,
     save_denoiser,
+    save_flow,
     save_scene_reader,
     save_unet,
     save_vae,
 )
-from sdlearn.schedules import NoiseSchedule, check_prediction_type
+from sdlearn.schedules import FLOW, NoiseSchedule, check_model_prediction_type, logit_normal_sigmas
 from sdlearn.text import (
     CLIP_EVAL_SEED,
     TextEncoder,
@@ -576,6 +577,7 @@ def latent_batch_fn(
     refresh: int = LATENT_REFRESH,
     split: str = "train",
     num_objects=(1, 2),
+    timesteps: str = "uniform",
 ) -> Callable[[int], dict[str, torch.Tensor]]:
     """``batch_fn(step)`` for the denoiser: a dict of the clean latent ``x0`` ``[B, 4, 8, 8]`` (a posterior sample,
     times the VAE's scaling factor), the ``noise`` ``[B, 4, 8, 8]`` and timesteps ``t`` ``[B]`` (uniform in
@@ -584,7 +586,11 @@ def latent_batch_fn(
     ``open_fraction`` leave attributes open, so an image teaches every partial prompt true of it), replaced
     by the empty prompt "" (``<bos> <eos>``, the unconditional prompt of classifier-free guidance) with
     probability ``caption_dropout``. Images are scenes of ``num_objects`` (default: one or two, half each).
+    ``timesteps="logit_normal"`` draws float timesteps σT for a flow model instead, σ logit-normal
+    (:func:`sdlearn.schedules.logit_normal_sigmas`, SD3's choice).
     ``captions`` lists the prompts used (the empty ones included). A pure function of ``(seed, step)``."""
+    if timesteps not in ("uniform", "logit_normal"):
+        raise ValueError(f"timesteps must be 'uniform' (diffusion) or 'logit_normal' (flow), got {timesteps!r}")
     latents = _LatentWindow(vae, window, refresh, split, DENOISER_DATA_SEED + seed, num_objects)
     scale = vae.scaling_factor
     T = schedule.num_train_timesteps
@@ -600,7 +606,8 @@ def latent_batch_fn(
         batch = {
             "x0": x0,
             "noise": torch.randn(x0.shape, generator=generator).to(device),
-            "t": torch.randint(T, (batch_size,), generator=generator),
+            "t": torch.randint(T, (batch_size,), generator=generator) if timesteps == "uniform"
+            else logit_normal_sigmas(batch_size, generator) * T,  # [B]: integer t, or σT for a flow
         }
         if text_encoder is not None:
             captions = _random_captions(cache.objects[picks], generator, open_fraction)
@@ -687,6 +694,8 @@ def train_denoiser(
     mode); the raw weights are in ``denoiser.raw_state_dict`` (and in the checkpoint, ``model/…``).
     ``denoiser="unet"`` trains the course :class:`~sdlearn.unet.UNet` (``config``: a ``UNetConfig``) instead of the
     DiT (``"dit"``: a ``DenoiserConfig``) by this same recipe; its files are ``unet_checkpoint.*`` and ``unet.*``.
+    ``denoiser="flow"`` (with ``prediction_type="flow"``: :func:`train_flow`) trains the DiT with rectified flow into
+    ``flow_checkpoint.*`` and ``flow.*``.
 
     - **Data**: fresh Shapes scenes of one or two objects (half each) from ``split="train"`` (the four held-out
       colour–shape pairs are never seen, in any object),
@@ -726,7 +735,10 @@ def train_denoiser(
         raise ValueError(f"denoiser must be one of {', '.join(map(repr, DENOISERS))}, got {denoiser!r}")
     stem, model_cls, config_cls = DENOISERS[denoiser], *((UNet, UNetConfig) if denoiser == "unet" else (Denoiser, DenoiserConfig))
     check_positive_int(batch_size, "batch_size")
-    check_prediction_type(prediction_type)
+    check_model_prediction_type(prediction_type)
+    if (denoiser == "flow") != (prediction_type == FLOW) and denoiser != "unet":
+        raise ValueError(f"denoiser='flow' is the DiT trained with prediction_type 'flow', and only it; got "
+                         f"denoiser={denoiser!r} with prediction_type={prediction_type!r}")
     for name, value in (("caption_dropout", caption_dropout), ("open_fraction", open_fraction)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
             raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
@@ -759,7 +771,7 @@ def train_denoiser(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     batch_fn = latent_batch_fn(vae, noise_schedule, batch_size, seed, text_encoder=text_encoder, tokenizer=tokenizer,
                                 caption_dropout=caption_dropout, open_fraction=open_fraction, window=latent_window,
-                                refresh=latent_refresh)
+                                refresh=latent_refresh, timesteps="logit_normal" if prediction_type == FLOW else "uniform")
     torch.manual_seed(seed)
     model = model_cls(config).to(device)
     run_config = {
@@ -800,7 +812,7 @@ def train_denoiser(
     summary = f"loss {result.final_loss:.4g}" + (f", prompt accuracy {scores}" if scores else "")
     model.schedule_name = schedule
     model.text_encoder_info = text_record
-    save = save_unet if denoiser == "unet" else save_denoiser
+    save = {"unet": save_unet, "flow": save_flow}.get(denoiser, save_denoiser)
     return finish(stem, model, result, training, out_dir,
                   lambda model, path, training: save(model, path, training=training, schedule=schedule,
                                                      text_encoder=text_record),
@@ -817,9 +829,18 @@ def train_unet(out_dir: str | os.PathLike | None = None, minutes: float | None =
     return train_denoiser(out_dir, minutes, steps, device, denoiser="unet", **options)
 
 
+def train_flow(out_dir: str | os.PathLike | None = None, minutes: float | None = None, steps: int | None = None,
+               device: str | torch.device = "auto", **options):
+    """Train the DiT with rectified flow (``DenoiserConfig(prediction_type="flow")``) → ``(flow, result)``; the recipe
+    of ``python -m sdlearn train flow``: :func:`train_denoiser` (``denoiser="flow"``: the ε-model's latents, text,
+    optimiser, EMA and budget; :func:`sdlearn.denoiser.denoiser_loss`'s flow loss, σ logit-normal as in Esser et al.
+    2024, §3.1), evaluated at 8 Euler steps, into ``out_dir/flow.*`` (:func:`sdlearn.pretrained.load_flow`)."""
+    return train_denoiser(out_dir, minutes, steps, device, denoiser="flow", prediction_type=FLOW, **options)
+
+
 @torch.no_grad()
 def generate_for_eval(pipe: LatentDiffusionPipeline, prompts: Sequence[str], negative_prompts=None, steps: int = 20,
-                      guidance_scale: float = 4.0, sampler: str = "dpm++", seed: int = 0,
+                      guidance_scale: float = 4.0, sampler: str | None = None, seed: int = 0,
                       batch_size: int = 128) -> torch.Tensor:
     """Images ``[N, 3, 32, 32]`` for ``prompts`` drawn by ``pipe`` in chunks of ``batch_size``, image i's noise
     from ``seed + i`` (so a chunk's size never changes an image). A pipeline without a text encoder samples an
@@ -841,24 +862,25 @@ def generate_for_eval(pipe: LatentDiffusionPipeline, prompts: Sequence[str], neg
 
 
 def evaluate_prompt_accuracy(pipe: LatentDiffusionPipeline, n: int, judge: SceneReader | AttributeClassifier):
-    """Prompt accuracy at 20 DPM-Solver++ steps and guidance 4 on ``n`` captions of each split →
+    """Prompt accuracy at 20 DPM-Solver++ steps (a flow model: 8 Euler steps) and guidance 4 on ``n`` captions of each split →
     ``({split: PromptAccuracy}, record)``, ``record`` being what the weights' JSON keeps of it. With a
     :class:`SceneReader` as the ``judge``, also on ``n`` two-object captions of the train split ("two_objects")."""
     started = time.perf_counter()
+    steps, sampling = (8, "8 flow Euler steps") if pipe.is_flow else (20, "20 DPM-Solver++ steps")
     scores = {}
     sets = {split: ShapesDataset(n, split, seed=DENOISER_EVAL_SEED) for split in ("train", "heldout")}
     if isinstance(judge, SceneReader):
         sets["two_objects"] = ShapesDataset(n, "train", seed=DENOISER_EVAL_SEED, num_objects=2)
     for name, dataset in sets.items():
         prompts = dataset.batch(range(n)).captions
-        scores[name] = prompt_accuracy(generate_for_eval(pipe, prompts), prompts, judge)
+        scores[name] = prompt_accuracy(generate_for_eval(pipe, prompts, steps=steps), prompts, judge)
     return scores, {
         "prompt_accuracy": {split: round(s.overall, 4) for split, s in scores.items()},
         "per_attribute": {split: {k: round(v, 4) for k, v in s.per_attribute.items()} for split, s in scores.items()},
         "prompts": f"captions of ShapesDataset({n}, split, seed={DENOISER_EVAL_SEED}) for split in ('train', 'heldout')"
                    + (f"; two_objects: ShapesDataset({n}, 'train', seed={DENOISER_EVAL_SEED}, num_objects=2)"
                       if "two_objects" in sets else ""),
-        "sampling": "20 DPM-Solver++ steps, guidance 4, image i's noise from seed i",
+        "sampling": f"{sampling}, guidance 4, image i's noise from seed i",
         "seconds": round(time.perf_counter() - started, 1),
     }
 

@@ -636,20 +636,32 @@ class DPMSolverSampler(Sampler):
     As diffusers' DPMSolverMultistepScheduler with its defaults (algorithm_type="dpmsolver++",
     solver_type="midpoint", lower_order_final=True, final_sigmas_type="zero"): the first step is
     first order (no history yet), and so is the last, which lands on σ = 0, i.e. x = x̂₀.
+
+    ``use_lu_lambdas=True`` spaces the steps uniformly in λ (Lu et al. 2022, "DPM-Solver", §3.3: the step size h
+    is then the same at every step, which is what the solver's error bound assumes) between the training
+    table's ends, as diffusers' ``use_lu_lambdas``: σ_i exact, the model called at the rounded timestep of each.
     """
 
     name = "dpm++"
 
     @_positional_options_deprecated("prediction_type", "solver_order")
-    def __init__(self, schedule: NoiseSchedule, *, prediction_type: str = "epsilon", solver_order: int = 2):
+    def __init__(self, schedule: NoiseSchedule, *, prediction_type: str = "epsilon", solver_order: int = 2,
+                 use_lu_lambdas: bool = False):
         super().__init__(schedule, prediction_type=prediction_type)
         if solver_order not in (1, 2):
             raise ValueError(f"solver_order must be 1 or 2, got {solver_order!r}")
-        self.solver_order = solver_order
+        self.solver_order, self.use_lu_lambdas = solver_order, bool(use_lu_lambdas)
         self._previous_x0 = None
 
     def _make_timesteps(self, n, spacing, steps_offset):
         T = self.num_train_timesteps
+        if self.use_lu_lambdas:  # λ = −log σ (σ-space) evenly spaced from the noisiest training step to the cleanest
+            table = sigma_table(self.schedule)  # [T]
+            sigmas = np.exp(np.linspace(np.log(table[-1]), np.log(table[0]), n))  # [n] float64
+            self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # [n + 1]
+            self.timesteps = torch.from_numpy(np.round(sigma_to_timestep(sigmas, table)).astype(np.int64))
+            self._previous_x0 = None
+            return
         if spacing == "trailing":
             timesteps = spaced_timesteps(T, n, spacing, steps_offset)
         else:  # diffusers spaces N + 1 points and drops the last (t = 0 or the offset)
@@ -700,7 +712,7 @@ class DPMSolverSampler(Sampler):
         return x_next.to(dtype)
 
     def _config(self):
-        return f"{super()._config()}, solver_order={self.solver_order}"
+        return f"{super()._config()}, solver_order={self.solver_order}" + (", use_lu_lambdas=True" if self.use_lu_lambdas else "")
 
 
 _SAMPLERS = {"ddpm": DDPMSampler, "ddim": DDIMSampler, "euler": EulerSampler, "heun": HeunSampler, "dpm++": DPMSolverSampler}
@@ -759,7 +771,7 @@ def sample(
     progress: bool = True,
     callback: Callable | None = None,
     *,
-    spacing: str = "leading",
+    spacing: str | None = None,
     steps_offset: int = 0,
     noise: torch.Tensor | None = None,
     x0: torch.Tensor | None = None,
@@ -805,7 +817,14 @@ def sample(
         device = noise.device if noise is not None else (x0.device if x0 is not None else "cpu")
     device = torch.device(device)
 
-    sampler.set_timesteps(num_inference_steps, spacing=spacing, steps_offset=steps_offset)
+    objective = getattr(getattr(model_fn, "config", None), "prediction_type", None)  # a network knows its objective
+    if objective is not None and (objective == "flow") != (sampler.prediction_type == "flow"):
+        trained = "rectified flow" if objective == "flow" else f"diffusion (prediction_type {objective!r})"
+        raise ValueError(f"the model was trained with {trained}, and {type(sampler).__name__} reads "
+                         f"{'flow velocities' if sampler.prediction_type == 'flow' else 'diffusion predictions'}; "
+                         "sample a flow model with sdlearn.flow's samplers and a diffusion model with these")
+    # spacing None: the sampler's own default ("leading" for these, "linspace" for the flow samplers)
+    sampler.set_timesteps(num_inference_steps, **({} if spacing is None else {"spacing": spacing}), steps_offset=steps_offset)
     if noise is None:
         noise = _randn(shape, generator, device, _compute_dtype(dtype))
     noise = noise.to(device=device, dtype=dtype)

@@ -37,6 +37,10 @@ import torch
 
 SCHEDULE_NAMES = ("linear", "scaled_linear", "cosine", "sigmoid")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# What a network may be trained to predict: one of the diffusion targets above, or the velocity of rectified flow
+# ("flow": v = ε − x₀ on the straight path x_σ = (1 − σ) x₀ + σ ε; see flow_interpolate).
+FLOW = "flow"
+MODEL_PREDICTION_TYPES = (*PREDICTION_TYPES, FLOW)
 
 # Default (beta_start, beta_end) per schedule: DDPM's linear 1e-4 → 0.02, Stable Diffusion's scaled-linear
 # 0.00085 → 0.012; the cosine schedule takes none.
@@ -122,9 +126,58 @@ def __getattr__(name: str):
 
 
 def check_prediction_type(prediction_type: str) -> None:
-    """Raise ``ValueError`` unless ``prediction_type`` is one of :data:`PREDICTION_TYPES`."""
+    """Raise ``ValueError`` unless ``prediction_type`` is one of :data:`PREDICTION_TYPES` (the diffusion targets);
+    "flow", a rectified-flow velocity, gets its own message: the diffusion samplers cannot read it."""
+    if prediction_type == FLOW:
+        raise ValueError("this model was trained with the rectified-flow objective (prediction_type 'flow': it "
+                         "predicts the velocity ε − x₀), not a diffusion target; sample it with "
+                         "sdlearn.flow.FlowMatchEulerSampler or FlowMatchHeunSampler")
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(PREDICTION_TYPES)}")
+
+
+def check_model_prediction_type(prediction_type: str) -> None:
+    """Raise ``ValueError`` unless a network may be trained to predict ``prediction_type``: one of
+    :data:`MODEL_PREDICTION_TYPES` (the diffusion targets, or "flow")."""
+    if prediction_type not in MODEL_PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction_type {prediction_type!r}; expected one of {', '.join(MODEL_PREDICTION_TYPES)}")
+
+
+# -- rectified flow: the straight path and its velocity (Liu et al. 2023; Esser et al. 2024, SD3) ------
+def flow_interpolate(x0: torch.Tensor, noise: torch.Tensor, sigma) -> torch.Tensor:
+    """The rectified-flow path x_σ = (1 − σ) x₀ + σ ε, σ ∈ [0, 1] (σ = 0 the data, σ = 1 pure noise): a straight
+    line from each image to its noise (Esser et al. 2024, eq. 3 with a_t = 1 − t, b_t = t). ``sigma``: a number or
+    a ``[B]`` tensor. Unlike the VP path √ᾱ x₀ + √(1 − ᾱ) ε, its coefficients add to 1, not their squares."""
+    sigma = _coefficient(sigma, x0)
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def flow_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The conditional velocity dx_σ/dσ = ε − x₀ along :func:`flow_interpolate`: the regression target of
+    (conditional) flow matching (Lipman et al. 2023, eq. 23; Liu et al. 2023). It does not depend on σ."""
+    return noise - x0
+
+
+def shift_sigmas(sigma, shift: float = 1.0):
+    """SD3's resolution shift of the noise level: σ' = s σ / (1 + (s − 1) σ) (Esser et al. 2024, §5.3.2), which keeps
+    SNR(σ') = SNR(σ) / s² — with s > 1 more of the steps (or training samples) sit at high noise, where a large image
+    still has structure left to decide. s = 1 changes nothing. Tensors, arrays or numbers."""
+    if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+        raise ValueError(f"shift must be a number > 0 (1 = no shift), got {shift!r}")
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def logit_normal_sigmas(n: int, generator: torch.Generator | None = None, mean: float = 0.0, std: float = 1.0,
+                        shift: float = 1.0) -> torch.Tensor:
+    """``n`` training noise levels σ = sigmoid(u), u ~ N(mean, std²): SD3's logit-normal sampling (Esser et al. 2024,
+    §3.1, "lognorm(0, 1)"), which puts most samples in the middle of [0, 1] where the velocity is hardest to predict
+    and few at the ends, where it is nearly x-independent; then :func:`shift_sigmas`. → float32 ``[n]`` in (0, 1)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not (isinstance(std, (int, float)) and std > 0):
+        raise ValueError(f"std must be a number > 0, got {std!r}")
+    u = torch.randn(n, generator=generator) * std + mean  # [n]
+    return shift_sigmas(torch.sigmoid(u), shift)
 
 
 # -- reading a model's output: ε, x₀ and v ------------------------------------------------------------

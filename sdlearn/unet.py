@@ -71,7 +71,7 @@ from torch import nn
 
 from sdlearn.checkpoint import MAX_CONFIG_DEPTH, ConfigMixin, count_parameters  # noqa: F401 (count_parameters: re-exported)
 from sdlearn.checks import check_mask
-from sdlearn.schedules import check_prediction_type
+from sdlearn.schedules import FLOW, check_model_prediction_type
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -116,7 +116,7 @@ class UNetConfig(ConfigMixin):
     use_linear_projection: bool = False  # diffusers' proj_in/proj_out: Linear (True, SD v2) or 1×1 conv (SD v1)
     upcast_attention: bool = False  # compute attention in float32 when the model runs in float16 (SD v2.1)
     num_train_timesteps: int = 1000  # sdlearn: T, timesteps lie in [0, T)
-    prediction_type: str = "epsilon"  # sdlearn: what the network predicts (ε, v or x₀); read by denoiser_loss
+    prediction_type: str = "epsilon"  # sdlearn: what the network predicts (ε, v, x₀ or the flow's velocity); read by denoiser_loss
 
     size_limits = {"num_train_timesteps": 100_000}
 
@@ -171,7 +171,7 @@ class UNetConfig(ConfigMixin):
             if channels % heads:
                 raise ValueError(f"{name}.attention_head_dim[{i}] = {heads} heads (diffusers' name for the number of "
                                  f"heads) must divide block_out_channels[{i}] = {channels}")
-        check_prediction_type(self.prediction_type)
+        check_model_prediction_type(self.prediction_type)
 
     @property
     def num_levels(self) -> int:
@@ -546,8 +546,9 @@ class UNet(nn.Module):
             raise ValueError(f"t must be a number, a 0-d tensor or a tensor of shape [{B}]; got shape {list(t.shape)}")
         if t.dtype == torch.bool or t.is_complex():
             raise ValueError(f"t must hold real timesteps; got dtype {t.dtype}")
-        if not bool(((t >= 0) & (t < cfg.num_train_timesteps)).all()):
-            raise ValueError(f"timesteps must lie in [0, {cfg.num_train_timesteps}); "
+        flow = cfg.prediction_type == FLOW  # a flow model's timesteps are σ·T, σ ∈ [0, 1]
+        if not bool(((t >= 0) & ((t <= cfg.num_train_timesteps) if flow else (t < cfg.num_train_timesteps))).all()):
+            raise ValueError(f"timesteps must lie in [0, {cfg.num_train_timesteps}{']' if flow else ')'}; "
                              f"got min {t.min().item()}, max {t.max().item()}")
 
         if text_tokens is None:

@@ -11,6 +11,7 @@ from sdlearn.recipes import (
     train_classifier,
     train_clip,
     train_denoiser,
+    train_flow,
     train_scene_reader,
     train_unet,
     train_vae,
@@ -63,7 +64,7 @@ def test_train_vae_writes_loadable_weights(tmp_path):
 def test_train_names_the_recipes():
     assert TRAINERS == {"vae": train_vae, "clip": train_clip, "classifier": train_classifier,
                         "scene_reader": train_scene_reader, "denoiser": train_denoiser,
-                        "unet": train_unet, "all": train_all}
+                        "unet": train_unet, "flow": train_flow, "all": train_all}
 
 
 @pytest.mark.parametrize(

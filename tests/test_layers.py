@@ -32,7 +32,7 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["sdlearn.checks", "sdlearn.checkpoint", "sdlearn.images", "sdlearn.data", "sdlearn.schedules",
                      "sdlearn.stats"]),
     ("models and losses", ["sdlearn.vae", "sdlearn.denoiser", "sdlearn.unet", "sdlearn.text", "sdlearn.metrics",
-                           "sdlearn.samplers"]),
+                           "sdlearn.samplers", "sdlearn.flow"]),
     ("the generic loop", ["sdlearn.training"]),
     ("assembly", ["sdlearn.pipeline", "sdlearn.pretrained", "sdlearn.stable_diffusion"]),
     ("recipes", ["sdlearn.recipes", "sdlearn.own_data"]),
@@ -44,7 +44,8 @@ LAYERS: list[tuple[str, list[str]]] = [
 # keeps them acyclic.
 WITHIN_LAYER: dict[str, str | set[tuple[str, str]]] = {
     "foundations": "earlier rows",
-    "models and losses": {("sdlearn.text", "sdlearn.denoiser")},  # the text encoder reuses the denoiser's attention
+    "models and losses": {("sdlearn.text", "sdlearn.denoiser"),  # the text encoder reuses the denoiser's attention
+                          ("sdlearn.flow", "sdlearn.samplers")},  # the flow samplers share the samplers' interface
     "the generic loop": set(),
     "assembly": {("sdlearn.pretrained", "sdlearn.pipeline")},  # load_pipeline builds a pipeline
     "recipes": {("sdlearn.own_data", "sdlearn.recipes")},  # your own images, on the recipes' skeleton
