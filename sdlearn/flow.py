@@ -30,7 +30,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from sdlearn.samplers import Sampler, karras_sigmas, sigma_table, sigma_to_timestep
+from sdlearn.samplers import Sampler, alpha_bar_at, karras_sigmas, sigma_table, sigma_to_timestep
 from sdlearn.schedules import FLOW, NoiseSchedule, shift_sigmas
 
 
@@ -135,6 +135,11 @@ class FlowMatchHeunSampler(FlowMatchSampler):
     def _set_flow_timesteps(self, timesteps):
         self.timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)])  # [2n − 1]
         self._first_half = None
+
+    def add_noise(self, x0, noise, t):
+        """x_σ = (1 − σ) x₀ + σ ε at timestep ``t``: entry k of ``timesteps`` is at σ_{(k+1)//2} (inner ones twice)."""
+        sigma = self.sigmas[(int(self._matches(t)[0]) + 1) // 2].to(x0.dtype)
+        return (1 - sigma) * x0 + sigma * noise
 
     def step(self, model_output, t, x, generator=None):
         """Half of a Heun step (see the class docstring). ``generator`` is unused."""
@@ -311,8 +316,9 @@ class GaussianMixtureModel:
         return (posterior * (mu + a * s2 * residual / var)).sum(1)  # [B, d]
 
     def eps(self, x_t: torch.Tensor, t, schedule: NoiseSchedule) -> torch.Tensor:
-        """E[ε | x_t] on ``schedule``'s VP path at integer timestep(s) ``t``."""
-        alpha_bar = schedule.alpha_bar(torch.as_tensor(t).long()).double()
+        """E[ε | x_t] on ``schedule``'s VP path at timestep(s) ``t``; a fractional t interpolates σ between training
+        steps (:func:`sdlearn.samplers.alpha_bar_at`, as the σ-space samplers place their steps)."""
+        alpha_bar = alpha_bar_at(schedule, t)
         a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         x0 = self.x0(x_t, a, b)
         return ((x_t.double() - a.reshape(-1, 1) * x0) / b.reshape(-1, 1)).to(x_t.dtype)

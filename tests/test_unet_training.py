@@ -80,8 +80,8 @@ def test_train_denoiser_refuses_a_config_of_the_other_model_and_an_unknown_name(
         train_unet(tmp_path, steps=1, config=DenoiserConfig(), **FAST)
     with pytest.raises(ValueError, match="config must be a DenoiserConfig for denoiser='dit', got UNetConfig"):
         train_denoiser(tmp_path, steps=1, config=UNetConfig(), **FAST)
-    with pytest.raises(ValueError, match="denoiser must be one of 'dit', 'unet', got 'flow'"):
-        train_denoiser(tmp_path, steps=1, denoiser="flow", **FAST)
+    with pytest.raises(ValueError, match="denoiser must be one of 'dit', 'unet', 'flow', got 'mlp'"):
+        train_denoiser(tmp_path, steps=1, denoiser="mlp", **FAST)
     assert not list(tmp_path.iterdir())  # refused before anything was written
 
 
