@@ -3,8 +3,9 @@
 The package is layered: a module imports only from the layers above it in this table (function-level imports
 included) and never another module's ``_private`` names. Within a layer: in the foundations and the interfaces
 a module may import those listed before it; among the models only ``text`` imports ``denoiser`` (its attention
-block) and ``flow`` imports ``samplers`` (their interface); in the assembly only ``pretrained`` imports
-``pipeline``; among the recipes only ``own_data`` imports ``recipes``. ``tests/test_layers.py`` enforces the rule.
+block), ``flow`` imports ``samplers`` (their interface) and ``adapt`` imports ``text`` (a new word); in the assembly
+only ``pretrained`` imports ``pipeline``; among the recipes only ``own_data`` and ``adapt_recipes`` import
+``recipes``. ``tests/test_layers.py`` enforces the rule.
 
 ====================  ===========================================================================
 layer                 modules
@@ -21,7 +22,9 @@ models and losses     ``vae``, ``denoiser`` (DiT, ``denoiser_loss``), ``unet`` (
                       attribute classifier, the scene reader, prompt accuracy, KID, FID,
                       diversity, memorisation), ``samplers``, ``flow`` (rectified flow's
                       samplers, EDM's preconditioning and Heun, an exact Gaussian mixture;
-                      imports ``samplers``)
+                      imports ``samplers``), ``adapt`` (personalisation: LoRA, textual
+                      inversion, DreamBooth's prior preservation, adapter files; imports
+                      ``text``)
 the generic loop      ``training`` (``train``, EMA, ``TrainResult``, ``resolve_device``)
 assembly              ``pipeline`` (text→image, img2img, inpainting), ``pretrained`` (every
                       ``save_X`` with its ``load_X``, ``load_pipeline``), ``stable_diffusion``
@@ -30,7 +33,9 @@ assembly              ``pipeline`` (text→image, img2img, inpainting), ``pretra
 recipes               ``recipes`` (``train_vae``, ``train_clip``, ``train_classifier``,
                       ``train_scene_reader``, ``train_denoiser``, ``train_all`` on one
                       skeleton), ``own_data`` (your own captioned images: the captions'
-                      vocabulary, ``train_all_on_folder``; imports ``recipes``)
+                      vocabulary, ``train_all_on_folder``; imports ``recipes``),
+                      ``adapt_recipes`` (``train_adapter``: the star taught to a trained
+                      pipeline; imports ``recipes``)
 interfaces            ``plotting``, ``widgets``, ``exercises/``, ``__main__`` (the command line)
 ====================  ===========================================================================
 """

@@ -18,7 +18,9 @@ centred at x, y ∈ {9, 23} for the corners and (16, 16) for the centre:
 - square: the box itself, axis-aligned;
 - triangle: pointing up, apex at the middle of the box's top edge, base = the box's bottom edge
   (base = height = side);
-- diamond: a square rotated by 45° whose two diagonals equal the side.
+- diamond: a square rotated by 45° whose two diagonals equal the side;
+- star (``CONCEPT_SHAPES``, never in :class:`ShapesDataset`: the new concept of the personalisation chapter): a
+  regular five-pointed star, point up, outer radius half the side, inner radius ``STAR_INNER_RATIO`` × the outer.
 
 Anti-aliasing is by supersampling: each pixel is tested at a regular 4×4 grid of sub-pixel
 points, and the fraction inside the shape is its coverage α ∈ [0, 1]. The pixel is then
@@ -44,6 +46,7 @@ shape) pairs are held out of ``split="train"`` to measure compositional generali
 from __future__ import annotations
 
 import itertools
+import math
 import random
 import re
 from collections.abc import Iterable, Sequence
@@ -70,6 +73,9 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "white": (235, 235, 235),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "diamond")
+CONCEPT_SHAPES: tuple[str, ...] = ("star",)  # drawn and captioned like SHAPES, by name only; never in ShapesDataset
+STAR_INNER_RATIO = 0.381966  # inner / outer radius of a regular pentagram: cos 72° / cos 36° = 1/φ²
+STAR_EXAMPLE_COLORS: tuple[str, ...] = ("red", "yellow", "blue", "white")  # the colours of star_examples()
 SIZES: tuple[str, ...] = ("small", "large")
 SIZE_PIXELS: dict[str, int] = {"small": 9, "large": 15}  # side of the bounding box
 POSITIONS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom right", "center")
@@ -108,7 +114,7 @@ _CENTER_TABLE = torch.tensor([POSITION_CENTERS[p] for p in POSITIONS], dtype=tor
 
 def _check_name(kind: str, name) -> int:
     """Index of ``name`` among the valid values of attribute ``kind``; a clear ValueError otherwise."""
-    names = ATTRIBUTE_VALUES[kind]
+    names = ATTRIBUTE_VALUES[kind] + (CONCEPT_SHAPES if kind == "shape" else ())  # the star: index len(SHAPES)
     if isinstance(name, str) and name in names:
         return names.index(name)
     raise ValueError(f"unknown {kind} {name!r}; expected one of: {', '.join(names)}")
@@ -154,7 +160,16 @@ def _inside_diamond(u, v, h):
     return u.abs() + v.abs() <= h
 
 
-_INSIDE = (_inside_circle, _inside_square, _inside_triangle, _inside_diamond)  # in SHAPES order
+def _inside_star(u, v, h):
+    # Fold the angle from "up" into one half-point, φ ∈ [0°, 36°] (the star repeats every 72° and is mirrored
+    # about each point); there the edge runs from the tip (0, h) to the inner vertex r·(sin 36°, cos 36°).
+    phi = (torch.remainder(torch.atan2(u, -v) + math.pi / 5, 2 * math.pi / 5) - math.pi / 5).abs()
+    rho = torch.sqrt(u * u + v * v)
+    x, y, r = rho * torch.sin(phi), rho * torch.cos(phi), STAR_INNER_RATIO * h
+    return r * math.sin(math.pi / 5) * (y - h) + (h - r * math.cos(math.pi / 5)) * x <= 0  # the centre's side
+
+
+_INSIDE = (_inside_circle, _inside_square, _inside_triangle, _inside_diamond, _inside_star)  # SHAPES, then the star
 
 
 def _as_indices(values, kind: str) -> torch.Tensor:
@@ -166,14 +181,15 @@ def _as_indices(values, kind: str) -> torch.Tensor:
         idx = torch.as_tensor(values).reshape(-1)
         if idx.dtype.is_floating_point or idx.dtype == torch.bool:
             raise ValueError(f"{kind} indices must be integers, got dtype {idx.dtype}")
-        idx = idx.long()
+        idx = given = idx.long()
     else:
         values = list(values)
         idx = torch.tensor([_check_name(kind, x) if isinstance(x, str) else int(x) for x in values],
                            dtype=torch.long)
-    if idx.numel() and (idx.min() < 0 or idx.max() >= len(names)):
+        given = torch.tensor([int(x) for x in values if not isinstance(x, str)], dtype=torch.long)
+    if given.numel() and (given.min() < 0 or given.max() >= len(names)):  # indices (not names) count in SHAPES
         raise ValueError(f"{kind} indices must lie in 0..{len(names) - 1} ({', '.join(names)}), "
-                         f"got {idx.min().item()}..{idx.max().item()}")
+                         f"got {given.min().item()}..{given.max().item()}")
     return idx
 
 
@@ -284,15 +300,15 @@ def render_shape(color: str, shape: str, size: str, position: str, rng=None) -> 
 
     With ``rng=None`` the object is drawn exactly at its nominal colour and position (no jitter);
     with ``rng`` (an int seed, ``random.Random``, ``numpy.random.Generator`` or ``torch.Generator``)
-    the colour and position jitter are drawn from it, deterministically.
+    the colour and position jitter are drawn from it, deterministically. ``shape`` may be "star" (``CONCEPT_SHAPES``).
     """
-    idx = [_check_name(k, v) for k, v in zip(ATTRIBUTES, (color, shape, size, position))]
+    names = [[v] for k, v in zip(ATTRIBUTES, (color, shape, size, position)) if _check_name(k, v) >= 0]  # names only
     if rng is None:
-        return render_batch(*([i] for i in idx), jitter=False)[0]
+        return render_batch(*names, jitter=False)[0]
     u = torch.tensor(_uniforms_from(rng, 5), dtype=torch.float32)  # [5]
     rgb_offset = ((2 * u[:3] - 1) * COLOR_JITTER)[None]  # [1, 3]
     xy_offset = ((2 * u[3:] - 1) * POSITION_JITTER)[None]  # [1, 2]
-    return render_batch(*([i] for i in idx), rgb_offset=rgb_offset, xy_offset=xy_offset)[0]
+    return render_batch(*names, rgb_offset=rgb_offset, xy_offset=xy_offset)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -302,6 +318,7 @@ def render_shape(color: str, shape: str, size: str, position: str, rng=None) -> 
 def _as_object_indices(values, kind: str) -> torch.Tensor:
     """Per-scene, per-object attribute values ``[B, K]`` (names or indices; None or -1 where a
     scene has no K-th object) → a long tensor ``[B, K]`` with -1 for no object."""
+    named = None  # where a name was given (checked by _check_name; the star's index lies beyond SHAPES)
     if not isinstance(values, torch.Tensor | np.ndarray):
         rows = [list(x) if isinstance(x, list | tuple | torch.Tensor | np.ndarray) else x for x in values]
         if not all(isinstance(r, list) for r in rows):
@@ -309,12 +326,13 @@ def _as_object_indices(values, kind: str) -> torch.Tensor:
         if len({len(r) for r in rows}) > 1:
             raise ValueError(f"{kind}s must give every scene the same number of slots (None or -1 for no object), "
                              f"got rows of lengths {sorted({len(r) for r in rows})}")
+        named = torch.tensor([[isinstance(x, str) for x in r] for r in rows], dtype=torch.bool).reshape(len(rows), -1)
         values = torch.tensor([[-1 if x is None else _check_name(kind, x) if isinstance(x, str) else int(x)
                                 for x in r] for r in rows], dtype=torch.long).reshape(len(rows), -1)
     idx = torch.as_tensor(values)
     if idx.dim() != 2:
         raise ValueError(f"{kind}s must be [B, K] (scene, object), got shape {list(idx.shape)}")
-    _as_indices(idx[idx != -1], kind)  # the dtype and range of the objects that are there
+    _as_indices(idx[(idx != -1) & (True if named is None else ~named)], kind)  # the dtype and range of the indices given
     return idx.long()
 
 
@@ -403,11 +421,38 @@ def render_scene(objects: Sequence[dict], rng=None) -> torch.Tensor:
     equals ``render_shape(**objects[0], rng=rng)``.
     """
     rows = _check_objects(objects)
-    idx = [[[_check_name(k, obj[a]) for obj in rows]] for a, k in enumerate(ATTRIBUTES)]  # 4 × [1, K]
+    idx = [[[obj[a] for obj in rows]] for a in range(len(ATTRIBUTES))]  # 4 × [1, K] names (a star's too)
     if rng is None:
         return render_scene_batch(*idx, jitter=False)[0]
     u = 2 * torch.tensor(_uniforms_from(rng, 5 * len(rows)), dtype=torch.float32).view(1, len(rows), 5) - 1
     return render_scene_batch(*idx, rgb_offset=u[..., :3] * COLOR_JITTER, xy_offset=u[..., 3:] * POSITION_JITTER)[0]
+
+
+class ConceptExamples(NamedTuple):
+    """Example images of a concept outside the data, with their canonical captions and attribute dicts."""
+
+    images: torch.Tensor  # [n, 3, 32, 32] in [-1, 1]
+    captions: list[str]
+    attributes: list[dict[str, str]]
+
+
+def star_examples(n: int = 8, seed: int = 0) -> ConceptExamples:
+    """The learner's ``n`` example images of the star (notebook 12), a pure function of ``(n, seed)``: colours
+    ``STAR_EXAMPLE_COLORS`` in turn, two of each (red, red, yellow, yellow, ...); each pair one small and one
+    large star in random order; positions a random order of the five, drawn again when spent (so 8 examples show
+    every position); colour and position jittered as in Shapes. Captions are canonical: "a large red star in
+    the top left"."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer (at least 1 example image), got {n!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    rng = random.Random(seed)
+    sizes = [s for _ in range(-(-n // 2)) for s in rng.sample(SIZES, 2)]
+    positions = [p for _ in range(-(-n // len(POSITIONS))) for p in rng.sample(POSITIONS, len(POSITIONS))]
+    attributes = [{"color": STAR_EXAMPLE_COLORS[i // 2 % len(STAR_EXAMPLE_COLORS)], "shape": "star",
+                   "size": sizes[i], "position": positions[i]} for i in range(n)]
+    images = torch.stack([render_shape(**a, rng=rng) for a in attributes])  # [n, 3, 32, 32]
+    return ConceptExamples(images, [caption_for(a) for a in attributes], attributes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -423,6 +468,7 @@ SHAPE_WORDS = {
 }
 VERTICAL_WORDS = {"top": ("top", "upper"), "bottom": ("bottom", "lower")}
 HORIZONTAL_WORDS = ("left", "right")
+CONCEPT_WORDS = {"star": ("star",)}  # CONCEPT_SHAPES' nouns: read and written, but not in VOCABULARY (token ids stay)
 NOUN_WORDS = ("shape", "object")  # the noun of an object whose shape a caption leaves open
 JOIN_WORD = "and"  # joins the phrases of a scene's two objects
 CENTER_WORDS = ("center", "centre", "middle")
@@ -467,7 +513,7 @@ def _check_attributes(attributes) -> tuple[str, str, str, str]:
 def _choices(attributes) -> tuple[tuple[str, ...], ...]:
     """The independent choices a caption makes: template, size word, shape word, place phrase."""
     color, shape, size, position = _check_attributes(attributes)
-    return TEMPLATES, SIZE_WORDS[size], SHAPE_WORDS[shape], place_phrases(position)
+    return TEMPLATES, SIZE_WORDS[size], (SHAPE_WORDS | CONCEPT_WORDS)[shape], place_phrases(position)
 
 
 def _fill(color: str, template: str, size_word: str, shape_word: str, place: str) -> str:
@@ -560,7 +606,7 @@ def _phrase_choices(attributes) -> tuple[tuple[str, ...], ...]:
         templates.append(template)
     size, position = attributes.get("size"), attributes.get("position")
     shape = attributes.get("shape")
-    return (tuple(templates), SIZE_WORDS[size] if size else ("",), SHAPE_WORDS[shape] if shape else NOUN_WORDS,
+    return (tuple(templates), SIZE_WORDS[size] if size else ("",), (SHAPE_WORDS | CONCEPT_WORDS)[shape] if shape else NOUN_WORDS,
             place_phrases(position) if position else ("",))
 
 
@@ -601,7 +647,10 @@ _WORD_ROLE[JOIN_WORD] = ("join", JOIN_WORD)
 _FILLER_WORDS = sorted({w for t in TEMPLATES for w in split_words(re.sub(r"\{\w+\}", " ", t))} | {"corner"})
 _WORD_ROLE.update({w: ("filler", w) for w in _FILLER_WORDS})
 VOCABULARY: list[str] = sorted(_WORD_ROLE)
-"""Every word a caption can contain (lower case, as :func:`split_words` splits them), sorted."""
+"""Every word a Shapes caption can contain (lower case, as :func:`split_words` splits them), sorted. A star's
+caption adds its noun (``CONCEPT_WORDS``), which captions know but the tokenizer does not: its token is learnt
+(:mod:`sdlearn.adapt`)."""
+_WORD_ROLE.update({w: ("shape", s) for s, words in CONCEPT_WORDS.items() for w in words})
 
 
 def _check_words(text) -> list[str]:

@@ -61,6 +61,7 @@ from sdlearn.data import (
     ATTRIBUTES,
     IMAGE_SIZE,
     NOUN_WORDS,
+    SHAPES,
     ShapesDataset,
     parse_caption,
     split_objects,
@@ -502,6 +503,10 @@ def prompt_accuracy(images: torch.Tensor, prompts: str | list[str],
                 parsed[prompt] = prompt_objects(prompt)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
+            unknown = sorted({o["shape"] for o in parsed[prompt] if o.get("shape", SHAPES[0]) not in SHAPES})
+            if unknown:  # a concept outside the data (the star of notebook 12): these judges never saw one
+                raise ValueError(f"prompt {i} ({prompt!r}) names {', '.join(unknown)}: the judges know only "
+                                 f"{', '.join(SHAPES)}, so they cannot check it")
             if isinstance(judge, AttributeClassifier) and (len(parsed[prompt]) > 1 or not parsed[prompt][0]):
                 why = "names two objects" if len(parsed[prompt]) > 1 else "names no attribute"
                 raise ValueError(f"prompt {i} ({prompt!r}) {why}: an AttributeClassifier reads one object's "

@@ -112,9 +112,25 @@ class Tokenizer:
         if len(set(words)) != len(words):
             raise ValueError("vocabulary has repeated words")
         self.max_length = max_length
-        self.is_shapes_vocabulary = words == list(VOCABULARY)  # then a prompt names at most MAX_OBJECTS objects
+        # Shapes' words first (any learnt ones after them, add_words): then a prompt names at most MAX_OBJECTS objects
+        self.is_shapes_vocabulary = words[:len(VOCABULARY)] == list(VOCABULARY)
         self.id_to_token: list[str] = [*SPECIAL_TOKENS, *words]
         self.token_to_id: dict[str, int] = {t: i for i, t in enumerate(self.id_to_token)}
+
+    def add_words(self, words: Sequence[str]) -> list[int]:
+        """Append new words to the vocabulary → their ids, ``vocab_size``, ``vocab_size + 1``, ...: every existing
+        token keeps its id (textual inversion, :func:`sdlearn.adapt.add_token`, then learns their embeddings).
+        Raises ``ValueError`` for a word already known or not lower-case letters only, adding none of them."""
+        if isinstance(words, str) or not all(isinstance(w, str) for w in words):
+            raise ValueError(f"words must be a list of word strings, got {words!r}")
+        bad = [w for w in words if split_words(w) != [w]]
+        known = [w for w in words if w in self.token_to_id]
+        if bad or known or len(set(words)) != len(words):
+            why = f"not lower-case letters only: {bad}" if bad else f"already tokens: {known}" if known else "repeated"
+            raise ValueError(f"cannot add the words {list(words)}: {why}")
+        self.id_to_token += list(words)
+        self.token_to_id = {t: i for i, t in enumerate(self.id_to_token)}
+        return [self.token_to_id[w] for w in words]
 
     @property
     def vocab_size(self) -> int:

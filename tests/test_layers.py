@@ -32,10 +32,10 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["sdlearn.checks", "sdlearn.checkpoint", "sdlearn.images", "sdlearn.data", "sdlearn.schedules",
                      "sdlearn.stats"]),
     ("models and losses", ["sdlearn.vae", "sdlearn.denoiser", "sdlearn.unet", "sdlearn.text", "sdlearn.metrics",
-                           "sdlearn.samplers", "sdlearn.flow"]),
+                           "sdlearn.samplers", "sdlearn.flow", "sdlearn.adapt"]),
     ("the generic loop", ["sdlearn.training"]),
     ("assembly", ["sdlearn.pipeline", "sdlearn.pretrained", "sdlearn.stable_diffusion"]),
-    ("recipes", ["sdlearn.recipes", "sdlearn.own_data"]),
+    ("recipes", ["sdlearn.recipes", "sdlearn.own_data", "sdlearn.adapt_recipes"]),
     ("interfaces", ["sdlearn.plotting", "sdlearn.widgets", "sdlearn.exercises", "sdlearn.exercises.*", "sdlearn.__main__",
                     "sdlearn"]),
 ]
@@ -45,10 +45,12 @@ LAYERS: list[tuple[str, list[str]]] = [
 WITHIN_LAYER: dict[str, str | set[tuple[str, str]]] = {
     "foundations": "earlier rows",
     "models and losses": {("sdlearn.text", "sdlearn.denoiser"),  # the text encoder reuses the denoiser's attention
-                          ("sdlearn.flow", "sdlearn.samplers")},  # the flow samplers share the samplers' interface
+                          ("sdlearn.flow", "sdlearn.samplers"),  # the flow samplers share the samplers' interface
+                          ("sdlearn.adapt", "sdlearn.text")},  # a new word is added to the tokenizer and text encoder
     "the generic loop": set(),
     "assembly": {("sdlearn.pretrained", "sdlearn.pipeline")},  # load_pipeline builds a pipeline
-    "recipes": {("sdlearn.own_data", "sdlearn.recipes")},  # your own images, on the recipes' skeleton
+    "recipes": {("sdlearn.own_data", "sdlearn.recipes"),  # your own images, on the recipes' skeleton
+                ("sdlearn.adapt_recipes", "sdlearn.recipes")},  # the adapter's training record, as every recipe's
     "interfaces": "earlier rows",
 }
 
