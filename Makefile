@@ -42,9 +42,12 @@ test: $(STAMP)
 test-browser: $(STAMP)
 	SDLEARN_REQUIRE_BROWSER=1 $(BIN)/python -m pytest tests/browser
 
-# The unit tests alone: no notebook is executed (no nbval, no student copies, no browser).
+# The unit tests alone, for the edit-test loop: no notebook is executed (no nbval, no student copies, no
+# browser), and the tests marked slow (several processes, real training runs, Jupyter kernels, large sweeps;
+# pyproject.toml) are left out. `make test` runs them all.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest tests --ignore=tests/browser --ignore=tests/test_student_copies.py
+	$(BIN)/python -m pytest tests --ignore=tests/browser --ignore=tests/test_student_copies.py -m "not slow" \
+		$(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

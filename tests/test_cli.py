@@ -52,6 +52,7 @@ def test_exercises_writes_student_copies_and_refuses_a_non_empty_folder(tmp_path
     assert main(["exercises", str(out), "--force"]) == 0
 
 
+@pytest.mark.slow  # a real training run in a new process
 def test_train_vae_writes_loadable_weights(tmp_path):
     from sdlearn.pretrained import load_vae
 

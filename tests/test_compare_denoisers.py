@@ -39,6 +39,7 @@ def folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # trains a U-Net, then judges and times both denoisers
 def test_quick_run_prints_both_columns_and_writes_the_report(folder, tmp_path, capsys):
     script = load_script()
     path = script.main(["--weights", str(folder), "--quick", "--threads", "1", "--out"], results_dir=tmp_path)

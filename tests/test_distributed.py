@@ -116,6 +116,7 @@ def _one_step_on_half(rank: int, folder: Path) -> None:
     (folder / f"loss{rank}.json").write_text(json.dumps(result.losses))
 
 
+@pytest.mark.slow  # two processes (gloo)
 def test_one_ddp_step_on_two_halves_equals_one_step_on_the_whole_batch(tmp_path):
     spawn(_one_step_on_half, tmp_path)
 
@@ -153,6 +154,7 @@ def _train_once(rank: int, folder: Path, steps: int, checkpoint_dir: str) -> Non
          "ema": {k: v.tolist() for k, v in result.ema.shadow.items()}}))
 
 
+@pytest.mark.slow  # two processes (gloo), started twice
 def test_an_interrupted_ddp_run_resumes_and_finishes_like_an_uninterrupted_one(tmp_path):
     stopped, whole = tmp_path / "stopped", tmp_path / "whole"
     spawn(_train_on_halves, tmp_path, (3, str(stopped)))  # stops after 3 of 6 steps, with a checkpoint
@@ -195,6 +197,7 @@ def _signalled_on_rank_one(rank: int, folder: Path) -> None:
     (folder / f"rank{rank}.json").write_text(json.dumps(stopped))
 
 
+@pytest.mark.slow  # two processes (gloo)
 def test_a_signal_to_one_rank_stops_every_rank_between_the_same_two_steps(tmp_path):
     spawn(_signalled_on_rank_one, tmp_path)
     outcomes = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(WORLD)]

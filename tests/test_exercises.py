@@ -517,6 +517,7 @@ def test_checker_accepts_other_correct_ways_of_writing_it(name):
 
 
 # -- a student copy, executed -----------------------------------------------------------------------
+@pytest.mark.slow  # two Jupyter kernels
 def test_a_student_copy_runs_past_its_unfinished_exercises(tmp_path):
     nbclient = pytest.importorskip("nbclient")
     src = _notebook(tmp_path / "01_run.ipynb", [

@@ -38,6 +38,7 @@ def folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow  # runs the benchmark script end to end
 def test_quick_run_prints_every_target_and_writes_the_report(folder, tmp_path, capsys):
     script = load_script()
     path = script.main(["--weights", str(folder), "--quick", "--threads", "1", "--out"], results_dir=tmp_path)

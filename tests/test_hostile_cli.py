@@ -348,6 +348,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a training process, twice
 @pytest.mark.parametrize("signal_number", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
 def test_a_signal_from_outside_stops_a_training_process_with_a_checkpoint(tmp_path, signal_number):
     script = tmp_path / "child.py"

@@ -262,6 +262,7 @@ def test_exercises_onto_a_full_disk_leave_no_partial_notebook(tmp_path, monkeypa
     assert {name: (out / name).read_bytes() for name in names_in(out)} == before  # no temporary file, old copies whole
 
 
+@pytest.mark.slow  # a child process that imports sdlearn; the simulated full disk above stays fast
 def test_exercises_past_a_real_file_size_limit_leave_no_truncated_notebook(tmp_path):
     """A disk that fills up, for real: RLIMIT_FSIZE makes every write past 600 bytes fail (EFBIG), in a child
     process, whatever code does the writing."""

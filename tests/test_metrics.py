@@ -211,6 +211,7 @@ def test_fid_identical_sets_is_zero_and_checks_input(untrained, real):
         fid_baseline(1)
 
 
+@pytest.mark.slow  # five FIDs of 512-image sets
 @needs_shipped
 def test_fid_real_vs_real_small_real_vs_noise_large(shipped, real):
     other = ShapesDataset(512, "all", seed=124).batch(range(512)).images

@@ -286,6 +286,7 @@ def _rank_trains_all(rank: int, folder: str, out: str, port: int) -> None:
     shut_down_distributed()
 
 
+@pytest.mark.slow  # two processes each training three models
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="no gloo backend")
 def test_train_all_on_a_folder_under_two_processes(tmp_path):
     folder, out = write_folder(tmp_path / "mine", 8), tmp_path / "out"

@@ -316,6 +316,7 @@ def test_a_playground_that_has_not_generated_yet_displays_no_picture():
     assert "image/png" not in data and data["text/plain"].startswith("PromptPlayground: ")
 
 
+@pytest.mark.slow  # a Jupyter kernel
 def test_an_executed_notebook_shows_the_explorer_as_a_picture_in_html_without_javascript(tmp_path):
     """``make notebooks`` executes without storing widget state; nbconvert's HTML then shows each explorer's PNG
     as a plain <img> (with widget state it would pick the widget view, which needs JavaScript from a CDN)."""
