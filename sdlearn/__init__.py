@@ -11,8 +11,9 @@ only ``pretrained`` imports ``pipeline``; among the recipes only ``own_data`` an
 layer                 modules
 ====================  ===========================================================================
 foundations           ``checks`` (shared input checks), ``checkpoint`` (file format, config base
-                      class, loading weights), ``images`` (an image folder, a photograph), ``data``
-                      (Shapes, captions, the attribute table),
+                      class, loading weights), ``images`` (an image folder, a photograph),
+                      ``captions`` (the attributes' names, captions and their parser),
+                      ``data`` (Shapes, rendering, the star; re-exports ``captions``),
                       ``schedules`` (β, ᾱ, SNR, add_noise, ε/x₀/v conversions, the flow
                       path), ``stats``
                       (Wilson and bootstrap intervals, Fréchet distance, MMD², TV)
@@ -35,7 +36,7 @@ recipes               ``recipes`` (``train_vae``, ``train_clip``, ``train_classi
                       skeleton), ``own_data`` (your own captioned images: the captions'
                       vocabulary, ``train_all_on_folder``; imports ``recipes``),
                       ``adapt_recipes`` (``train_adapter``: the star taught to a trained
-                      pipeline; imports ``recipes``)
+                      pipeline; ``train_star_reader``, its judge; imports ``recipes``)
 interfaces            ``plotting``, ``widgets``, ``exercises/``, ``__main__`` (the command line)
 ====================  ===========================================================================
 """

@@ -1,4 +1,5 @@
-"""The personalisation recipe: :func:`train_adapter` teaches a trained pipeline the star (notebook 12).
+"""The personalisation recipe: :func:`train_adapter` teaches a trained pipeline the star (notebook 12); and its judge,
+:func:`train_star_reader`, a scene reader whose shape head also knows the star (it judges; the generator never sees it).
 
 It puts together the pieces of :mod:`sdlearn.adapt` on the generic loop, as every recipe of :mod:`sdlearn.recipes`
 does: the examples (:func:`sdlearn.data.star_examples` by default), the prior images for DreamBooth's
@@ -39,16 +40,35 @@ from sdlearn.adapt import (
     save_adapter,
 )
 from sdlearn.checkpoint import file_sha256, weights_path
-from sdlearn.data import star_examples
+from sdlearn.checks import check_positive_int
+from sdlearn.data import SHAPES, SceneBatch, ShapesDataset, render_scene_batch, sample_batch, star_examples
+from sdlearn.metrics import (
+    SCENE_EVAL_SEED,
+    SceneReader,
+    SceneReaderConfig,
+    augment,
+    scene_accuracy,
+    scene_reader_loss,
+    scene_targets,
+)
 from sdlearn.pipeline import LatentDiffusionPipeline
-from sdlearn.pretrained import load_pipeline, save_denoiser
-from sdlearn.recipes import training_record  # the "training" record every shipped file carries
+from sdlearn.pretrained import load_pipeline, save_denoiser, save_scene_reader
+from sdlearn.recipes import (  # the "training" record every shipped file carries, and the judges' loop
+    AUGMENTATION_NOTE,
+    SHORT_RECIPE,
+    default_budget,
+    finish,
+    fit,
+    step_generator,
+    training_record,
+)
 from sdlearn.training import TrainResult, resolve_device, train
 
 DEFAULT_LR = {"ti": 5e-3, "lora": 1e-3, "dreambooth": 1e-4}
 """The learning rate of each part a method trains: the new word's row, the LoRA matrices, the whole denoiser."""
 ADAPTER_STEPS = 400  # the default budget, when neither steps nor minutes is given
 NUM_PRIOR = 64  # prior images generated for DreamBooth's prior-preservation term
+PRIORS = ("class", "shapes")  # what the prior images show: the class prompts, or the old prompts themselves
 
 
 def _parameter_groups(model: AdaptedModel, method: str, lr: float | None) -> list[dict]:
@@ -81,6 +101,8 @@ def train_adapter(
     prior_weight: float | None = None,
     num_prior: int = NUM_PRIOR,
     prior_steps: int = 20,
+    prior: str = "class",
+    prior_batch_size: int | None = None,
     word: str = "star",
     init_word: str | None = None,
     seed: int = 0,
@@ -98,7 +120,10 @@ def train_adapter(
 
     ``steps``/``minutes``: the budget (neither: :data:`ADAPTER_STEPS` steps). ``rank``, ``alpha``: LoRA's. ``lr``:
     one learning rate for every part (None: :data:`DEFAULT_LR`). ``prior_weight``: DreamBooth's λ (None: 1 when the
-    denoiser trains, 0 for textual inversion alone); with λ > 0, ``num_prior`` prior images are generated first.
+    denoiser trains, 0 for textual inversion alone); with λ > 0, ``num_prior`` prior images are generated first, of
+    the class prompts (``prior="class"``, Ruiz et al.'s) or of the old prompts themselves (``prior="shapes"``: the
+    captions of ``ShapesDataset(num_prior, "all", seed)``, every shape named, so that what the old words draw is
+    kept too), ``prior_batch_size`` of them per step (None: ``batch_size``).
     ``word``: the new word, started from ``init_word`` (None: "shape" when its row trains, else random).
     ``base_hashes``: the SHA-256 of the base denoiser's and text tower's files, recorded in the adapter (found by
     itself for the shipped pipeline). ``out_dir``: where ``adapter.safetensors`` + ``.json`` are written (as
@@ -121,7 +146,10 @@ def train_adapter(
         if attributes is None:
             raise ValueError("prior preservation needs the examples' attributes (for the class prompts); "
                              "pass examples with .attributes, or prior_weight=0")
-        prior_captions = [class_prompt(attributes[i % len(attributes)]) for i in range(num_prior)]
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {', '.join(map(repr, PRIORS))}, got {prior!r}")
+        prior_captions = [class_prompt(attributes[i % len(attributes)]) for i in range(num_prior)] if prior == "class" \
+            else ShapesDataset(num_prior, "all", seed=seed).batch(range(num_prior)).captions
         prior_images = pipe(prior_captions, seed=seed, num_inference_steps=prior_steps, progress=False).cpu()
 
     generator = torch.Generator().manual_seed(seed)
@@ -129,7 +157,7 @@ def train_adapter(
                             rank=rank, alpha=alpha, generator=generator)
     batch_fn = adapter_batch_fn(pipe.vae, pipe.tokenizer, pipe.schedule, images, examples.captions,
                                 attributes=attributes, prior_images=prior_images, prior_captions=prior_captions,
-                                batch_size=batch_size, seed=seed)
+                                batch_size=batch_size, prior_batch_size=prior_batch_size, seed=seed)
     optimizer = torch.optim.AdamW(_parameter_groups(model, method, lr), weight_decay=0.0)
 
     def loss_fn(model, batch, step):
@@ -139,6 +167,7 @@ def train_adapter(
                    progress=progress, desc=f"train adapter ({method})")
     run = {"method": method, "word": word, "rank": rank if "lora" in parts else None, "alpha": alpha,
            "lr": lr, "prior_weight": prior_weight, "num_prior": num_prior if prior_weight > 0 else 0,
+           "prior": prior if prior_weight > 0 else None, "prior_batch_size": prior_batch_size,
            "batch_size": batch_size, "seed": seed, "examples": list(examples.captions)}
     result.record = training_record(result, run, list(run), pipe.device, steps, minutes)
     if out_dir is not None:
@@ -150,3 +179,101 @@ def train_adapter(
             save_denoiser(pipe.denoiser, out_dir / "denoiser", training=result.record,
                           schedule=getattr(pipe.denoiser, "schedule_name", "scaled_linear"))
     return pipe, result
+
+
+# ------------------------------------------------------------------------------------------------
+# The star-aware judge: a scene reader whose shape head also has "star" (it judges; the generator never sees it)
+
+STAR_SHAPES: tuple[str, ...] = SHAPES + ("star",)  # the star-aware reader's shape classes, in index order
+STAR_FRACTION = 0.5  # the chance that an object of a training scene is a star
+
+
+def star_scene_batch(batch_size: int, generator: torch.Generator | None = None, star_fraction: float = STAR_FRACTION,
+                     num_objects: int | tuple[int, int] = (1, 2), first_is_star: bool = False) -> SceneBatch:
+    """Scenes of ``split="all"`` in which each object is a star with probability ``star_fraction`` (the first one
+    always if ``first_is_star``): every colour, size and position the scenes allow, drawn from ``generator``, and
+    rendered again with the stars (fresh jitter). ``objects["shape"]`` indexes :data:`STAR_SHAPES` (the star is
+    ``len(SHAPES)``); the captions are those of the scene before the stars went in, so they are left empty."""
+    check_positive_int(batch_size, "batch_size")
+    if not 0.0 <= star_fraction <= 1.0:
+        raise ValueError(f"star_fraction must lie in [0, 1], got {star_fraction!r}")
+    batch = sample_batch(batch_size, "all", generator, num_objects=num_objects)
+    objects = {k: v.clone() for k, v in batch.objects.items()}  # [B, 2] each, -1 where no second object
+    star = (torch.rand(objects["shape"].shape, generator=generator) < star_fraction) & (objects["shape"] >= 0)
+    if first_is_star:
+        star[:, 0] = True
+    objects["shape"][star] = len(SHAPES)
+    names = [[None if i < 0 else STAR_SHAPES[i] for i in row] for row in objects["shape"].tolist()]  # the star by name
+    images = render_scene_batch(objects["color"], names, objects["size"], objects["position"], generator)  # [B, 3, 32, 32]
+    return SceneBatch(images, [""] * batch_size, objects)
+
+
+@torch.no_grad()
+def star_reader_accuracy(reader: SceneReader, n: int = 2048, seed: int = SCENE_EVAL_SEED) -> dict[str, dict[str, float]]:
+    """How well a star-aware ``reader`` reads clean scenes of one or two objects → {"star": ..., "no_star": ...},
+    each {"occupied", "color", "shape", "size", "all"} as :func:`sdlearn.metrics.scene_accuracy` counts them:
+    ``"star"`` on ``n`` scenes whose first object is a star (the second, if any, a star half the time), and
+    ``"no_star"`` on ``ShapesDataset(n, "all", seed, num_objects=(1, 2))`` (no star at all)."""
+    if not isinstance(reader, SceneReader) or "star" not in reader.config.shapes:
+        raise ValueError("reader must be a SceneReader whose config.shapes include 'star'")
+    check_positive_int(n, "n")
+    batch = star_scene_batch(n, torch.Generator().manual_seed(seed), first_is_star=True)
+    truth, read = scene_targets(batch, reader.config.shapes), {k: v.cpu() for k, v in reader.predict(batch.images).items()}
+    occupied = truth["color"] >= 0  # [n, 5]
+    star = {"occupied": ((read["color"] >= 0) == occupied).float().mean().item()}
+    star.update({name: (read[name] == truth[name])[occupied].float().mean().item() for name in ("color", "shape", "size")})
+    star["all"] = torch.stack([read[k] == truth[k] for k in ("color", "shape", "size")]).all(0).all(1).float().mean().item()
+    return {"star": star, "no_star": scene_accuracy(reader, n, "all", seed)}
+
+
+def train_star_reader(
+    out_dir: str | os.PathLike | None = None,
+    minutes: float | None = None,
+    steps: int | None = None,
+    device: str | torch.device = "auto",
+    *,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    seed: int = 0,
+    star_fraction: float = STAR_FRACTION,
+    config: SceneReaderConfig | None = None,
+    progress: bool = True,
+    resume: bool = True,
+):
+    """Train the star-aware scene reader → ``(reader, result)``: :func:`sdlearn.recipes.train_scene_reader`'s recipe
+    (AdamW, 100 warm-up steps, cosine decay; :func:`sdlearn.metrics.augment`; :func:`scene_reader_loss`) on
+    :func:`star_scene_batch` scenes, each object a star with probability ``star_fraction``, with a shape head of
+    :data:`STAR_SHAPES`. Neither ``minutes`` nor ``steps``: 10 minutes. At the end :func:`star_reader_accuracy` on
+    2,048 clean star scenes and 2,048 without a star. With ``out_dir``: ``out_dir/scene_reader_star.*`` (loadable by
+    :func:`sdlearn.pretrained.load_scene_reader`, or :func:`sdlearn.pretrained.load_star_reader` for the shipped one)."""
+    config = SceneReaderConfig(shapes=STAR_SHAPES) if config is None else SceneReaderConfig.resolve(config)
+    if "star" not in config.shapes:
+        raise ValueError(f"a star-aware reader's config.shapes must include 'star', got {config.shapes}")
+    minutes, steps = default_budget(minutes, steps, default_minutes=10.0)
+    check_positive_int(batch_size, "batch_size")
+    device = resolve_device(device)
+    out_dir = Path(out_dir) if out_dir is not None else None
+
+    def batch_fn(step: int):
+        generator = step_generator(seed, step)
+        batch = star_scene_batch(batch_size, generator, star_fraction)
+        return augment(batch.images, generator), scene_targets(batch, config.shapes)
+
+    torch.manual_seed(seed)
+    model = SceneReader(config).to(device)
+    run_config = {"model": "scene_reader_star", "model_config": config.to_dict(), "batch_size": batch_size, "lr": lr,
+                  "seed": seed, "star_fraction": star_fraction}
+    result = fit("scene_reader_star", model, lambda model, batch, step: scene_reader_loss(model, *batch), batch_fn,
+                 run_config, out_dir=out_dir, minutes=minutes, steps=steps, seed=seed, resume=resume, progress=progress,
+                 lr=lr, **SHORT_RECIPE)
+    model.eval()
+    accuracy = star_reader_accuracy(model)
+    training = training_record(
+        result, run_config, ("batch_size", "lr", "seed", "star_fraction"), device, steps, minutes,
+        eval_accuracy={what: {k: round(v, 5) for k, v in acc.items()} for what, acc in accuracy.items()},
+        eval_images=f"2,048 star_scene_batch scenes (first object a star) from seed {SCENE_EVAL_SEED}, and "
+                    f"ShapesDataset(2048, 'all', seed={SCENE_EVAL_SEED}, num_objects=(1, 2)), clean",
+        augmentation=AUGMENTATION_NOTE)
+    summary = (f"loss {result.final_loss:.3g}, scenes read exactly: {100 * accuracy['star']['all']:.2f}% with a star, "
+               f"{100 * accuracy['no_star']['all']:.2f}% without (2,048 each)")
+    return finish("scene_reader_star", model, result, training, out_dir, save_scene_reader, summary, progress)

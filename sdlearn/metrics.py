@@ -59,6 +59,7 @@ from sdlearn.checks import check_batch, check_positive_int
 from sdlearn.data import (
     ATTRIBUTE_VALUES,
     ATTRIBUTES,
+    CONCEPT_SHAPES,
     IMAGE_SIZE,
     NOUN_WORDS,
     SHAPES,
@@ -255,7 +256,20 @@ SCENE_EVAL_SEED = 31_000  # scene_accuracy's default: ShapesDataset(n, split, se
 
 @dataclass
 class SceneReaderConfig(ClassifierConfig):
-    """Hyperparameters of :class:`SceneReader`: the trunk of :class:`ClassifierConfig` (same fields, same checks)."""
+    """Hyperparameters of :class:`SceneReader`: the trunk of :class:`ClassifierConfig` (same fields, same checks)
+    and ``shapes``, the classes of its shape head: ``SHAPES``, then any of ``CONCEPT_SHAPES`` (a judge of the star
+    prompts of notebook 12 is ``SceneReaderConfig(shapes=SHAPES + ("star",))``; the generator never sees it)."""
+
+    shapes: tuple[str, ...] = SHAPES
+
+    def __post_init__(self):
+        super().__post_init__()
+        self.shapes = tuple(self.shapes) if isinstance(self.shapes, list | tuple) else self.shapes
+        extra = self.shapes[len(SHAPES):] if isinstance(self.shapes, tuple) else ()
+        if (not isinstance(self.shapes, tuple) or self.shapes[:len(SHAPES)] != SHAPES or len(set(extra)) != len(extra)
+                or not set(extra) <= set(CONCEPT_SHAPES)):
+            raise ValueError(f"{type(self).__name__}.shapes must be {', '.join(SHAPES)} followed by any of "
+                             f"{', '.join(CONCEPT_SHAPES)} (each once), got {self.shapes!r}")
 
 
 class SceneReader(nn.Module):
@@ -272,7 +286,7 @@ class SceneReader(nn.Module):
         super().__init__()
         self.config = config = SceneReaderConfig.resolve(config)
         self.body, self.to_features = conv_trunk(config)
-        sizes = {"occupied": 1, **{name: NUM_CLASSES[name] for name in OBJECT_FIELDS}}
+        sizes = {"occupied": 1, **{name: NUM_CLASSES[name] for name in OBJECT_FIELDS}, "shape": len(config.shapes)}
         self.heads = nn.ModuleDict({name: nn.Linear(config.feature_dim, len(PLACES) * k) for name, k in sizes.items()})
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -281,7 +295,7 @@ class SceneReader(nn.Module):
         return self.to_features(self.body(images))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits: {"occupied": [B, 5], "color": [B, 5, 8], "shape": [B, 5, 4], "size": [B, 5, 2]}."""
+        """Logits: {"occupied": [B, 5], "color": [B, 5, 8], "shape": [B, 5, len(config.shapes)], "size": [B, 5, 2]}."""
         h = self.features(images)  # [B, F]
         out = {name: head(h).view(len(h), len(PLACES), -1) for name, head in self.heads.items()}
         out["occupied"] = out["occupied"][..., 0]
@@ -295,7 +309,7 @@ class SceneReader(nn.Module):
 
     def read(self, images: torch.Tensor, batch_size: int = 512) -> list[list[dict[str, str]]]:
         """The objects of each image, place by place: [[{"color", "shape", "size", "position"}, ...], ...]."""
-        return scene_objects(self.predict(images, batch_size))
+        return scene_objects(self.predict(images, batch_size), self.config.shapes)
 
 
 def decode_scene(logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -305,17 +319,21 @@ def decode_scene(logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: logits[name].argmax(-1).masked_fill(empty, -1) for name in OBJECT_FIELDS}
 
 
-def scene_objects(scene: dict[str, torch.Tensor]) -> list[list[dict[str, str]]]:
-    """The tensor form {field: long [B, 5]} → per image, the list of its objects as name dicts, in place order."""
+def scene_objects(scene: dict[str, torch.Tensor], shapes: tuple[str, ...] = SHAPES) -> list[list[dict[str, str]]]:
+    """The tensor form {field: long [B, 5]} → per image, the list of its objects as name dicts, in place order.
+    ``shapes``: the names of the shape indices (a star-aware reader's ``config.shapes``)."""
     rows = {name: scene[name].tolist() for name in OBJECT_FIELDS}
-    return [[{**{name: CLASS_NAMES[name][rows[name][j][p]] for name in OBJECT_FIELDS}, "position": place}
+    names = {**CLASS_NAMES, "shape": tuple(shapes)}
+    return [[{**{name: names[name][rows[name][j][p]] for name in OBJECT_FIELDS}, "position": place}
              for p, place in enumerate(PLACES) if rows["color"][j][p] >= 0] for j in range(len(rows["color"]))]
 
 
-def scene_targets(objects) -> dict[str, torch.Tensor]:
+def scene_targets(objects, shapes: tuple[str, ...] = SHAPES) -> dict[str, torch.Tensor]:
     """What a :class:`SceneReader` should read, in tensor form: {"color", "shape", "size": long ``[B, 5]``}, the
     value at each place, -1 where it is empty. ``objects``: a ``SceneBatch`` or ``ShapesBatch`` (or its
-    ``.objects``): {attribute: long ``[B, K]``} of value indices, -1 where an image has fewer than K objects."""
+    ``.objects``): {attribute: long ``[B, K]``} of value indices, -1 where an image has fewer than K objects.
+    ``shapes``: the shape classes the indices may name (``SHAPES``, or a star-aware reader's ``config.shapes``)."""
+    num_classes = {**NUM_CLASSES, "shape": len(shapes)}
     objects = getattr(objects, "objects", objects)
     if not isinstance(objects, dict) or set(objects) != set(ATTRIBUTES):
         raise ValueError(f"objects must be a SceneBatch, a ShapesBatch or a dict of {', '.join(ATTRIBUTES)} index tensors")
@@ -325,8 +343,8 @@ def scene_targets(objects) -> dict[str, torch.Tensor]:
         raise ValueError(f"objects' tensors must all be long [B, K], got {', '.join(f'{k} {list(v.shape)} {v.dtype}' for k, v in t.items())}")
     present = t["color"] >= 0  # [B, K]
     for name, v in t.items():
-        if ((v >= 0) != present).any() or (v >= NUM_CLASSES[name]).any():
-            raise ValueError(f"objects[{name!r}] must hold indices in 0..{NUM_CLASSES[name] - 1}, -1 exactly where colour is -1")
+        if ((v >= 0) != present).any() or (v >= num_classes[name]).any():
+            raise ValueError(f"objects[{name!r}] must hold indices in 0..{num_classes[name] - 1}, -1 exactly where colour is -1")
     b = torch.arange(shape[0])[:, None].expand(shape)[present]  # image of each object
     p = t["position"][present]
     if torch.bincount(b * len(PLACES) + p, minlength=1).max() > 1:
@@ -413,7 +431,7 @@ def _read_objects(judge, images: torch.Tensor) -> tuple[dict[str, torch.Tensor],
     classifier always reads one object."""
     predicted = {name: p.cpu() for name, p in judge.predict(images).items()}
     if isinstance(judge, SceneReader):
-        return predicted, scene_objects(predicted)
+        return predicted, scene_objects(predicted, judge.config.shapes)
     rows = {name: predicted[name].tolist() for name in ATTRIBUTES}
     return predicted, [[{name: CLASS_NAMES[name][rows[name][j]] for name in ATTRIBUTES}] for j in range(len(images))]
 
@@ -497,16 +515,18 @@ def prompt_accuracy(images: torch.Tensor, prompts: str | list[str],
     if len(prompts) != n:
         raise ValueError(f"got {len(prompts)} prompts for {n} images; give one prompt per image, or one for all")
     parsed: dict[str, list[dict[str, str]]] = {}
+    known_shapes = judge.config.shapes if isinstance(judge, SceneReader) else SHAPES
     for i, prompt in enumerate(prompts):
         if prompt not in parsed:
             try:
                 parsed[prompt] = prompt_objects(prompt)
             except ValueError as e:
                 raise ValueError(f"prompt {i}: {e}") from None
-            unknown = sorted({o["shape"] for o in parsed[prompt] if o.get("shape", SHAPES[0]) not in SHAPES})
-            if unknown:  # a concept outside the data (the star of notebook 12): these judges never saw one
-                raise ValueError(f"prompt {i} ({prompt!r}) names {', '.join(unknown)}: the judges know only "
-                                 f"{', '.join(SHAPES)}, so they cannot check it")
+            unknown = sorted({o["shape"] for o in parsed[prompt] if o.get("shape", SHAPES[0]) not in known_shapes})
+            if unknown:  # a concept outside the data (the star of notebook 12): this judge never saw one
+                raise ValueError(f"prompt {i} ({prompt!r}) names {', '.join(unknown)}: this judge knows only "
+                                 f"{', '.join(known_shapes)}, so it cannot check it; judge it with a SceneReader whose "
+                                 f"config.shapes include it (sdlearn.pretrained.load_scene_reader_star())")
             if isinstance(judge, AttributeClassifier) and (len(parsed[prompt]) > 1 or not parsed[prompt][0]):
                 why = "names two objects" if len(parsed[prompt]) > 1 else "names no attribute"
                 raise ValueError(f"prompt {i} ({prompt!r}) {why}: an AttributeClassifier reads one object's "

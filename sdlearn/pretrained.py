@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from sdlearn.adapt import load_adapter, merge_lora
 from sdlearn.checkpoint import (
     WEIGHTS_DIR,
     CheckpointError,
@@ -51,8 +52,10 @@ from sdlearn.vae import VAE, VAEConfig
 __all__ = [
     "WEIGHTS_DIR", "weights_path", "load_module", "save_vae", "load_vae", "save_clip", "load_clip",
     "load_text_encoder", "load_tokenizer", "save_classifier", "load_classifier", "save_scene_reader",
-    "load_scene_reader", "save_denoiser", "load_denoiser", "save_unet", "load_unet", "save_flow", "load_flow",
+    "load_scene_reader", "load_star_reader", "save_denoiser", "load_denoiser", "save_unet", "load_unet", "save_flow",
+    "load_flow",
     "DENOISERS",
+    "ADAPTERS",
     "load_pipeline",
 ]
 
@@ -152,6 +155,22 @@ def load_scene_reader(path: PathLike | None = None, device: str | torch.device =
     return load_module(SceneReader, SceneReaderConfig, "scene_reader", path, device)
 
 
+def load_star_reader(path: PathLike | None = None, device: str | torch.device = "cpu") -> SceneReader:
+    """The star-aware scene reader, the judge of star prompts (notebook 12; its shape head also has "star"), in
+    eval mode: the shipped one (``sdlearn/weights/scene_reader_star.*``), or one written by
+    :func:`sdlearn.adapt_recipes.train_star_reader` (a folder holding ``scene_reader_star.safetensors``, or the file).
+    A reader without the star class raises :class:`CheckpointError`."""
+    path = weights_path("scene_reader_star", path)
+    if not path.is_file():
+        raise CheckpointError(f"no star-aware scene reader at {str(path)!r}; train one with "
+                              f"sdlearn.adapt_recipes.train_star_reader")
+    reader = load_module(SceneReader, SceneReaderConfig, "scene_reader", path, device)
+    if "star" not in reader.config.shapes:
+        raise CheckpointError(f"{str(path)!r} holds a scene reader whose shapes ({', '.join(reader.config.shapes)}) "
+                              f"do not include the star")
+    return reader
+
+
 # The denoiser (sdlearn.denoiser, notebooks 04, 05 and 07).
 
 
@@ -233,6 +252,9 @@ def load_unet(path: PathLike | None = None, device: str | torch.device = "cpu") 
 DENOISERS = {"dit": "denoiser", "unet": "unet", "flow": "flow"}
 """``load_pipeline(denoiser=NAME)`` → the stem of the weights it loads: the DiT (``denoiser.*``, the default), the
 course U-Net (``unet.*``) or the DiT trained with rectified flow (``flow.*``)."""
+ADAPTERS = {"star": "star_adapter"}
+"""``load_pipeline(adapter=NAME)`` → the stem of the adapter file it applies (``sdlearn/weights/star_adapter.*``:
+the star, taught to the shipped DiT and text tower by ``python -m sdlearn train adapter --concept star``)."""
 
 
 def save_flow(flow: Denoiser, path: PathLike, training: Mapping[str, Any] | None = None, *, schedule: str = "scaled_linear",
@@ -258,7 +280,7 @@ def load_flow(path: PathLike | None = None, device: str | torch.device = "cpu") 
 
 
 def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cpu", *,
-                  denoiser: str = "dit") -> LatentDiffusionPipeline:
+                  denoiser: str = "dit", adapter: str | os.PathLike | None = None) -> LatentDiffusionPipeline:
     """The :class:`sdlearn.pipeline.LatentDiffusionPipeline` of the shipped weights (``sdlearn/weights/``: ``vae.*``,
     ``clip.*`` for the text tower and its tokenizer, ``denoiser.*``), or of the folder ``path`` that
     ``python -m sdlearn train all --out DIR`` wrote. The noise schedule is the one the denoiser's JSON names.
@@ -271,7 +293,22 @@ def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cp
     naming it; so does a shipped file whose bytes differ from the SHA-256 its JSON records (your own files warn).
     A lost ``.json`` is replaced, with a warning, by the copy of it inside its ``.safetensors``. When the
     denoiser's JSON records the hash of the text tower it was trained with and ``clip``'s file differs, a
-    warning says so (the pair would still run, but answer prompts badly)."""
+    warning says so (the pair would still run, but answer prompts badly).
+
+    ``adapter``: ``"star"`` applies the adapter that teaches the word "star" (:data:`ADAPTERS`; ``path/star_adapter.*``
+    when the folder holds one, else the shipped file), or the path of an adapter file
+    (:func:`sdlearn.adapt.save_adapter`, as ``python -m sdlearn train adapter --out DIR`` writes ``DIR/adapter.*``).
+    Its LoRA matrices are merged into the denoiser's weights. An adapter made for other base files raises
+    :class:`CheckpointError` naming both SHA-256s; an adapter with a denoiser other than ``"dit"`` (the model
+    adapters are trained on) raises ``ValueError``."""
+    if adapter is not None:
+        named = isinstance(adapter, str) and adapter in ADAPTERS
+        if not named and not (isinstance(adapter, str | os.PathLike) and str(adapter).endswith(".safetensors")):
+            raise ValueError(f"adapter must be one of {', '.join(map(repr, ADAPTERS))} or the path of an adapter's "
+                             f".safetensors file, got {adapter!r}")
+        if denoiser != "dit":
+            raise ValueError(f"adapter={adapter!r} with denoiser={denoiser!r}: adapters are trained on the DiT "
+                             f"(denoiser='dit'); the {denoiser} has other layers")
     if not isinstance(denoiser, str) or denoiser not in DENOISERS:
         raise ValueError(f"denoiser must be one of {', '.join(map(repr, DENOISERS))} (the DiT, the course U-Net, the "
                          "flow DiT), "
@@ -302,4 +339,17 @@ def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cp
     except ValueError as e:
         raise CheckpointError(f"{str(checkpoint_paths(weights_path(name, path))[1])!r} names an unknown "
                               f"schedule: {e}") from None
-    return LatentDiffusionPipeline(vae, text_encoder, tokenizer, model, schedule)
+    pipe = LatentDiffusionPipeline(vae, text_encoder, tokenizer, model, schedule)
+    if adapter is not None:
+        file = Path(adapter)
+        if isinstance(adapter, str) and adapter in ADAPTERS:  # the folder's own adapter, else the shipped one
+            own = weights_path(ADAPTERS[adapter], path) if path is not None else None
+            file = own if own is not None and own.is_file() else weights_path(ADAPTERS[adapter])
+        if not Path(file).is_file():
+            raise CheckpointError(f"adapter file {str(file)!r} not found; train one with `python -m sdlearn train "
+                                  f"adapter --concept star --out DIR` and pass adapter='DIR/adapter.safetensors'")
+        base = {"denoiser": file_sha256(weights_path(name, path)), "text_encoder": file_sha256(clip_file)}
+        pipe.adapter_info = load_adapter(file, tokenizer=tokenizer, text_encoder=text_encoder, denoiser=model,
+                                         base_hashes=base)
+        merge_lora(model)
+    return pipe

@@ -594,6 +594,22 @@ def test_train_adapter_writes_the_adapter_and_its_record(tmp_path):
         train_adapter("lora", data.ConceptExamples(torch.zeros(0, 3, 32, 32), [], []), pipe=tiny_pipe(), steps=1)
 
 
+def test_the_shapes_prior_shows_the_old_prompts_and_a_bad_prior_is_refused(tmp_path, monkeypatch):
+    import sdlearn.adapt_recipes as recipe
+
+    seen = {}
+    original = recipe.adapter_batch_fn
+    monkeypatch.setattr(recipe, "adapter_batch_fn", lambda *a, **k: seen.update(k) or original(*a, **k))
+    pipe, result = train_adapter("lora", pipe=tiny_pipe(), steps=1, rank=2, batch_size=2, num_prior=6, prior_steps=2,
+                                 prior="shapes", prior_batch_size=3, out_dir=tmp_path, progress=False)
+    assert seen["prior_captions"] == ShapesDataset(6, "all", seed=0).batch(range(6)).captions
+    assert seen["prior_batch_size"] == 3 and len(seen["prior_images"]) == 6
+    record = json.loads((tmp_path / "adapter.json").read_text())["training"]
+    assert record["prior"] == "shapes" and record["prior_batch_size"] == 3
+    with pytest.raises(ValueError, match="prior must be one of 'class', 'shapes', got 'photos'"):
+        train_adapter("lora", pipe=tiny_pipe(), steps=1, prior="photos", progress=False)
+
+
 def test_ten_steps_of_lora_lower_the_loss_on_the_eight_examples():
     from sdlearn.pretrained import load_pipeline
 
@@ -621,5 +637,5 @@ def test_prompt_accuracy_refuses_star_prompts_until_a_judge_knows_the_star():
     from sdlearn.metrics import default_scene_reader, prompt_accuracy
 
     images = star_examples(2).images
-    with pytest.raises(ValueError, match="names star: the judges know only circle, square, triangle, diamond"):
+    with pytest.raises(ValueError, match="names star: this judge knows only circle, square, triangle, diamond"):
         prompt_accuracy(images, ["a circle", "a red star"], default_scene_reader())

@@ -29,7 +29,7 @@ MAX_LINES = 1000
 # The layers, lowest first. Within a layer the modules are listed in their rows' order; a name ending in
 # ".*" stands for a package's submodules, which share the package's row.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("foundations", ["sdlearn.checks", "sdlearn.checkpoint", "sdlearn.images", "sdlearn.data", "sdlearn.schedules",
+    ("foundations", ["sdlearn.checks", "sdlearn.checkpoint", "sdlearn.images", "sdlearn.captions", "sdlearn.data", "sdlearn.schedules",
                      "sdlearn.stats"]),
     ("models and losses", ["sdlearn.vae", "sdlearn.denoiser", "sdlearn.unet", "sdlearn.text", "sdlearn.metrics",
                            "sdlearn.samplers", "sdlearn.flow", "sdlearn.adapt"]),
