@@ -30,7 +30,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdlearn import own_data, recipes
+from sdlearn import adapt_recipes, own_data, recipes
+from sdlearn.adapt import adapter_file_bytes, parse_method
 from sdlearn.checkpoint import atomic_write_bytes
 from sdlearn.exercises import write_student_copies
 from sdlearn.flow import FLOW_SAMPLERS
@@ -60,6 +61,9 @@ FOLDER_TRAINERS = {
     "clip": own_data.train_clip_on_folder,
     "all": own_data.train_all_on_folder,
 }
+ADAPTER_CONCEPTS = {"star": None}  # train adapter --concept NAME → its examples (None: sdlearn.data.star_examples)
+ADAPTER_OPTIONS = ("concept", "method", "rank", "lr", "prior")  # the options of 'train adapter' alone
+ADAPTER_PRIOR = {"num_prior": 256, "prior_batch_size": 8}  # train adapter's prior images: 256 drawn, 8 per step
 PRECISION_HELP = ("fp32 (default), or bf16: bfloat16 autocast over float32 weights, optimizer state and EMA, meant "
                   "for CUDA GPUs; it also runs on the CPU (correct, rarely faster), not on mps")
 
@@ -149,10 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
                           help="image height with --diffusers (default: the model's, 512 for SD v1.5)")
     generate.add_argument("--width", type=_positive_int, default=None,
                           help="image width with --diffusers (default: the model's, 512 for SD v1.5)")
+    generate.add_argument("--adapter", default=None, metavar="star|FILE",
+                          help="star: the shipped adapter that teaches the word 'star' (or an adapter file that "
+                               "'train adapter' wrote); with the DiT only")
     generate.add_argument("--device", default="cpu", help="cpu (default), cuda, mps or auto")
 
     train = commands.add_parser("train", help="train a model of the course from scratch")
-    train.add_argument("model", choices=sorted(TRAINERS), help="which model to train")
+    train.add_argument("model", choices=sorted([*TRAINERS, "adapter"]), help="which model to train")
     train.add_argument("--minutes", type=_positive_float, default=None, help="stop after this many minutes")
     train.add_argument("--steps", type=_positive_int, default=None, help="stop after this many optimiser steps")
     train.add_argument("--device", default="auto", help="auto (default), cpu, cuda or mps")
@@ -167,6 +174,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--prediction-type", choices=["epsilon", "v_prediction", "sample"], default=None,
         help="what the denoiser predicts (denoiser, unet and all; default epsilon)",
     )
+
+    train.add_argument("--concept", choices=list(ADAPTER_CONCEPTS), default=None,
+                       help="train adapter: the concept to teach (star, the only one; default star)")
+    train.add_argument("--method", default=None,
+                       help="train adapter: lora (default), ti, dreambooth or a combination such as ti+lora")
+    train.add_argument("--rank", type=_positive_int, default=None, help="train adapter: LoRA's rank (default 4)")
+    train.add_argument("--lr", type=_positive_float, default=None,
+                       help="train adapter: one learning rate for every part (default: each part's own)")
+    train.add_argument("--prior", choices=["shapes", "class"], default=None,
+                       help="train adapter: the prior-preservation images, the model's own drawings of the old prompts "
+                            "(shapes, default) or of the examples' class prompts (class, DreamBooth's)")
 
     exercises = commands.add_parser("exercises", help="write student copies of the notebooks, solutions removed")
     exercises.add_argument("out_dir", help="folder to write the student notebooks into")
@@ -270,6 +288,7 @@ def generate_files(
     diffusers: str | os.PathLike | None = None,
     height: int | None = None,
     width: int | None = None,
+    adapter: str | os.PathLike | None = None,
 ) -> Iterator[Path]:
     """:func:`generate_to_files`, yielding each path as soon as its file is written (what the command line prints).
 
@@ -282,10 +301,11 @@ def generate_files(
     ``diffusers``: a local Stable Diffusion folder in diffusers' format, run by
     :func:`sdlearn.stable_diffusion.load_diffusers_pipeline` (sdlearn's U-Net, samplers and guidance) instead of the
     course's weights; ``height``/``width`` are for it only. Unset steps, guidance and sampler take the course's
-    defaults (20, 4, dpm++) or, with ``diffusers``, Stable Diffusion's (50, 7.5, ddim)."""
+    defaults (20, 4, dpm++) or, with ``diffusers``, Stable Diffusion's (50, 7.5, ddim). ``adapter``: as in
+    :func:`sdlearn.pretrained.load_pipeline` ("star", or an adapter file)."""
     if diffusers is not None:
-        if weights is not None or denoiser != "dit":
-            raise ValueError("--diffusers runs that folder's own models: leave out --weights and --denoiser")
+        if weights is not None or denoiser != "dit" or adapter is not None:
+            raise ValueError("--diffusers runs that folder's own models: leave out --weights, --denoiser and --adapter")
         defaults = (50, 7.5, "ddim")
     else:
         if height is not None or width is not None:
@@ -306,11 +326,11 @@ def generate_files(
     out, out_dir = _check_outputs(out, out_dir, count)
     generator = torch.Generator().manual_seed(check_seed(seed)) if seed is not None else None
     if diffusers is not None:
-        pipe = load_diffusers_pipeline(diffusers, device=resolve_device(device))
+        pipe = load_diffusers_pipeline(diffusers, device=resolve_device(device), low_memory=True)  # one network at a time
         size = pipe.image_size(height, width)
         draw = functools.partial(pipe, height=size[0], width=size[1])
     else:
-        pipe = draw = load_pipeline(weights, device=resolve_device(device), denoiser=denoiser)
+        pipe = draw = load_pipeline(weights, device=resolve_device(device), denoiser=denoiser, adapter=adapter)
 
     def refuse_non_finite(i, t, latents, x0_pred) -> None:
         if not torch.isfinite(latents).all():
@@ -399,12 +419,18 @@ def _run(args: argparse.Namespace) -> int:
             args.prompt, args.out, out_dir=args.out_dir, negative_prompt=args.negative, num_inference_steps=args.steps,
             guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, num_images_per_prompt=args.n,
             weights=args.weights, device=args.device, denoiser=args.denoiser, diffusers=args.diffusers,
-            height=args.height, width=args.width,
+            height=args.height, width=args.width, adapter=args.adapter,
         ):
             print(path, flush=True)
         return 0
 
+    if args.command == "train" and args.model == "adapter":
+        return _train_adapter(args)
     if args.command == "train":
+        given = [f"--{name}" for name in ADAPTER_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for 'train adapter', not "
+                             f"'train {args.model}'")
         train_fn = TRAINERS[args.model]
         kwargs = dict(out_dir=args.out or f"runs/{args.model}", minutes=args.minutes, steps=args.steps, device=args.device, seed=args.seed)
         if args.precision != "fp32":  # every recipe's default is fp32
@@ -428,6 +454,32 @@ def _run(args: argparse.Namespace) -> int:
         train_fn(**kwargs)
         return 0
     raise AssertionError(args.command)
+
+
+def _train_adapter(args: argparse.Namespace) -> int:
+    """``python -m sdlearn train adapter``: :func:`sdlearn.adapt_recipes.train_adapter` on the shipped pipeline,
+    writing ``--out``/adapter.* (default runs/adapter)."""
+    method = args.method or "lora"
+    parse_method(method)  # a bad method: one line, before anything loads
+    for option, value in (("--data", args.data != "shapes"), ("--prediction-type", args.prediction_type is not None),
+                          ("--precision", args.precision != "fp32")):
+        if value:
+            raise ValueError(f"{option} is not an option of 'train adapter' (it adapts the shipped DiT, in fp32)")
+    if args.rank is not None and "lora" not in parse_method(method):
+        raise ValueError(f"--rank is LoRA's rank; method {method!r} trains no LoRA")
+    out_dir = Path(args.out or "runs/adapter")
+    _check_writable("--out", out_dir)
+    if args.threads is not None:
+        set_threads(args.threads)
+    options = {"rank": args.rank} if args.rank is not None else {}
+    pipe, result = adapt_recipes.train_adapter(method, ADAPTER_CONCEPTS[args.concept or "star"], steps=args.steps,
+                                               minutes=args.minutes, lr=args.lr, seed=args.seed, out_dir=out_dir,
+                                               device=args.device, prior=args.prior or "shapes", **ADAPTER_PRIOR,
+                                               **options)
+    path = out_dir / "adapter.safetensors"
+    print(f"adapter ({method}, concept {args.concept or 'star'}): {result.step} steps in {result.seconds / 60:.1f} min; "
+          f"wrote {path} ({adapter_file_bytes(path):,} bytes with its .json)")
+    return 0
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

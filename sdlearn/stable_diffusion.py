@@ -17,7 +17,8 @@ those pieces has a course-sized twin in sdlearn. This module holds the bridge:
   sdlearn's samplers configured from the folder's ``scheduler/scheduler_config.json``, sdlearn's classifier-free
   guidance, with the folder's VAE, CLIP text encoder and tokenizer. For the same seed, sampler and settings its
   images equal diffusers' ``StableDiffusionPipeline`` on that folder (tests/test_stable_diffusion.py checks it
-  within 1e-3 on a tiny random folder).
+  within 1e-3 on a tiny random folder). With ``low_memory=True`` (the command line's choice) it holds one network
+  at a time, loading each when its stage comes, and draws the same images.
 - :func:`write_tiny_sd_folder` writes such a folder, tiny and random, for when no real SD is on disk.
 
 sdlearn never *needs* diffusers or transformers: they are imported inside the functions that read their models
@@ -28,6 +29,7 @@ safetensors weights are read (no pickle).
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import warnings
@@ -48,7 +50,7 @@ from sdlearn.samplers import (
     sample,
 )
 from sdlearn.schedules import PREDICTION_TYPES, NoiseSchedule, make_betas, rescale_zero_terminal_snr
-from sdlearn.unet import UNet, UNetConfig, convert_diffusers_state_dict
+from sdlearn.unet import UNet, UNetConfig, convert_diffusers_state_dict, sdlearn_name
 
 # ----------------------------------------------------------------------------------------------------------
 # SD v1.5's published configurations
@@ -354,6 +356,7 @@ def schedule_from_scheduler_config(config: Mapping[str, Any]) -> tuple[NoiseSche
 # Reading a diffusers folder
 
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline",)
+NETWORKS = ("text_encoder", "unet", "vae")  # in the order one call runs them
 COMPONENT_FILES = {  # what a diffusers SD folder must hold, component by component
     "unet": ("config.json",),
     "vae": ("config.json",),
@@ -482,15 +485,29 @@ def write_tiny_sd_folder(path: str | Path, seed: int = 0) -> Path:
     return folder
 
 
+def _fused_part(diffusers_name: str) -> bool:
+    """True for a diffusers tensor that sdlearn concatenates with others into one tensor (``attn1.to_q`` …)."""
+    try:
+        return sdlearn_name(diffusers_name)[2] > 1
+    except KeyError:  # not sdlearn's: convert_diffusers_state_dict names it
+        return False
+
+
 def unet_from_pretrained(folder: str | Path, **sdlearn_fields) -> UNet:
     """The folder's ``unet/`` (diffusers' ``UNet2DConditionModel`` format) as sdlearn's :class:`~sdlearn.unet.UNet`,
     read without diffusers: ``unet/config.json`` through :meth:`UNetConfig.from_diffusers` (an unsupported field
     raises ``ValueError`` naming it) and ``unet/diffusion_pytorch_model.safetensors`` (or its shards, listed in
     ``….safetensors.index.json``) through :func:`~sdlearn.unet.convert_diffusers_state_dict`, exactly the steps of
-    :meth:`UNet.from_diffusers`. The U-Net is built on the meta device and takes the file's tensors over (in float32)
-    instead of copying them, so an SD U-Net (3.4 GB) is in memory once. ``sdlearn_fields``:
-    ``num_train_timesteps``/``prediction_type`` (from the scheduler's config)."""
-    from safetensors.torch import load_file
+    :meth:`UNet.from_diffusers`. ``sdlearn_fields``: ``num_train_timesteps``/``prediction_type`` (from the scheduler's
+    config).
+
+    The weights are in memory once (an SD U-Net: 3.44 GB in float32). The U-Net is built on the meta device and takes
+    the file's tensors over: a float32 tensor is a view of the file's memory map, not a copy (``.float()`` returns
+    it as it is), so its pages become resident when the U-Net first reads them, once. The only copies are the
+    Linears sdlearn fuses (Q, K, V → ``qkv``; K, V → ``kv``: 56 M of SD's 860 M parameters); their parts are read
+    through a second memory map of the file, released as soon as they are concatenated, so their pages do not stay
+    resident beside the fused copies."""
+    from safetensors import safe_open
 
     sub = Path(folder) / "unet"
     config = UNetConfig.from_diffusers(_read_json(sub / "config.json"), **sdlearn_fields)
@@ -503,7 +520,9 @@ def unet_from_pretrained(folder: str | Path, **sdlearn_fields) -> UNet:
         raise FileNotFoundError(f"{single} is missing (sdlearn reads the float32 safetensors file, or its shards)")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        state.update(load_file(file))
+        with safe_open(file, framework="pt") as whole, safe_open(file, framework="pt") as parts:
+            for name in whole.keys():
+                state[name] = (parts if _fused_part(name) else whole).get_tensor(name)
     with torch.device("meta"):
         unet = UNet(config)
     converted = convert_diffusers_state_dict(state, unet.state_dict())
@@ -512,7 +531,7 @@ def unet_from_pretrained(folder: str | Path, **sdlearn_fields) -> UNet:
     return unet.eval().requires_grad_(False)
 
 
-def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "cpu") -> SDPipeline:
+def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "cpu", low_memory: bool = False) -> SDPipeline:
     """A local diffusers-format Stable Diffusion folder → an :class:`SDPipeline` that runs sdlearn's loop on it.
 
     The folder holds ``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``, ``tokenizer/`` and
@@ -526,21 +545,42 @@ def load_diffusers_pipeline(path: str | Path, device: str | torch.device = "cpu"
     - ``scheduler/scheduler_config.json`` → the noise schedule and sampler options
       (:func:`schedule_from_scheduler_config`).
 
+    ``low_memory=True`` holds one network at a time (what ``python -m sdlearn generate --diffusers`` does): the
+    pipeline keeps the three configurations (its ``unet``, ``vae`` and ``text_encoder`` are built on the meta
+    device: shapes, no weights) and each call loads the text encoder, encodes, frees it; loads the U-Net, denoises,
+    frees it; loads the VAE, decodes, frees it. The images are the same; memory holds the largest network (SD's
+    U-Net) instead of all three, and each call pays for reading the weights again. See :class:`SDPipeline`.
+
     Bad folders are refused before any weight is read (:func:`check_diffusers_folder`). Needs diffusers and
     transformers (an ImportError names the one missing)."""
+    if not isinstance(low_memory, bool):
+        raise ValueError(f"low_memory must be True or False, got {low_memory!r}")
     folder = Path(path)
     check_diffusers_folder(folder)
     (AutoencoderKL,) = _import("diffusers", ["AutoencoderKL"])
-    CLIPTextModel, CLIPTokenizer = _import("transformers", ["CLIPTextModel", "CLIPTokenizer"])
+    CLIPTextConfig, CLIPTextModel, CLIPTokenizer = _import("transformers", ["CLIPTextConfig", "CLIPTextModel",
+                                                                            "CLIPTokenizer"])
     schedule, options = schedule_from_scheduler_config(_read_json(folder / "scheduler" / "scheduler_config.json"))
-    unet = unet_from_pretrained(folder, num_train_timesteps=schedule.num_train_timesteps,
-                                prediction_type=options["prediction_type"])
+    fields = {"num_train_timesteps": schedule.num_train_timesteps, "prediction_type": options["prediction_type"]}
     local = {"local_files_only": True, "use_safetensors": True}
-    vae = AutoencoderKL.from_pretrained(folder / "vae", **local).float()
-    text_encoder = CLIPTextModel.from_pretrained(folder / "text_encoder", **local).float()
+
+    def ready(module):  # float32, for inference
+        return module.float().eval().requires_grad_(False)
+
+    loaders = {  # each reads one network from the folder
+        "unet": lambda: unet_from_pretrained(folder, **fields),
+        "vae": lambda: ready(AutoencoderKL.from_pretrained(folder / "vae", **local)),
+        "text_encoder": lambda: ready(CLIPTextModel.from_pretrained(folder / "text_encoder", **local)),
+    }
+    if low_memory:  # the configurations only, on the meta device; an unsupported U-Net config is refused here
+        with torch.device("meta"):
+            unet = UNet(UNetConfig.from_diffusers(_read_json(folder / "unet" / "config.json"), **fields))
+            vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae", local_files_only=True))
+            text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder", local_files_only=True))
+    else:
+        unet, vae, text_encoder = (loaders[name]() for name in ("unet", "vae", "text_encoder"))
     tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    pipe = SDPipeline(unet, vae.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False), tokenizer,
-                      schedule, **options)
+    pipe = SDPipeline(unet, vae, text_encoder, tokenizer, schedule, **options, loaders=loaders if low_memory else None)
     return pipe.to(device)
 
 
@@ -581,11 +621,22 @@ class SDPipeline:
     Guidance: as in sdlearn, w = 1 is the conditional model alone (one pass) and any other w ≥ 0 guides (w = 0 is
     the unconditional model); diffusers guides only when w > 1 and otherwise ignores w. Unlike
     :class:`~sdlearn.pipeline.LatentDiffusionPipeline`, guidance applies at every step by default, as in SD.
+
+    **Low memory.** Given ``loaders`` (``{"text_encoder": f, "unet": g, "vae": h}``, each a function that loads that
+    network; ``load_diffusers_pipeline(path, low_memory=True)`` passes them), the pipeline holds one network at a
+    time: ``unet``, ``vae`` and ``text_encoder`` are then only their configurations (modules on the meta device),
+    and each stage above loads its network, runs it and drops it (``gc.collect()``) before the next is loaded. The
+    stages compute exactly what they compute with the three networks held, so the images are the same.
     """
 
     def __init__(self, unet: UNet, vae, text_encoder, tokenizer, schedule: NoiseSchedule, *,
                  prediction_type: str = "epsilon", steps_offset: int = 0, spacing: str = "leading",
-                 set_alpha_to_one: bool = True, clip_sample: bool = False, variance_type: str = "fixed_small"):
+                 set_alpha_to_one: bool = True, clip_sample: bool = False, variance_type: str = "fixed_small",
+                 loaders: Mapping[str, Callable[[], Any]] | None = None):
+        if loaders is not None and not (isinstance(loaders, Mapping) and set(loaders) == set(NETWORKS)
+                                        and all(callable(load) for load in loaders.values())):
+            raise ValueError(f"loaders must map {', '.join(map(repr, NETWORKS))} each to a function that loads that "
+                             f"network, or be None, got {loaders!r}")
         if not isinstance(unet, UNet):
             raise ValueError(f"unet must be a sdlearn.unet.UNet, got {type(unet).__name__}")
         latent_channels = vae.config.latent_channels
@@ -608,16 +659,39 @@ class SDPipeline:
         self.latent_channels = latent_channels
         size = unet.config.sample_size
         self.default_size = size * self.vae_scale_factor if size is not None else 512  # 64 · 8 = 512 for SD v1.5
+        self.loaders = dict(loaders) if loaders is not None else None
+        self._device = torch.device("cpu")  # where a low-memory pipeline puts each network it loads
+
+    @property
+    def low_memory(self) -> bool:
+        """True when the pipeline holds one network at a time (it was given ``loaders``)."""
+        return self.loaders is not None
 
     @property
     def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
+        return self._device if self.low_memory else next(self.unet.parameters()).device
 
     def to(self, device: str | torch.device) -> SDPipeline:
-        """Move the three networks to ``device``; returns the pipeline."""
-        for module in (self.unet, self.vae, self.text_encoder):
-            module.to(device)
+        """Move the three networks to ``device`` (low memory: load each there); returns the pipeline."""
+        if self.low_memory:
+            self._device = torch.device(device)
+        else:
+            for module in (self.unet, self.vae, self.text_encoder):
+                module.to(device)
         return self
+
+    def network(self, name: str):
+        """The network ``name`` (``"text_encoder"``, ``"unet"`` or ``"vae"``) for one stage: the pipeline's own, or
+        in low-memory mode one loaded now onto :attr:`device`, which the stage drops when it ends."""
+        if name not in NETWORKS:
+            raise ValueError(f"name must be one of {', '.join(NETWORKS)}, got {name!r}")
+        return self.loaders[name]().to(self._device) if self.low_memory else getattr(self, name)
+
+    def _release(self) -> None:
+        """After a stage dropped its network: in low-memory mode, collect it now (its memory returns before the next
+        network is loaded); otherwise nothing."""
+        if self.low_memory:
+            gc.collect()
 
     @property
     def size_multiple(self) -> int:
@@ -630,7 +704,8 @@ class SDPipeline:
 
         return (f"SDPipeline(U-Net {millions(self.unet)} (sdlearn), VAE {millions(self.vae)}, text encoder "
                 f"{millions(self.text_encoder)}, {self.prediction_type}, spacing={self.spacing!r}, "
-                f"steps_offset={self.steps_offset}, {self.default_size}×{self.default_size}, device {self.device})")
+                f"steps_offset={self.steps_offset}, {self.default_size}×{self.default_size}, device {self.device}"
+                f"{', low memory: one network at a time' if self.low_memory else ''})")
 
     # -- the pieces -----------------------------------------------------------------------------------
 
@@ -667,18 +742,33 @@ class SDPipeline:
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = (ids != tokenizer.pad_token_id).long().to(self.device)
-        return self.text_encoder(ids.to(self.device), attention_mask=mask)[0]  # [B, 77, D]
+        encoder = self.network("text_encoder")
+        try:
+            return encoder(ids.to(self.device), attention_mask=mask)[0]  # [B, 77, D]
+        finally:
+            del encoder
+            self._release()
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Diffusion latents ``[B, 4, H/8, W/8]`` → images ``[B, 3, H, W]`` in [-1, 1] (clamped)."""
         z = latents.to(self.device) / self.scaling_factor + self.shift_factor
-        return self.vae.decode(z).sample.clamp(-1, 1)
+        vae = self.network("vae")
+        try:
+            return vae.decode(z).sample.clamp(-1, 1)
+        finally:
+            del vae
+            self._release()
 
     @torch.no_grad()
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Images ``[B, 3, H, W]`` in [-1, 1] → diffusion latents ``[B, 4, H/8, W/8]`` (the posterior's mode, scaled)."""
-        z = self.vae.encode(images.to(self.device)).latent_dist.mode()
+        vae = self.network("vae")
+        try:
+            z = vae.encode(images.to(self.device)).latent_dist.mode()
+        finally:
+            del vae
+            self._release()
         return (z - self.shift_factor) * self.scaling_factor
 
     def image_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
@@ -771,9 +861,9 @@ class SDPipeline:
         n = len(prompts) * k
         shape = (n, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         noise = self.draw_noise(shape, generator)  # [N, 4, H/8, W/8]
-        unet = self.unet
+        unet = self.network("unet")
 
-        def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        def model_fn(x: torch.Tensor, t: torch.Tensor, unet: UNet = unet) -> torch.Tensor:  # (bound: del frees it)
             if not guided:
                 return unet(x, t, tokens)
             if guidance_interval is not None and not guidance_interval[0] <= float(t) <= guidance_interval[1]:
@@ -781,6 +871,10 @@ class SDPipeline:
             uncond, cond = unet(torch.cat([x, x]), t, tokens).chunk(2)  # one batch of 2N → 2 × [N, 4, h, w]
             return classifier_free_guidance(uncond, cond, guidance_scale)
 
-        latents = sample(model_fn, solver, shape, steps, generator=generator, progress=progress, callback=callback,
-                         spacing=self.spacing, steps_offset=self.steps_offset, noise=noise)
+        try:
+            latents = sample(model_fn, solver, shape, steps, generator=generator, progress=progress, callback=callback,
+                             spacing=self.spacing, steps_offset=self.steps_offset, noise=noise)
+        finally:
+            del unet, model_fn  # the U-Net's last references, dropped before the VAE is loaded
+            self._release()
         return self.decode_latents(latents)  # [N, 3, H, W]

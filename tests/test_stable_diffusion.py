@@ -305,8 +305,8 @@ def test_the_command_line_draws_with_the_folder(folder, pipe, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, words", [
     (["--height", "30"], "height must be a multiple of 8"),
-    (["--weights", "somewhere"], "leave out --weights and --denoiser"),
-    (["--denoiser", "unet"], "leave out --weights and --denoiser"),
+    (["--weights", "somewhere"], "leave out --weights, --denoiser and --adapter"),
+    (["--denoiser", "unet"], "leave out --weights, --denoiser and --adapter"),
 ])
 def test_the_command_line_refuses_bad_diffusers_options_in_one_line(folder, tmp_path, capsys, extra, words):
     from sdlearn.__main__ import main
