@@ -26,7 +26,7 @@ a smoke test, not a measurement.
 from __future__ import annotations
 
 import argparse
-import math
+import importlib.util
 import os
 import time
 from collections.abc import Sequence
@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 from sdlearn.adapt import adapter_file_bytes
-from sdlearn.checkpoint import CheckpointError, atomic_write_bytes, checkpoint_paths
+from sdlearn.checkpoint import CheckpointError, checkpoint_paths
 from sdlearn.data import COLORS, POSITIONS, SIZES, STAR_EXAMPLE_COLORS, ShapesDataset, caption_for
 from sdlearn.metrics import prompt_accuracy
 from sdlearn.pretrained import ADAPTERS, WEIGHTS_DIR, load_pipeline, load_star_reader, weights_path
@@ -54,36 +54,20 @@ SEEN_COLORS = tuple(STAR_EXAMPLE_COLORS)
 UNSEEN_COLORS = tuple(c for c in COLORS if c not in SEEN_COLORS)
 
 
-class Report:
-    """Prints lines and keeps them (for ``--out``), and the verdict of each target."""
-
-    def __init__(self):
-        self.lines: list[str] = []
-        self.verdicts: dict[str, tuple[str, bool | None]] = {}
-
-    def say(self, text: str = "") -> None:
-        print(text, flush=True)
-        self.lines.append(text)
-
-    def verdict(self, name: str, figure: str, met: bool | None) -> None:
-        self.verdicts[name] = (figure, met)
-        self.say(f"    → {'not measured' if met is None else 'MET' if met else 'MISSED'}")
+def _load_report_tools():
+    """benchmarks/report.py, loaded from its file (sys.path untouched: the scripts here are named like sdlearn's
+    modules)."""
+    spec = importlib.util.spec_from_file_location("sdlearn_benchmark_report", Path(__file__).resolve().parent / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def percent(x: float) -> str:
-    return f"{100 * x:.1f}%"
+report_tools = _load_report_tools()
+Report, percent, with_interval = report_tools.Report, report_tools.percent, report_tools.with_interval
+sign_test_p, shown = report_tools.sign_test_p, report_tools.shown
 
 
-def with_interval(result) -> str:
-    low, high = result.interval
-    return f"{percent(result.overall)} [{percent(low)}, {percent(high)}] of {result.count}"
-
-
-def sign_test_p(only_a: int, only_b: int) -> float:
-    """Two-sided exact sign test (McNemar's exact test) on the d = a + b images right for one model only: under
-    "equally good" a ~ Binomial(d, 1/2), p = min(1, 2 Σ_{k ≤ min(a, b)} C(d, k) / 2^d) (McNemar 1947)."""
-    d = only_a + only_b
-    return 1.0 if d == 0 else min(1.0, 2 * sum(math.comb(d, k) for k in range(min(only_a, only_b) + 1)) / 2**d)
 
 
 def star_prompts(colors: Sequence[str], n: int) -> list[str]:
@@ -135,13 +119,13 @@ def main(argv: Sequence[str] | None = None, results_dir: Path = RESULTS_DIR) -> 
     n, chunk = args.images, min(128, args.images)
     record = adapted.adapter_info.get("training", {})
     report = Report()
-    report.say(f"the star adapter (issue 16): {file}, on {args.weights or 'the shipped weights'}; {n} images per figure, "
+    report.say(f"the star adapter (issue 16): {shown(file)}, on {args.weights or 'the shipped weights'}; {n} images per figure, "
                f"seed {args.seed}, {args.threads} thread(s), {os.cpu_count()} CPUs, load average "
                f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}; torch {torch.__version__}, {started:%Y-%m-%d %H:%M}"
                f"{' (QUICK: a smoke test, not a measurement)' if args.quick else ''}")
     report.say(f"adapter: method {record.get('method', '?')}, rank {record.get('rank', '-')}, {record.get('steps', '?')} "
                f"steps in {record.get('minutes', '?')} min; judged by the star-aware scene reader "
-               f"({args.judge or WEIGHTS_DIR / 'scene_reader_star.safetensors'}); 20 DPM-Solver++ steps, guidance 4")
+               f"({shown(args.judge or WEIGHTS_DIR / 'scene_reader_star.safetensors')}); 20 DPM-Solver++ steps, guidance 4")
 
     results = {}
     for k, (name, colors) in enumerate(zip(list(TARGETS)[:2], (SEEN_COLORS, UNSEEN_COLORS))):
@@ -189,11 +173,7 @@ def main(argv: Sequence[str] | None = None, results_dir: Path = RESULTS_DIR) -> 
     report.say(f"\ntotal {time.perf_counter() - clock:.0f} s")
     if args.out is None:
         return None
-    path = results_dir / (args.out or f"adapt-{started:%Y%m%d-%H%M}{'-quick' if args.quick else ''}.txt")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, ("\n".join(report.lines) + "\n").encode())
-    print(f"report written to {path}")
-    return path
+    return report.write(results_dir / (args.out or f"adapt-{started:%Y%m%d-%H%M}{'-quick' if args.quick else ''}.txt"))
 
 
 if __name__ == "__main__":

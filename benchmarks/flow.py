@@ -28,10 +28,8 @@ so they share the VAE, the text tower, the guidance scale (the pipeline's defaul
 from __future__ import annotations
 
 import argparse
-import math
+import importlib.util
 import os
-import resource
-import sys
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -39,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from sdlearn.checkpoint import CheckpointError, atomic_write_bytes
+from sdlearn.checkpoint import CheckpointError
 from sdlearn.data import ShapesDataset
 from sdlearn.flow import FlowMatchEulerSampler
 from sdlearn.metrics import default_scene_reader, prompt_accuracy
@@ -57,41 +55,20 @@ EPSILON_SAMPLERS = ("ddim", "dpm++", "euler", "heun")
 PARITY_SHIFTS, PARITY_STEPS = (1.0, 3.0), (1, 2, 4, 8, 20, 50)
 
 
-class Report:
-    """Prints lines and keeps them (for ``--out``), and the verdict of each target."""
-
-    def __init__(self):
-        self.lines: list[str] = []
-        self.verdicts: dict[str, tuple[str, bool | None]] = {}
-
-    def say(self, text: str = "") -> None:
-        print(text, flush=True)
-        self.lines.append(text)
-
-    def verdict(self, name: str, figure: str, met: bool | None) -> None:
-        self.verdicts[name] = (figure, met)
-        self.say(f"    → {'not measured' if met is None else 'MET' if met else 'MISSED'}")
+def _load_report_tools():
+    """benchmarks/report.py, loaded from its file (sys.path untouched: the scripts here are named like sdlearn's
+    modules)."""
+    spec = importlib.util.spec_from_file_location("sdlearn_benchmark_report", Path(__file__).resolve().parent / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def percent(x: float) -> str:
-    return f"{100 * x:.1f}%"
+report_tools = _load_report_tools()
+Report, percent, with_interval = report_tools.Report, report_tools.percent, report_tools.with_interval
+peak_rss_mb, sign_test_p = report_tools.peak_rss_mb, report_tools.sign_test_p
 
 
-def with_interval(result) -> str:
-    low, high = result.interval
-    return f"{percent(result.overall)} [{percent(low)}, {percent(high)}] of {result.count}"
-
-
-def peak_rss_mb() -> float:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
-
-
-def sign_test_p(only_a: int, only_b: int) -> float:
-    """Two-sided exact sign test (McNemar's exact test) on the d = a + b images right for one model only: under
-    "equally good" a ~ Binomial(d, 1/2), p = min(1, 2 Σ_{k ≤ min(a, b)} C(d, k) / 2^d) (McNemar 1947)."""
-    d = only_a + only_b
-    return 1.0 if d == 0 else min(1.0, 2 * sum(math.comb(d, k) for k in range(min(only_a, only_b) + 1)) / 2**d)
 
 
 # -- 1. parity -----------------------------------------------------------------------------------------------
@@ -267,11 +244,7 @@ def main(argv: Sequence[str] | None = None, results_dir: Path = RESULTS_DIR) -> 
     report.say(f"\ntotal {time.perf_counter() - clock:.0f} s, peak memory {peak_rss_mb():.0f} MB RSS")
     if args.out is None:
         return None
-    path = results_dir / (args.out or f"flow-{started:%Y%m%d-%H%M}{'-quick' if args.quick else ''}.txt")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, ("\n".join(report.lines) + "\n").encode())
-    print(f"report written to {path}")
-    return path
+    return report.write(results_dir / (args.out or f"flow-{started:%Y%m%d-%H%M}{'-quick' if args.quick else ''}.txt"))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ Threads: the children inherit ``OMP_NUM_THREADS``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import resource
@@ -451,13 +452,18 @@ def run_in_kernel(folder: Path, steps: int, size: int) -> dict:
     return result
 
 
-class Report:
-    def __init__(self):
-        self.lines: list[str] = []
 
-    def say(self, text: str = "") -> None:
-        print(text, flush=True)
-        self.lines.append(text)
+def _load_report_tools():
+    """benchmarks/report.py, loaded from its file (sys.path untouched: the scripts here are named like sdlearn's
+    modules)."""
+    spec = importlib.util.spec_from_file_location("sdlearn_benchmark_report", Path(__file__).resolve().parent / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+report_tools = _load_report_tools()
+Report = report_tools.Report
 
 
 def gb(value: int | None) -> str:
@@ -627,13 +633,7 @@ def main(argv: Sequence[str] | None = None, results_dir: Path = RESULTS_DIR) -> 
             print(f"kept {folder} (--keep): delete it when done")
     if args.out is None:
         return None
-    from sdlearn.checkpoint import atomic_write_bytes
-
-    path = results_dir / (args.out or f"sd_memory-{started:%Y%m%d-%H%M}.txt")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, ("\n".join(report.lines) + "\n").encode())
-    print(f"report written to {path}")
-    return path
+    return report.write(results_dir / (args.out or f"sd_memory-{started:%Y%m%d-%H%M}.txt"))
 
 
 if __name__ == "__main__":
