@@ -19,15 +19,19 @@ memory is read: ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` and, on Linux, ``V
     pipelines), nothing of SD loaded; and the CLI's imports alone;
 (a) **notebook 10's section 6**: after the same imports, the staged loop the notebook writes out, one network in
     memory at a time: CLIP's text tower (loaded, used, freed), sdlearn's U-Net through ``unet_from_pretrained``
-    (loaded, ``--steps`` DDIM steps under guidance 7.5, freed), diffusers' ``UNet2DConditionModel`` (built on the
-    meta device and given the file's tensors; the same steps; freed), the VAE decoding both sets of latents; two
-    prompts at ``--size`` × ``--size``. Each stage's own peak is reported: Linux lets a process reset its peak
+    with its Linear and conv weights stored in float16 and computed in float32 (``storage_dtype="float16"``,
+    the notebook's default; loaded, ``--steps`` DDIM steps under guidance 7.5, freed), diffusers'
+    ``UNet2DConditionModel`` (built on the meta device, given the same float16 tensors, with diffusers' own
+    ``enable_layerwise_casting``; the same steps; freed), the VAE decoding both sets of latents; two prompts at
+    ``--size`` × ``--size``. Each stage's own peak is reported: Linux lets a process reset its peak
     (writing 5 to ``/proc/self/clear_refs`` resets ``VmHWM`` and ``ru_maxrss`` alike), so after each stage the peak
     is read and reset, and the process's peak is the largest stage's;
 (b) **the command line**: ``python -m sdlearn generate PROMPT --diffusers FOLDER --height 256 --width 256 --steps 2
     --n 2`` (its peak from ``os.wait4``, and ``VmHWM`` polled while it runs);
-(b') what the command line runs, ``load_diffusers_pipeline(FOLDER, low_memory=True)``, stage by stage: its loaders
-    and its step callback wrapped to close a stage where a network is loaded and after each step;
+(b') what the command line runs, ``load_diffusers_pipeline(FOLDER, low_memory=True, storage_dtype="float16")``,
+    stage by stage: its loaders and its step callback wrapped to close a stage where a network is loaded and after
+    each step;
+(e) (b') with the U-Net in float32 (``storage_dtype="float32"``), for comparison: what float16 storage saves;
 (a') with ``--kernel``: (a) again inside a fresh Jupyter kernel (``jupyter_client``), what the notebook runs in;
 (d) with ``--diffusers-pipeline``: diffusers' own ``StableDiffusionPipeline.from_pretrained`` on the folder, the
     same two images (for comparison; no target).
@@ -69,6 +73,7 @@ GB = 1e9
 MARKER = "sd_memory.json"  # written last into a finished random folder: what the script reuses
 PROMPTS = ["a photograph of an astronaut riding a horse", "a red circle on a black background"]  # notebook 10's
 GUIDANCE, SEED = 7.5, 0
+STORAGE = "float16"  # the U-Net's Linear/conv weights, computed in float32: notebook 10's and the CLI's default
 RESULT_TAG = "SD_MEMORY_RESULT "  # a child's last line: this tag and its JSON
 
 
@@ -256,11 +261,14 @@ def run_staged(folder: Path, steps: int, size: int) -> dict:
     course = notebook_imports()
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from safetensors.torch import load_file
     from transformers import CLIPTextModel, CLIPTokenizer
 
     from sdlearn.samplers import classifier_free_guidance, get_sampler, sample
-    from sdlearn.stable_diffusion import schedule_from_scheduler_config, unet_from_pretrained
+    from sdlearn.stable_diffusion import (
+        read_safetensors,
+        schedule_from_scheduler_config,
+        unet_from_pretrained,
+    )
 
     stages.end("imports (notebook 10's first cell and section 6)")
     vae_config = json.loads((folder / "vae" / "config.json").read_text())
@@ -279,7 +287,7 @@ def run_staged(folder: Path, steps: int, size: int) -> dict:
     def denoise_with_sdlearn(tokens):
         schedule, options = schedule_from_scheduler_config(
             json.loads((folder / "scheduler" / "scheduler_config.json").read_text()))
-        unet = unet_from_pretrained(folder, num_train_timesteps=schedule.num_train_timesteps,
+        unet = unet_from_pretrained(folder, STORAGE, num_train_timesteps=schedule.num_train_timesteps,
                                     prediction_type=options["prediction_type"])
         sampler = get_sampler("ddim", schedule, prediction_type=options["prediction_type"],
                               set_alpha_to_one=options["set_alpha_to_one"], clip_sample=options["clip_sample"])
@@ -296,7 +304,9 @@ def run_staged(folder: Path, steps: int, size: int) -> dict:
         with torch.device("meta"):
             unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
         weights = sorted((folder / "unet").glob("diffusion_pytorch_model*.safetensors"))
-        unet.load_state_dict({k: v.float() for f in weights for k, v in load_file(f).items()}, assign=True)
+        unet.load_state_dict(read_safetensors(weights, STORAGE), assign=True)
+        if STORAGE != "float32":
+            unet.enable_layerwise_casting(storage_dtype=getattr(torch, STORAGE), compute_dtype=torch.float32)
         scheduler_config = DDIMScheduler.load_config(folder / "scheduler")
         scheduler = DDIMScheduler.from_config(scheduler_config, clip_sample=scheduler_config.get("clip_sample", False))
         scheduler.set_timesteps(steps)
@@ -330,15 +340,16 @@ def run_staged(folder: Path, steps: int, size: int) -> dict:
     return result
 
 
-def run_low_memory_pipeline(folder: Path, steps: int, size: int) -> dict:
-    """What the CLI runs (sdlearn's SDPipeline, ``low_memory=True``), stage by stage: its loaders and its step
-    callback are wrapped to close a stage where each network is loaded and after each step."""
+def run_low_memory_pipeline(folder: Path, steps: int, size: int, storage: str = STORAGE) -> dict:
+    """What the CLI runs (sdlearn's SDPipeline, ``low_memory=True``, the U-Net stored in ``storage``), stage by
+    stage: its loaders and its step callback are wrapped to close a stage where each network is loaded and after
+    each step."""
     stages = Stages()
     import sdlearn.__main__  # noqa: F401  (the CLI's imports)
     from sdlearn.stable_diffusion import load_diffusers_pipeline
 
-    pipe = load_diffusers_pipeline(folder, low_memory=True)
-    stages.end("imports, load_diffusers_pipeline(low_memory=True)")
+    pipe = load_diffusers_pipeline(folder, low_memory=True, storage_dtype=storage)
+    stages.end(f"imports, load_diffusers_pipeline(low_memory=True, storage_dtype={storage!r})")
     closing = {"unet": "text encoder: encode, free", "vae": f"U-Net: step {steps}, free"}
     labels = {"text_encoder": "text encoder", "unet": "U-Net", "vae": "VAE"}
 
@@ -378,7 +389,12 @@ def run_diffusers_pipeline(folder: Path, steps: int, size: int) -> dict:
     return stages.result()
 
 
-CHILDREN = {"write": run_write, "baseline": run_baseline, "cli-imports": run_cli_imports, "staged": run_staged, "low-memory-pipeline": run_low_memory_pipeline,
+def run_low_memory_float32(folder: Path, steps: int, size: int) -> dict:
+    return run_low_memory_pipeline(folder, steps, size, storage="float32")
+
+
+CHILDREN = {"write": run_write, "baseline": run_baseline, "cli-imports": run_cli_imports, "staged": run_staged,
+            "low-memory-pipeline": run_low_memory_pipeline, "low-memory-float32": run_low_memory_float32,
             "diffusers-pipeline": run_diffusers_pipeline}
 
 
@@ -606,6 +622,8 @@ def main(argv: Sequence[str] | None = None, results_dir: Path = RESULTS_DIR) -> 
         measure("cli", "the CLI", run_cli)
         report.say("\n(b') what the CLI runs, sdlearn's SDPipeline with low_memory=True, stage by stage")
         measure("low-memory", "low-memory SDPipeline", child("low-memory-pipeline"))
+        report.say("\n(e) the same with the U-Net in float32 (storage_dtype='float32'), for comparison (no target)")
+        measure("float32", "low-memory SDPipeline, float32 U-Net", child("low-memory-float32"))
         if args.diffusers_pipeline:
             report.say("\n(d) diffusers' StableDiffusionPipeline, for comparison (no target)")
             measure("diffusers", "diffusers' pipeline", child("diffusers-pipeline"))
@@ -614,7 +632,8 @@ def main(argv: Sequence[str] | None = None, results_dir: Path = RESULTS_DIR) -> 
         names = {"baseline": "(c) notebook 10's imports", "cli-imports": "(c) the CLI's imports",
                  "staged": "(a) notebook 10's section 6", "kernel": "(a') the same in a Jupyter kernel",
                  "cli": "(b) python -m sdlearn generate --diffusers",
-                 "low-memory": "(b') load_diffusers_pipeline(low_memory=True)", "diffusers": "(d) diffusers' pipeline"}
+                 "low-memory": "(b') load_diffusers_pipeline(low_memory=True)", "diffusers": "(d) diffusers' pipeline",
+                 "float32": "(e) (b') with a float32 U-Net"}
         for key, runs in peaks.items():
             if None in runs:
                 report.say(f"    {names[key]:48} failed")
@@ -622,7 +641,7 @@ def main(argv: Sequence[str] | None = None, results_dir: Path = RESULTS_DIR) -> 
             peak = max(runs)
             report.say(f"    {names[key]:48} {peak / GB:.2f} GB ({peak / 2**30:.2f} GiB)"
                        + (f" [{', '.join(f'{r / GB:.2f}' for r in runs)}]" if len(runs) > 1 else "")
-                       + ("" if key in ("baseline", "cli-imports", "diffusers") else
+                       + ("" if key in ("baseline", "cli-imports", "diffusers", "float32") else
                           f"  {'met' if peak < TARGET_BYTES else 'MISSED'}"))
         report.say(f"\ntotal {time.perf_counter() - clock:.0f} s")
     finally:

@@ -639,6 +639,58 @@ class UNet(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Weights stored in half precision, computed in float32
+
+
+class _ComputeInFloat32(nn.Module):
+    """A parametrization: the stored (half-precision) tensor is read as a float32 copy."""
+
+    def forward(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.float()
+
+
+STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+"""The dtypes :func:`store_weights` keeps weights in, by name."""
+
+
+def check_storage_dtype(dtype) -> torch.dtype:
+    """``dtype`` (a torch dtype or its name among :data:`STORAGE_DTYPES`) as a torch dtype, or ``ValueError``."""
+    found = STORAGE_DTYPES.get(dtype) if isinstance(dtype, str) else dtype
+    if found not in STORAGE_DTYPES.values():
+        raise ValueError(f"storage dtype must be one of {', '.join(STORAGE_DTYPES)} (or the torch dtype), got {dtype!r}")
+    return found
+
+
+def store_weights(model: nn.Module, dtype: torch.dtype | str = torch.float16) -> nn.Module:
+    """Keep the weight and bias of every ``nn.Linear`` and ``nn.Conv2d`` of ``model`` in ``dtype`` and compute in
+    float32: half the memory of those tensors for float16 or bfloat16, with float32 arithmetic.
+
+    Each parameter becomes a parametrization (``torch.nn.utils.parametrize``): ``layer.weight`` is the stored
+    tensor read as a float32 copy, made when the layer runs and freed right after, so at any moment one layer's
+    weights exist in float32 besides the stored ones. The normalisation layers stay in float32. This is what
+    diffusers calls *layerwise casting* (``enable_layerwise_casting(storage_dtype=torch.float16,
+    compute_dtype=torch.float32)``, which casts the same layers), so the two store the same numbers and compute
+    the same function. The outputs differ from the float32 model's only by the rounding of the weights
+    (float16 keeps 11 significant bits). For inference: the stored tensors do not train. float32 is a no-op.
+    Returns ``model``, changed in place."""
+    from torch.nn.utils import parametrize
+
+    dtype = check_storage_dtype(dtype)
+    if dtype == torch.float32:
+        return model
+    for layer in model.modules():
+        if not isinstance(layer, (nn.Linear, nn.Conv2d)) or parametrize.is_parametrized(layer):
+            continue
+        for name in ("weight", "bias"):
+            tensor = getattr(layer, name)
+            if tensor is None:
+                continue
+            setattr(layer, name, nn.Parameter(tensor.detach().to(dtype), requires_grad=False))
+            parametrize.register_parametrization(layer, name, _ComputeInFloat32(), unsafe=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------
 # diffusers' parameter names → sdlearn's
 
 # Each row: (diffusers module, sdlearn module, the table for what is inside, or None for a leaf: weight, bias).

@@ -247,3 +247,94 @@ def test_unet_weights_are_the_files_own_and_fused_parts_are_released(folder, mon
     x, text = torch.randn(2, 4, 8, 8), torch.randn(2, 16, 32)
     with torch.no_grad():  # and it is the folder's U-Net
         torch.testing.assert_close(unet(x, 500, text), reference(x, 500, text).sample, atol=1e-4, rtol=0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# storage_dtype: the U-Net's weights in half precision, computed in float32
+
+
+def stored_dtypes(unet) -> dict[str, torch.dtype]:
+    """What each Linear/conv parameter is stored as (its parametrization's original), by layer."""
+    from torch.nn.utils import parametrize
+
+    return {f"{name}.{p}": layer.parametrizations[p].original.dtype
+            for name, layer in unet.named_modules() if parametrize.is_parametrized(layer)
+            for p in layer.parametrizations}
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="reads Linux's /proc/self/maps")
+@pytest.mark.parametrize("dtype", [torch.float16, "bfloat16"])
+def test_a_half_stored_unet_releases_the_file_and_computes_what_diffusers_layerwise_casting_does(folder, dtype,
+                                                                                                 tmp_path):
+    import shutil
+
+    from diffusers import UNet2DConditionModel
+
+    from sdlearn.unet import STORAGE_DTYPES
+
+    half = STORAGE_DTYPES.get(dtype, dtype)
+    folder = shutil.copytree(folder, tmp_path / "sd")  # a file no other test's pipeline holds mapped
+    unet = sd.unet_from_pretrained(folder, storage_dtype=dtype)
+    gc.collect()
+    file = (folder / "unet" / "diffusion_pytorch_model.safetensors").resolve()
+    assert mapped_ranges(file) == []  # converted as read: no page of the float32 file stays mapped
+    stored = stored_dtypes(unet)
+    layers = [m for m in unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    expected = sum(1 + (m.bias is not None) for m in layers)
+    assert len(stored) == expected and set(stored.values()) == {half}  # every Linear/conv weight and bias
+    norms = [m for m in unet.modules() if isinstance(m, (torch.nn.GroupNorm, torch.nn.LayerNorm))]
+    assert norms and all(m.weight.dtype == torch.float32 for m in norms)  # normalisation stays float32
+    assert all(not p.requires_grad for p in unet.parameters())
+
+    full = sd.unet_from_pretrained(folder)
+    reference = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True)
+    reference.enable_layerwise_casting(storage_dtype=half, compute_dtype=torch.float32)
+    x, text = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.randn(2, 16, 32)
+    with torch.no_grad():
+        ours, theirs, exact = unet(x, 500, text), reference(x, 500, text).sample, full(x, 500, text)
+    assert ours.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=0)  # the same stored numbers, the same function
+    error = ((ours - exact).norm() / exact.norm()).item()  # only the weights' rounding apart from float32
+    assert 0 < error < (2e-2 if half == torch.bfloat16 else 3e-3)
+
+
+def test_store_weights_is_a_no_op_in_float32_and_refuses_other_dtypes():
+    from sdlearn.unet import store_weights
+
+    layer = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.GroupNorm(2, 4))
+    before = layer[0].weight
+    assert store_weights(layer, "float32") is layer and layer[0].weight is before
+    for bad in ("half", torch.int8, 16, None):
+        with pytest.raises(ValueError, match="storage dtype must be one of float32, float16, bfloat16"):
+            store_weights(layer, bad)
+    store_weights(layer, torch.float16)
+    x = torch.randn(5, 3)
+    rounded = torch.nn.functional.linear(x, before.detach().half().float(), layer[0].bias)
+    torch.testing.assert_close(layer[0](x), rounded)
+    store_weights(layer, torch.float16)  # twice: already stored, left alone
+    assert layer[0].parametrizations.weight.original.dtype == torch.float16
+
+
+def test_a_half_stored_low_memory_pipeline_draws_nearly_the_float32_images(pipe, folder):
+    kwargs = dict(num_inference_steps=3, seed=0, height=SIZE, width=SIZE, progress=False)
+    half = sd.load_diffusers_pipeline(folder, low_memory=True, storage_dtype="float16")
+    ours, exact = half(PROMPTS, **kwargs), pipe(PROMPTS, **kwargs)
+    assert not torch.equal(ours, exact) and (ours - exact).abs().max() < 2e-2
+    with pytest.raises(ValueError, match="storage dtype must be one of"):
+        sd.load_diffusers_pipeline(folder, storage_dtype="float64")
+
+
+@pytest.mark.parametrize("option, expected", [([], "float16"), (["--storage-dtype", "float32"], "float32")])
+def test_the_command_line_stores_the_unet_in_float16_by_default(folder, tmp_path, monkeypatch, option, expected):
+    import sdlearn.__main__ as cli
+
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return sd.load_diffusers_pipeline(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "load_diffusers_pipeline", recording)
+    assert cli.main(["generate", "a red circle", "--diffusers", str(folder), "--height", "32", "--width", "32",
+                     "--steps", "2", "--out", str(tmp_path / "grid.png"), *option]) == 0
+    assert [(call.get("low_memory"), call.get("storage_dtype")) for call in calls] == [(True, expected)]

@@ -294,8 +294,9 @@ def test_the_command_line_draws_with_the_folder(folder, pipe, tmp_path, capsys):
                  "--steps", "3", "--n", "2", "--seed", "5", "--out-dir", str(out_dir)]) == 0
     written = sorted(out_dir.glob("*.png"))
     assert len(written) == 2
-    # SD's defaults (7.5, ddim) when --guidance and --sampler are not given
-    expected = pipe("a red circle", num_inference_steps=3, guidance_scale=7.5, sampler="ddim", seed=5,
+    # SD's defaults (7.5, ddim) when --guidance and --sampler are not given; the U-Net stored in float16
+    half = sd.load_diffusers_pipeline(folder, storage_dtype="float16")
+    expected = half("a red circle", num_inference_steps=3, guidance_scale=7.5, sampler="ddim", seed=5,
                     num_images_per_prompt=2, height=SIZE, width=SIZE, progress=False)
     for path, picture in zip(written, to_pil(expected)):
         with Image.open(path) as image:
