@@ -3,9 +3,10 @@
 The package is layered: a module imports only from the layers above it in this table (function-level imports
 included) and never another module's ``_private`` names. Within a layer: in the foundations and the interfaces
 a module may import those listed before it; among the models only ``text`` imports ``denoiser`` (its attention
-block), ``flow`` imports ``samplers`` (their interface) and ``adapt`` imports ``text`` (a new word); in the assembly
-only ``pretrained`` imports ``pipeline``; among the recipes only ``own_data`` and ``adapt_recipes`` import
-``recipes``. ``tests/test_layers.py`` enforces the rule.
+block), ``flow`` imports ``samplers`` (their interface), ``adapt`` imports ``text`` (a new word) and ``control``
+imports ``denoiser`` (the blocks it copies); in the assembly only ``pretrained`` imports ``pipeline``; among the
+recipes only ``own_data``, ``adapt_recipes`` and ``control_recipes`` import ``recipes``. ``tests/test_layers.py``
+enforces the rule.
 
 ====================  ===========================================================================
 layer                 modules
@@ -25,7 +26,8 @@ models and losses     ``vae``, ``denoiser`` (DiT, ``denoiser_loss``), ``unet`` (
                       samplers, EDM's preconditioning and Heun, an exact Gaussian mixture;
                       imports ``samplers``), ``adapt`` (personalisation: LoRA, textual
                       inversion, DreamBooth's prior preservation, adapter files; imports
-                      ``text``)
+                      ``text``), ``control`` (the edge map, the ControlNet for the DiT; imports
+                      ``denoiser``)
 the generic loop      ``training`` (``train``, EMA, ``TrainResult``, ``resolve_device``)
 assembly              ``pipeline`` (text→image, img2img, inpainting), ``pretrained`` (every
                       ``save_X`` with its ``load_X``, ``load_pipeline``), ``stable_diffusion``
@@ -36,7 +38,9 @@ recipes               ``recipes`` (``train_vae``, ``train_clip``, ``train_classi
                       skeleton), ``own_data`` (your own captioned images: the captions'
                       vocabulary, ``train_all_on_folder``; imports ``recipes``),
                       ``adapt_recipes`` (``train_adapter``: the star taught to a trained
-                      pipeline; ``train_star_reader``, its judge; imports ``recipes``)
+                      pipeline; ``train_star_reader``, its judge; imports ``recipes``),
+                      ``control_recipes`` (``train_controlnet``, ``control_accuracy``, the
+                      ControlNet's file; imports ``recipes``)
 interfaces            ``plotting``, ``widgets``, ``exercises/``, ``__main__`` (the command line)
 ====================  ===========================================================================
 """

@@ -424,6 +424,23 @@ class Denoiser(nn.Module):
             raise ValueError(f"pooled_text must be [B={B}, text_dim={cfg.text_dim}]; got {got}")
         return t
 
+    def _check_residuals(self, block_residuals, batch: int) -> None:
+        """``block_residuals``: None, or a list of at most ``depth`` floating-point tensors ``[B, N, D]``; else ValueError."""
+        if block_residuals is None:
+            return
+        cfg = self.config
+        expected = (batch, cfg.num_tokens, cfg.width)
+        if not isinstance(block_residuals, (list, tuple)) or len(block_residuals) > cfg.depth:
+            got = f"{len(block_residuals)} of them" if isinstance(block_residuals, (list, tuple)) \
+                else type(block_residuals).__name__
+            raise ValueError(f"block_residuals must be None or a list of at most {cfg.depth} (depth) tensors "
+                             f"{list(expected)}; got {got}")
+        for i, r in enumerate(block_residuals):
+            if not isinstance(r, torch.Tensor) or tuple(r.shape) != expected or not r.is_floating_point():
+                got = f"{list(r.shape)} {r.dtype}" if isinstance(r, torch.Tensor) else type(r).__name__
+                raise ValueError(f"block_residuals[{i}] must be a floating-point tensor {list(expected)} "
+                                 f"([B, N tokens, width]); got {got}")
+
     # -- forward -----------------------------------------------------------------------------------------
 
     def forward(
@@ -434,14 +451,19 @@ class Denoiser(nn.Module):
         text_mask: torch.Tensor | None = None,
         *,
         pooled_text: torch.Tensor | None = None,
+        block_residuals: list[torch.Tensor] | tuple[torch.Tensor, ...] | None = None,
     ) -> torch.Tensor:
         """Predict ε (or v, or x₀) for the noisy latent ``x_t`` ``[B, C, S, S]`` at timesteps ``t``.
 
         ``t``: a number or 0-d tensor (the same for the whole batch) or ``[B]``, in [0, T), may be fractional.
         ``text_tokens`` ``[B, L, text_dim]``, ``text_mask`` bool ``[B, L]`` (True = real token; None = all real).
         ``pooled_text`` ``[B, text_dim]`` replaces the default pooled text, the masked mean of ``text_tokens``.
+        ``block_residuals``: None, or a list of K ≤ depth tensors ``[B, N, D]``; residual i is added to the tokens
+        right after block i (i = 0..K−1): how a ControlNet (:class:`sdlearn.control.ControlNet`; Zhang et al. 2023)
+        steers the frozen model. None leaves the computation exactly as without it.
         """
         t = self._check_inputs(x_t, t, text_tokens, text_mask, pooled_text)
+        self._check_residuals(block_residuals, x_t.shape[0])
         cfg = self.config
 
         x = self.patch_embed(patchify(x_t, cfg.patch_size)) + self.pos_embed  # [B, N, D]
@@ -466,8 +488,11 @@ class Denoiser(nn.Module):
                 attn_mask = text_mask[:, None, None, :]  # [B, 1, 1, L], broadcast over heads and queries
 
         c = F.silu(c)  # every adaLN Linear reads SiLU(c)
-        for block in self.blocks:
+        residuals = () if block_residuals is None else block_residuals
+        for i, block in enumerate(self.blocks):
             x = block(x, c, text_tokens, attn_mask, text_present)
+            if i < len(residuals):
+                x = x + residuals[i].to(x.dtype)  # [B, N, D]: the ControlNet's say after block i
         x = self.final_layer(x, c)  # [B, N, C·p·p]
         return unpatchify(x, cfg.patch_size, cfg.latent_channels, cfg.latent_size)  # [B, C, S, S]
 

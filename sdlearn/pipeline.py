@@ -38,6 +38,16 @@ resampling). Finally the kept *pixels* are pasted back from the input (``paste_u
 decoder's reconstruction of them is close but not exact, and a cell freed by the max-pool may hold pixels that
 were to be kept.
 
+Inversion and editing (:meth:`LatentDiffusionPipeline.invert`, :meth:`LatentDiffusionPipeline.edit`): DDIM with
+η = 0 is a discretised ODE, so it can be run backwards, from the encoded image up to the x_T from which the same
+DDIM steps come back down to it (Song et al. 2021, §4.3). ``pipe(prompt, latents=x_T,
+sampler="ddim")`` then reconstructs the image; regenerating with a target prompt that changes one attribute edits
+it while the layout, which x_T encodes, stays.
+
+Control (:attr:`LatentDiffusionPipeline.controlnet`, ``control_image=``): a ControlNet (Zhang et al. 2023,
+:mod:`sdlearn.control`) reads the latents, the text and an edge map, and its residuals are added to the
+denoiser's first blocks at every step.
+
 The pipeline runs the modules it is given as they are (it does not switch them to eval mode);
 :func:`sdlearn.pretrained.load_pipeline` gives them in eval mode. All work runs under ``torch.no_grad()``.
 
@@ -56,11 +66,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from tqdm.auto import tqdm
 
 from sdlearn.checks import check_batch
+from sdlearn.control import check_control_image
 from sdlearn.flow import FLOW_SAMPLERS, FlowMatchSampler, check_sampler_fits, get_flow_sampler
 from sdlearn.samplers import SAMPLER_NAMES, Sampler, classifier_free_guidance, get_sampler, sample
-from sdlearn.schedules import NoiseSchedule
+from sdlearn.schedules import NoiseSchedule, convert_prediction
 from sdlearn.unet import UNetConfig
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,6 +254,8 @@ class LatentDiffusionPipeline:
         self.guidance_interval: tuple[float, float] = (0, GUIDANCE_INTERVAL_END * schedule.num_train_timesteps)
         # A flow denoiser's samplers space σ with SD3's resolution shift (1: none; Esser et al. 2024, §5.3.2).
         self.flow_shift = 1.0
+        # A ControlNet (sdlearn.control.ControlNet) attached here steers every call given a control_image.
+        self.controlnet = None
 
     to_numpy = staticmethod(to_numpy)
     to_pil = staticmethod(to_pil)
@@ -260,7 +274,7 @@ class LatentDiffusionPipeline:
 
     def to(self, device: str | torch.device) -> LatentDiffusionPipeline:
         """Move every module to ``device``; returns the pipeline."""
-        for module in (self.vae, self.text_encoder, self.denoiser):
+        for module in (self.vae, self.text_encoder, self.denoiser, self.controlnet):
             if module is not None:
                 module.to(device)
         return self
@@ -355,28 +369,40 @@ class LatentDiffusionPipeline:
         return prompts, negatives, steps, guidance_scale, solver, generator, int(num_images_per_prompt)
 
     def _model_fn(self, prompts: list[str], negatives: list[str], guidance_scale: float, k: int,
-                  guidance_interval=None) -> Callable:
+                  guidance_interval=None, control: torch.Tensor | None = None,
+                  conditioning_scale: float = 1.0) -> Callable:
         """The text encoded once and repeated k times per prompt, and ``model_fn(x, t)`` giving the guided
         prediction for the N = P·k latents x ``[N, 4, 8, 8]``; guided only at timesteps inside
-        ``guidance_interval`` (None: the pipeline's ``guidance_interval``), the conditional prediction elsewhere."""
+        ``guidance_interval`` (None: the pipeline's ``guidance_interval``), the conditional prediction elsewhere.
+
+        ``control`` ``[N, 1, 32, 32]`` (checked): the attached ControlNet reads it (both halves of a guided batch
+        get the same control image, as in diffusers) and its residuals are added to the denoiser's blocks."""
         low, high = _check_interval(self.guidance_interval if guidance_interval is None else guidance_interval,
                                     self.schedule.num_train_timesteps)
-        denoiser = self.denoiser
+        denoiser, controlnet = self.denoiser, self.controlnet
+
+        def denoise(x, t, tokens=None, mask=None):
+            if control is None:
+                return denoiser(x, t) if tokens is None else denoiser(x, t, tokens, mask)
+            repeat = x.shape[0] // control.shape[0]  # 2 in a guided batch [uncond; cond], else 1
+            residuals = controlnet(x, t, tokens, mask, control.repeat(repeat, 1, 1, 1), conditioning_scale)
+            return denoiser(x, t, tokens, mask, block_residuals=residuals)
+
         if self.text_encoder is None:
-            return lambda x, t: denoiser(x, t)
+            return lambda x, t: denoise(x, t)
         guided = guidance_scale != 1.0
         tokens, mask = self.encode_prompt(negatives + prompts if guided else prompts)  # [2P or P, L, D]
         tokens, mask = tokens.repeat_interleave(k, dim=0), mask.repeat_interleave(k, dim=0)  # [2N or N, L, D]
         if not guided:  # ε̃ = ε_c: no unconditional pass
-            return lambda x, t: denoiser(x, t, tokens, mask)
+            return lambda x, t: denoise(x, t, tokens, mask)
 
         def model_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             inside = torch.as_tensor(t).expand(x.shape[0]).cpu()  # [N] timesteps
             inside = (inside >= low) & (inside <= high)  # [N]: guided here (Kynkäänniemi et al. 2024)
             if not inside.any():  # outside the interval: the conditional prediction, one pass
                 n = x.shape[0]
-                return denoiser(x, t, tokens[n:], mask[n:])
-            both = denoiser(torch.cat([x, x]), t, tokens, mask)  # [2N, 4, 8, 8]: one batched call
+                return denoise(x, t, tokens[n:], mask[n:])
+            both = denoise(torch.cat([x, x]), t, tokens, mask)  # [2N, 4, 8, 8]: one batched call
             uncond, cond = both.chunk(2)
             guided = classifier_free_guidance(uncond, cond, guidance_scale)
             return guided if inside.all() else torch.where(inside.to(x.device)[:, None, None, None], guided, cond)
@@ -384,10 +410,38 @@ class LatentDiffusionPipeline:
         return model_fn
 
     @torch.no_grad()
-    def _denoise(self, model_fn, solver, steps, generator, n, progress, callback, x0=None, strength=1.0):
-        noise = _draw_noise((n, *self.latent_shape), generator, self.device)  # [N, 4, 8, 8]
+    def _denoise(self, model_fn, solver, steps, generator, n, progress, callback, x0=None, strength=1.0,
+                 latents=None):
+        noise = _draw_noise((n, *self.latent_shape), generator, self.device) if latents is None else latents
         return sample(model_fn, solver, noise.shape, steps, generator=generator, progress=progress,
                       callback=callback, noise=noise, x0=x0, strength=strength)
+
+    def _check_latents(self, latents, n: int) -> torch.Tensor:
+        """``latents`` as float32 ``[N, 4, 8, 8]`` on the pipeline's device, or a ValueError naming that shape."""
+        expected = [n, *self.latent_shape]
+        if not isinstance(latents, torch.Tensor) or list(latents.shape) != expected or not latents.is_floating_point():
+            got = f"shape {list(latents.shape)}" if isinstance(latents, torch.Tensor) else type(latents).__name__
+            raise ValueError(f"latents must be a float tensor of shape {expected} (prompts × num_images_per_prompt, "
+                             f"then the latent shape), got {got}")
+        if not torch.isfinite(latents).all():
+            raise ValueError(f"latents of shape {expected} contain NaN or infinite values")
+        return latents.to(self.device, torch.float32)
+
+    def _check_control(self, control_image, n: int, conditioning_scale) -> torch.Tensor | None:
+        """The control image for N images, ``[N, 1, 32, 32]`` on the device (one image is repeated), or None."""
+        if control_image is None:
+            return None
+        if self.controlnet is None:
+            raise ValueError("control_image needs a ControlNet, and this pipeline has none: load one with "
+                             "load_pipeline(controlnet=True), or attach one as pipe.controlnet")
+        if isinstance(conditioning_scale, bool) or not isinstance(conditioning_scale, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(conditioning_scale):
+            raise ValueError(f"controlnet_conditioning_scale must be a finite number (1 = full control, 0 = none), "
+                             f"got {conditioning_scale!r}")
+        self.controlnet.config.check_fits(self.denoiser)
+        if isinstance(control_image, torch.Tensor) and control_image.dim() == 3:
+            control_image = control_image[None]  # one control image [1, 32, 32] for every image
+        return check_control_image(control_image, n).to(self.device, torch.float32)  # [N, 1, 32, 32]
 
     # -- text → image -----------------------------------------------------------------------------------
 
@@ -405,6 +459,9 @@ class LatentDiffusionPipeline:
         progress: bool = True,
         callback: Callable | None = None,
         guidance_interval: tuple[float, float] | None = None,
+        latents: torch.Tensor | None = None,
+        control_image: torch.Tensor | None = None,
+        controlnet_conditioning_scale: float = 1.0,
     ) -> torch.Tensor:
         """Images for ``prompt`` → ``[N, 3, 32, 32]`` in [-1, 1] on ``pipe.device``, N = len(prompts) · num_images_per_prompt,
         grouped by prompt (the k images of prompt 0 first).
@@ -423,11 +480,23 @@ class LatentDiffusionPipeline:
           prediction elsewhere (Kynkäänniemi et al. 2024: guidance at the highest noise levels collapses the
           variety of what a prompt leaves open, and at the lowest it does little). None: the pipeline's
           ``guidance_interval`` attribute; ``(0, T)`` guides at every step.
+        - ``latents`` ``[N, 4, 8, 8]``: the starting x_T in place of drawn noise. As in diffusers, they are
+          multiplied by ``sampler.init_noise_sigma`` exactly as drawn noise is (1 for DDIM, DDPM, DPM++ and the flow
+          samplers), so ``pipe(prompt, latents=pipe.invert(image, prompt), sampler="ddim")`` with the same steps
+          regenerates the image. Then ``seed``/``generator`` matter only to a stochastic sampler (DDPM).
+        - ``control_image`` ``[N, 1, 32, 32]`` or one ``[1, 32, 32]`` for all, in [0, 1] (an edge map,
+          :func:`sdlearn.control.edge_map`): steers the layout through the attached :attr:`controlnet` (Zhang et al.
+          2023), whose residuals, times ``controlnet_conditioning_scale``, are added to the denoiser's blocks.
         """
         prompts, negatives, steps, w, solver, generator, k = self._prepare(
             prompt, negative_prompt, num_inference_steps, guidance_scale, sampler, generator, seed, num_images_per_prompt)
-        model_fn = self._model_fn(prompts, negatives, w, k, guidance_interval)
-        latents = self._denoise(model_fn, solver, steps, generator, len(prompts) * k, progress, callback)
+        n = len(prompts) * k
+        if latents is not None:
+            latents = self._check_latents(latents, n)
+        control = self._check_control(control_image, n, controlnet_conditioning_scale)
+        model_fn = self._model_fn(prompts, negatives, w, k, guidance_interval, control,
+                                  float(controlnet_conditioning_scale))
+        latents = self._denoise(model_fn, solver, steps, generator, n, progress, callback, latents=latents)
         return self.decode_latents(latents)
 
     # -- image → image and inpainting --------------------------------------------------------------------
@@ -472,6 +541,135 @@ class LatentDiffusionPipeline:
         latents = self._denoise(model_fn, solver, steps, generator, len(latents), kwargs.get("progress", True),
                                 kwargs.get("callback"), x0=latents, strength=strength)
         return self.decode_latents(latents)
+
+    # -- inversion and editing ----------------------------------------------------------------------------
+
+    def _inversion_sampler(self, steps: int) -> Sampler:
+        """The deterministic sampler that inversion runs backwards, with its timesteps set for ``steps``: DDIM
+        (η = 0) for a diffusion denoiser, flow Euler for a flow denoiser."""
+        solver = self.get_sampler("euler" if self.is_flow else "ddim")
+        solver.set_timesteps(steps)
+        return solver
+
+    def _step_up(self, solver: Sampler, i: int, model_output: torch.Tensor, x_at: torch.Tensor,
+                 x_low: torch.Tensor) -> torch.Tensor:
+        """The latents at entry ``i`` of ``solver.timesteps`` from ``x_low``, those one sampling step below it,
+        given the model's output at ``x_at`` (≈ the unknown latents) and timestep ``timesteps[i]``.
+
+        DDIM: the step x_t → x_s (Song et al. 2021, eq. 12, η = 0) read from s up to t: with ε̂ taken as known,
+        x̂₀ = (x_s − √(1 − ᾱ_s) ε̂) / √ᾱ_s and x_t = √ᾱ_t x̂₀ + √(1 − ᾱ_t) ε̂. Flow Euler: x_{σ_i} = x_{σ_{i+1}} +
+        (σ_i − σ_{i+1}) v̂."""
+        if self.is_flow:
+            return x_low + (solver.sigmas[i] - solver.sigmas[i + 1]).to(x_low) * model_output
+        t = int(solver.timesteps[i])
+        s = t - solver.num_train_timesteps // solver.num_inference_steps  # as DDIMSampler.step's t_prev
+        alpha_t = solver.alphas_cumprod[t]
+        alpha_s = solver.alphas_cumprod[s] if s >= 0 else solver.final_alpha_cumprod
+        _, eps = convert_prediction(model_output, alpha_t, x_at, solver.prediction_type)
+        x0 = (x_low - (1 - alpha_s).sqrt() * eps) / alpha_s.sqrt()
+        return alpha_t.sqrt() * x0 + (1 - alpha_t).sqrt() * eps
+
+    def _invert_latents(self, latents: torch.Tensor, model_fn: Callable, solver: Sampler, stop: int,
+                        fixed_point_iterations: int, progress: bool) -> torch.Tensor:
+        """Clean latents → the latents at entry ``stop`` of ``solver.timesteps`` (0: x_T), walking the sampler's
+        grid backwards. The model is read at the step's upper timestep with the latents below it, ε(x_t, t) ≈
+        ε(x_s, t), as diffusers' DDIMInverseScheduler does; each of ``fixed_point_iterations`` re-reads it at the
+        latest estimate of x_t (Pan et al. 2023, "Effective real image editing with accelerated iterative
+        diffusion inversion"), which converges to the x_t that the sampling step maps back to x_s exactly."""
+        indices = range(len(solver.timesteps) - 1, stop - 1, -1)
+        for i in tqdm(indices, desc=f"{solver.name} inversion", disable=not progress, leave=False):
+            t, x = solver.timesteps[i], latents
+            for _ in range(1 + fixed_point_iterations):
+                x = self._step_up(solver, i, model_fn(x, t), x, latents)
+            latents = x
+        return latents
+
+    def _regenerate(self, latents: torch.Tensor, model_fn: Callable, solver: Sampler, start: int,
+                    progress: bool) -> torch.Tensor:
+        """Sample from ``latents`` at entry ``start`` of ``solver.timesteps`` (its timesteps already set) down to
+        the clean latents."""
+        for t in tqdm(solver.timesteps[start:], desc=solver.name, disable=not progress, leave=False):
+            latents = solver.step(model_fn(latents, t), t, latents)
+        return latents
+
+    @staticmethod
+    def _check_iterations(fixed_point_iterations) -> int:
+        if isinstance(fixed_point_iterations, bool) or not isinstance(fixed_point_iterations, (int, np.integer)) \
+                or fixed_point_iterations < 0:
+            raise ValueError(f"fixed_point_iterations must be a whole number ≥ 0 (0 = plain DDIM inversion), "
+                             f"got {fixed_point_iterations!r}")
+        return int(fixed_point_iterations)
+
+    @torch.no_grad()
+    def invert(self, image: torch.Tensor, prompt: str | list[str], num_inference_steps: int = 20,
+               guidance_scale: float = 1.0, negative_prompt: str | list[str] | None = None, progress: bool = True,
+               guidance_interval: tuple[float, float] | None = None, fixed_point_iterations: int = 0) -> torch.Tensor:
+        """DDIM inversion: ``image`` ``[B, 3, 32, 32]`` in [-1, 1] → the latents x_T ``[N, 4, 8, 8]`` from which
+        ``pipe(prompt, latents=x_T, sampler="ddim", num_inference_steps=..., guidance_scale=...)`` (same steps,
+        prompt and guidance) regenerates it. N = max(B, number of prompts); they pair up as in :meth:`img2img`.
+
+        The image is encoded (the posterior's mean, deterministic) and DDIM with η = 0, an ODE solver, is run
+        backwards over the timesteps the DDIM sampler walks for ``num_inference_steps`` (Song et al. 2021, §4.3 and
+        eq. 12 read from t to t + Δ). A flow denoiser runs its Euler sampler backwards instead; regenerate with
+        ``sampler="euler"``. The inversion is exact only where ε changes little over one step; at
+        ``guidance_scale`` > 1 the guided ε amplifies that error step after step, so the image drifts (Mokady et al.
+        2023, "Null-text inversion", §3): invert and regenerate at guidance 1 to reconstruct.
+        ``fixed_point_iterations`` > 0 refines each step (see :meth:`_invert_latents`) at that many extra model
+        calls a step."""
+        steps = _check_steps(num_inference_steps)
+        iterations = self._check_iterations(fixed_point_iterations)
+        image = self._check_image(image)
+        prompts, negatives, _, w, _, _, _ = self._prepare(prompt, negative_prompt, steps, guidance_scale, None,
+                                                          None, None, 1)
+        prompts, negatives, image = self._pair(prompts, negatives, image)
+        solver = self._inversion_sampler(steps)
+        model_fn = self._model_fn(prompts, negatives, w, 1, guidance_interval)
+        return self._invert_latents(self.encode_image(image), model_fn, solver, 0, iterations, progress)
+
+    @torch.no_grad()
+    def edit(self, image: torch.Tensor, source_prompt: str | list[str], target_prompt: str | list[str],
+             num_inference_steps: int = 20, guidance_scale: float = 2.0, strength: float = 1.0,
+             negative_prompt: str | list[str] | None = None, progress: bool = True,
+             guidance_interval: tuple[float, float] | None = None, fixed_point_iterations: int = 0) -> torch.Tensor:
+        """Change what ``target_prompt`` changes in ``image`` ``[B, 3, 32, 32]``, keep the rest → images ``[N, 3, 32, 32]``.
+
+        DDIM-inversion editing: the image is inverted with ``source_prompt`` (the caption it has) at guidance 1, the
+        one setting at which inversion is (near) exact, and the latents are denoised by DDIM with ``target_prompt``
+        (the caption with one attribute changed) at ``guidance_scale``. Starting from the image's own x_T keeps
+        its layout and background; the target's guided prediction changes the attribute. Guidance 1 may leave the
+        source's attribute (the inverted x_T still encodes it); a large guidance drifts away from the inverted
+        path (Mokady et al. 2023, §3) and changes what should stay, so the default is a modest 2.
+
+        ``strength`` ∈ (0, 1]: invert only ⌊steps · strength⌋ steps, to t ≈ strength·T, and regenerate from there
+        (SDEdit, Meng et al. 2022, started from the inverted latents instead of fresh noise): smaller keeps more,
+        and may not change the attribute; 0 returns the VAE's reconstruction. ``negative_prompt``: the
+        unconditional prompt of the regeneration's guidance ("" by default; the source prompt gives
+        Miyake et al.'s 2023 "negative-prompt inversion" direction, ε_src + w (ε_tgt − ε_src)).
+        Prompts pair up with images as in :meth:`img2img`; source and target prompts as lists must be as long.
+        ``fixed_point_iterations`` as in :meth:`invert`."""
+        steps = _check_steps(num_inference_steps)
+        strength = _check_strength(strength)
+        iterations = self._check_iterations(fixed_point_iterations)
+        image = self._check_image(image)
+        sources, targets = _prompt_list(source_prompt, "source_prompt"), _prompt_list(target_prompt, "target_prompt")
+        if len(sources) != len(targets):
+            if len(sources) != 1 and len(targets) != 1:
+                raise ValueError(f"got {len(sources)} source prompts and {len(targets)} target prompts; give as "
+                                 "many of each, or one of either")
+            sources, targets = (sources * len(targets), targets) if len(sources) == 1 else (sources, targets * len(sources))
+        targets, negatives, _, w, _, _, _ = self._prepare(targets, negative_prompt, steps, guidance_scale, None,
+                                                          None, None, 1)
+        sources, _, _ = self._pair(sources, sources, image)
+        targets, negatives, image = self._pair(targets, negatives, image)
+        latents = self.encode_image(image)  # [N, 4, 8, 8]
+        steps_run = int(steps * strength)
+        if steps_run == 0:
+            return self.decode_latents(latents)
+        start = steps - steps_run  # the entry of the sampler's timesteps that inversion stops at
+        inversion = self._model_fn(sources, [""] * len(sources), 1.0, 1)
+        latents = self._invert_latents(latents, inversion, self._inversion_sampler(steps), start, iterations, progress)
+        model_fn = self._model_fn(targets, negatives, w, 1, guidance_interval)
+        return self.decode_latents(self._regenerate(latents, model_fn, self._inversion_sampler(steps), start, progress))
 
     def _check_mask(self, mask, batch: int) -> torch.Tensor:
         _, H, W = self.image_shape

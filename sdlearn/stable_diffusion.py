@@ -866,6 +866,7 @@ class SDPipeline:
         guidance_interval: tuple[float, float] | None = None,
         height: int | None = None,
         width: int | None = None,
+        latents: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Images for ``prompt`` → ``[N, 3, height, width]`` in [-1, 1] on ``pipe.device``,
         N = len(prompts) · ``num_images_per_prompt``, grouped by prompt.
@@ -875,7 +876,8 @@ class SDPipeline:
         (512 × 512 for SD v1.5), each a multiple of :attr:`size_multiple` (64 for SD) or ``ValueError``. ``seed``
         or ``generator`` (a ``torch.Generator``, or a list of one per image); ``callback(i, t, latents, x0_pred)``
         after each step; ``guidance_interval`` ``(t_low, t_high)`` guides only at those timesteps (None: every
-        step, as SD)."""
+        step, as SD); ``latents`` ``[N, 4, height/8, width/8]``: the starting noise x_T instead of a draw (as diffusers
+        takes it: multiplied by the sampler's ``init_noise_sigma``)."""
         steps = _whole(num_inference_steps, "num_inference_steps")
         if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
                 or not math.isfinite(guidance_scale) or guidance_scale < 0:
@@ -914,7 +916,15 @@ class SDPipeline:
         tokens = tokens.repeat_interleave(k, dim=0)  # [2N or N, 77, D]
         n = len(prompts) * k
         shape = (n, self.latent_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        noise = self.draw_noise(shape, generator)  # [N, 4, H/8, W/8]
+        if latents is None:
+            noise = self.draw_noise(shape, generator)  # [N, 4, H/8, W/8]
+        elif not isinstance(latents, torch.Tensor) or tuple(latents.shape) != shape \
+                or not latents.is_floating_point() or not bool(torch.isfinite(latents).all()):
+            raise ValueError(f"latents must be a finite float tensor of shape {list(shape)} (images, latent channels, "
+                             f"height/{self.vae_scale_factor}, width/{self.vae_scale_factor}), got "
+                             f"{list(latents.shape) if isinstance(latents, torch.Tensor) else type(latents).__name__}")
+        else:
+            noise = latents.float().to(self.device)
         unet = self.network("unet")
 
         def model_fn(x: torch.Tensor, t: torch.Tensor, unet: UNet = unet) -> torch.Tensor:  # (bound: del frees it)

@@ -164,7 +164,7 @@ def test_the_pipeline_runs_sdlearns_pieces(pipe, folder):
     from sdlearn.pipeline import LatentDiffusionPipeline
 
     ours = set(inspect.signature(LatentDiffusionPipeline.__call__).parameters)
-    assert ours | {"height", "width"} == set(defaults)
+    assert ours - {"control_image", "controlnet_conditioning_scale"} | {"height", "width"} == set(defaults)
     # the U-Net is the folder's: equal outputs to diffusers' on the same input
     from diffusers import UNet2DConditionModel
 
@@ -327,3 +327,12 @@ def test_the_command_line_names_what_a_folder_lacks(tmp_path, capsys):
     assert "model_index.json is missing" in err and err.count("\n") == 1, err
     assert main(["generate", "a", "--height", "64", "--out", str(tmp_path / "x.png")]) == 2
     assert "--height and --width are for --diffusers" in capsys.readouterr().err
+
+
+def test_given_latents_are_the_starting_noise(pipe):
+    kwargs = dict(num_inference_steps=STEPS, height=SIZE, width=SIZE, progress=False)
+    noise = torch.randn((2, 4, SIZE // 4, SIZE // 4), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(pipe(PROMPTS, latents=noise, seed=9, **kwargs), pipe(PROMPTS, seed=0, **kwargs))
+    for bad in (noise[:1], noise[..., :2], noise.long(), noise * float("nan"), [1.0]):
+        with pytest.raises(ValueError, match=r"latents must be a finite float tensor of shape \[2, 4, 8, 8\]"):
+            pipe(PROMPTS, latents=bad, **kwargs)
