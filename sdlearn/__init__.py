@@ -3,9 +3,10 @@
 The package is layered: a module imports only from the layers above it in this table (function-level imports
 included) and never another module's ``_private`` names. Within a layer: in the foundations and the interfaces
 a module may import those listed before it; among the models only ``text`` imports ``denoiser`` (its attention
-block), ``flow`` imports ``samplers`` (their interface), ``adapt`` imports ``text`` (a new word) and ``control``
-imports ``denoiser`` (the blocks it copies); in the assembly only ``pretrained`` imports ``pipeline``; among the
-recipes only ``own_data``, ``adapt_recipes`` and ``control_recipes`` import ``recipes``. ``tests/test_layers.py``
+block), ``flow`` imports ``samplers`` (their interface), ``adapt`` imports ``text`` (a new word), ``control``
+imports ``denoiser`` (the blocks it copies) and ``distill`` imports ``denoiser`` and ``samplers`` (the student and
+its sampler); in the assembly only ``pretrained`` imports ``pipeline``; among the recipes only ``own_data``,
+``adapt_recipes``, ``control_recipes`` and ``distill_recipes`` import ``recipes``. ``tests/test_layers.py``
 enforces the rule.
 
 ====================  ===========================================================================
@@ -27,7 +28,8 @@ models and losses     ``vae``, ``denoiser`` (DiT, ``denoiser_loss``), ``unet`` (
                       imports ``samplers``), ``adapt`` (personalisation: LoRA, textual
                       inversion, DreamBooth's prior preservation, adapter files; imports
                       ``text``), ``control`` (the edge map, the ControlNet for the DiT; imports
-                      ``denoiser``)
+                      ``denoiser``), ``distill`` (the consistency student, its sampler and
+                      loss; imports ``denoiser`` and ``samplers``)
 the generic loop      ``training`` (``train``, EMA, ``TrainResult``, ``resolve_device``)
 assembly              ``pipeline`` (text→image, img2img, inpainting), ``pretrained`` (every
                       ``save_X`` with its ``load_X``, ``load_pipeline``), ``stable_diffusion``
@@ -40,7 +42,9 @@ recipes               ``recipes`` (``train_vae``, ``train_clip``, ``train_classi
                       ``adapt_recipes`` (``train_adapter``: the star taught to a trained
                       pipeline; ``train_star_reader``, its judge; imports ``recipes``),
                       ``control_recipes`` (``train_controlnet``, ``control_accuracy``, the
-                      ControlNet's file; imports ``recipes``)
+                      ControlNet's file; imports ``recipes``),
+                      ``distill_recipes`` (``train_distill``: the few-step student of the
+                      DiT; imports ``recipes``)
 interfaces            ``plotting``, ``widgets``, ``exercises/``, ``__main__`` (the command line)
 ====================  ===========================================================================
 """

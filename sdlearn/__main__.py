@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import io
 import math
 import os
@@ -30,14 +31,15 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from sdlearn import adapt_recipes, own_data, recipes
+from sdlearn import adapt_recipes, control_recipes, distill_recipes, own_data, recipes
 from sdlearn.adapt import adapter_file_bytes, parse_method
 from sdlearn.checkpoint import atomic_write_bytes
+from sdlearn.control import edge_map
 from sdlearn.exercises import write_student_copies
 from sdlearn.flow import FLOW_SAMPLERS
 from sdlearn.pipeline import SEED_HIGH, check_seed, to_pil
 from sdlearn.plotting import image_grid, to_image
-from sdlearn.pretrained import DENOISERS, load_pipeline
+from sdlearn.pretrained import DENOISERS, FAST_STEPS, load_pipeline
 from sdlearn.samplers import SAMPLER_NAMES
 from sdlearn.stable_diffusion import load_diffusers_pipeline
 from sdlearn.training import TrainingInterrupted, check_writable_folder, resolve_device, set_threads
@@ -53,6 +55,8 @@ TRAINERS = {
     "unet": recipes.train_unet,
     "flow": recipes.train_flow,
     "all": recipes.train_all,
+    "distill": distill_recipes.train_distill,  # the few-step student of the shipped DiT (sdlearn.distill)
+    "controlnet": control_recipes.train_controlnet,  # the ControlNet of the shipped DiT (sdlearn.control)
 }
 # python -m sdlearn train NAME --data FOLDER → the recipe for a folder of your own images (sdlearn.own_data); it also
 # takes the folder, as ``data``. The classifier and the scene reader read Shapes scenes only.
@@ -131,24 +135,30 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("prompt", help='what to draw, e.g. "a small red circle in the top left"')
     generate.add_argument("--negative", default=None, help="negative prompt (replaces the empty prompt in guidance)")
     generate.add_argument("--steps", type=_positive_int, default=None,
-                          help="sampling steps (default 20; with --diffusers 50, as Stable Diffusion)")
+                          help="sampling steps (default 20; with --denoiser fast 4; with --diffusers 50, as Stable "
+                               "Diffusion)")
     generate.add_argument("--guidance", type=_non_negative_float, default=None,
-                          help="guidance scale (default 4; with --diffusers 7.5)")
+                          help="guidance scale (default 4; with --diffusers 7.5; --denoiser fast has it distilled in: "
+                               "leave it out)")
     generate.add_argument("--sampler", choices=SAMPLER_NAMES, default=None,
                           help="sampler (default dpm++; with --denoiser flow euler, its flow sampler (heun the other); "
-                               "with --diffusers ddim)")
+                               "with --denoiser fast its consistency sampler; with --diffusers ddim)")
     generate.add_argument("--seed", type=_seed_in(SEED_HIGH), default=0, help="random seed, 0 to 2**64 - 1 (default 0)")
     generate.add_argument("--n", type=_positive_int, default=1, help="number of images (default 1)")
     generate.add_argument("--out", default=None, help=f"PNG file for a grid of the images (at most {MAX_GRID_IMAGES})")
     generate.add_argument("--out-dir", default=None, help="folder for one 32×32 PNG per image")
     generate.add_argument("--weights", default=None, help="folder written by 'train all' (default: the shipped weights)")
-    generate.add_argument("--denoiser", choices=list(DENOISERS), default="dit",
+    generate.add_argument("--denoiser", choices=[*DENOISERS, "fast"], default="dit",
                           help="dit (default: the transformer, denoiser.*), unet (the course U-Net, unet.*, written "
-                               "by 'train unet') or flow (the transformer trained with rectified flow, flow.*, written by "
-                               "'train flow')")
+                               "by 'train unet'), flow (the transformer trained with rectified flow, flow.*, written by "
+                               "'train flow') or fast (the few-step student distilled from the transformer, student.*, "
+                               "written by 'train distill'; 4 steps by default)")
     generate.add_argument("--diffusers", default=None, metavar="PATH",
                           help="a local Stable Diffusion v1/v2 folder in diffusers' format (model_index.json, unet/, "
                                "vae/, ...), run by sdlearn's own U-Net, samplers and guidance; nothing is downloaded")
+    generate.add_argument("--control-image", default=None, metavar="PNG",
+                          help="a 32×32 PNG, an outline or a filled silhouette (white on black): the shipped ControlNet "
+                               "draws the object there (with the DiT only)")
     generate.add_argument("--storage-dtype", choices=["float16", "bfloat16", "float32"], default="float16",
                           help="with --diffusers: the U-Net's Linear and conv weights kept in this dtype, computed in "
                                "float32 (default float16: SD v1.5's U-Net in 1.7 GB instead of 3.4 GB)")
@@ -242,6 +252,21 @@ def _check_writable(option: str, folder: Path) -> None:
         raise _reworded(error, f"{option}: {error}") from None
 
 
+def read_control_image(path: str | os.PathLike) -> torch.Tensor:
+    """A 32 × 32 PNG (an outline or a filled silhouette, white on black) → its edge map ``[1, 1, 32, 32]`` in {0, 1}
+    (:func:`sdlearn.control.edge_map` of its grayscale in [0, 1]: an outline stays itself, a silhouette becomes its
+    outline); a file that is not a 32 × 32 image raises ValueError in one line."""
+    try:
+        with Image.open(path) as image:
+            gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0  # [H, W] in [0, 1]
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--control-image {str(path)!r}: not an image PIL can read ({e})") from None
+    if gray.shape != (32, 32):
+        raise ValueError(f"--control-image {str(path)!r} is {gray.shape[1]} × {gray.shape[0]} pixels; expected a "
+                         f"32 × 32 outline or silhouette, white on black")
+    return edge_map(torch.from_numpy(gray)[None, None])  # [1, 1, 32, 32]
+
+
 def _check_outputs(out, out_dir, count: int) -> tuple[Path | None, Path | None]:
     """Refuse outputs that cannot be written, before any image is drawn."""
     out = Path(out) if out is not None else None
@@ -293,6 +318,7 @@ def generate_files(
     width: int | None = None,
     adapter: str | os.PathLike | None = None,
     storage_dtype: str = "float16",
+    control_image: str | os.PathLike | None = None,
 ) -> Iterator[Path]:
     """:func:`generate_to_files`, yielding each path as soon as its file is written (what the command line prints).
 
@@ -307,7 +333,9 @@ def generate_files(
     course's weights, one network at a time and the U-Net's weights stored in ``storage_dtype`` (computed in float32);
     ``height``/``width``/``storage_dtype`` are for it only. Unset steps, guidance and sampler take the course's
     defaults (20, 4, dpm++) or, with ``diffusers``, Stable Diffusion's (50, 7.5, ddim). ``adapter``: as in
-    :func:`sdlearn.pretrained.load_pipeline` ("star", or an adapter file)."""
+    :func:`sdlearn.pretrained.load_pipeline` ("star", or an adapter file). ``control_image``: a 32 × 32 PNG, an
+    outline or a filled silhouette (white on black; read as grayscale in [0, 1]), whose edge map
+    (:func:`sdlearn.control.edge_map`) steers the shipped ControlNet (``load_pipeline(controlnet=True)``)."""
     if diffusers is not None:
         if weights is not None or denoiser != "dit" or adapter is not None:
             raise ValueError("--diffusers runs that folder's own models: leave out --weights, --denoiser and --adapter")
@@ -315,11 +343,14 @@ def generate_files(
     else:
         if height is not None or width is not None:
             raise ValueError("--height and --width are for --diffusers: the course's models draw 32 × 32 images")
-        defaults = (20, 4.0, "euler" if denoiser == "flow" else "dpm++")
+        if denoiser == "fast" and guidance_scale not in (None, 1):
+            raise ValueError(f"--denoiser fast has guidance distilled in (one pass per step); leave out --guidance, "
+                             f"got {guidance_scale:g}")
+        defaults = (FAST_STEPS, 1.0, "lcm") if denoiser == "fast" else (20, 4.0, "euler" if denoiser == "flow" else "dpm++")
     num_inference_steps, guidance_scale, sampler = (
         default if value is None else value for value, default in zip((num_inference_steps, guidance_scale, sampler),
                                                                       defaults))
-    if sampler not in SAMPLER_NAMES:
+    if sampler not in SAMPLER_NAMES and not (sampler == "lcm" and denoiser == "fast"):
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLER_NAMES)}")
     if denoiser == "flow" and sampler not in FLOW_SAMPLERS:
         raise ValueError(f"--denoiser flow was trained with rectified flow: its samplers are "
@@ -329,6 +360,10 @@ def generate_files(
             raise ValueError(f"{name} must be a whole number ≥ 1, got {value!r}")
     count, batch_size = int(num_images_per_prompt), int(batch_size)
     out, out_dir = _check_outputs(out, out_dir, count)
+    if control_image is not None:
+        if diffusers is not None or denoiser != "dit":
+            raise ValueError("--control-image steers the course's DiT: leave out --diffusers and --denoiser")
+        control = read_control_image(control_image)
     generator = torch.Generator().manual_seed(check_seed(seed)) if seed is not None else None
     if diffusers is not None:
         pipe = load_diffusers_pipeline(diffusers, device=resolve_device(device), low_memory=True,  # one network at a time
@@ -336,7 +371,10 @@ def generate_files(
         size = pipe.image_size(height, width)
         draw = functools.partial(pipe, height=size[0], width=size[1])
     else:
-        pipe = draw = load_pipeline(weights, device=resolve_device(device), denoiser=denoiser, adapter=adapter)
+        pipe = draw = load_pipeline(weights, device=resolve_device(device), denoiser=denoiser, adapter=adapter,
+                                    controlnet=control_image is not None)
+        if control_image is not None:
+            draw = functools.partial(pipe, control_image=control.to(pipe.device))
 
     def refuse_non_finite(i, t, latents, x0_pred) -> None:
         if not torch.isfinite(latents).all():
@@ -382,8 +420,8 @@ def generate_to_files(
     *,
     out_dir: str | os.PathLike | None = None,
     negative_prompt: str | None = None,
-    num_inference_steps: int = 20,
-    guidance_scale: float = 4.0,
+    num_inference_steps: int | None = None,
+    guidance_scale: float | None = None,
     sampler: str | None = None,
     seed: int | None = 0,
     num_images_per_prompt: int = 1,
@@ -395,8 +433,9 @@ def generate_to_files(
     denoiser: str = "dit",
 ) -> list[Path]:
     """What ``python -m sdlearn generate`` does: load the pipeline (the shipped weights, or the folder ``weights``
-    that ``python -m sdlearn train all`` wrote; ``denoiser``: "dit", "unet" or "flow", as in
-    :func:`sdlearn.pretrained.load_pipeline`), generate ``num_images_per_prompt`` images of ``prompt``, and write them as
+    that ``python -m sdlearn train all`` wrote; ``denoiser``: "dit", "unet", "flow" or "fast", as in
+    :func:`sdlearn.pretrained.load_pipeline`; unset steps and guidance: 20 and 4, or for "fast" 4 steps and the
+    guidance distilled into it), generate ``num_images_per_prompt`` images of ``prompt``, and write them as
     one grid PNG to ``out`` (at most :data:`MAX_GRID_IMAGES` images) and/or one PNG per image (``out_dir/NNN.png``,
     32×32). Returns the paths written. Folders are created as needed.
 
@@ -426,6 +465,7 @@ def _run(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance, sampler=args.sampler, seed=args.seed, num_images_per_prompt=args.n,
             weights=args.weights, device=args.device, denoiser=args.denoiser, diffusers=args.diffusers,
             height=args.height, width=args.width, adapter=args.adapter, storage_dtype=args.storage_dtype,
+            control_image=args.control_image,
         ):
             print(path, flush=True)
         return 0
@@ -440,6 +480,8 @@ def _run(args: argparse.Namespace) -> int:
         train_fn = TRAINERS[args.model]
         kwargs = dict(out_dir=args.out or f"runs/{args.model}", minutes=args.minutes, steps=args.steps, device=args.device, seed=args.seed)
         if args.precision != "fp32":  # every recipe's default is fp32
+            if "precision" not in inspect.signature(train_fn).parameters:
+                raise ValueError(f"--precision is not an option of 'train {args.model}' (it trains in fp32)")
             kwargs["precision"] = args.precision
         if args.data != "shapes":
             if args.model not in FOLDER_TRAINERS:

@@ -19,8 +19,8 @@ It puts the pieces of :mod:`sdlearn.control` on the generic loop, as every recip
 - **Optimiser**: AdamW, ``lr`` with 100 warm-up steps then cosine decay, gradient clipping at 1, EMA of the weights
   (``ema_decay``); the checkpoint ``out_dir/controlnet_checkpoint.*`` is resumed from when present.
 
-:func:`save_controlnet` / :func:`load_controlnet` write and read the file (safetensors + JSON, atomically, with the
-weights' SHA-256 and the SHA-256 of the denoiser it was trained on).
+:func:`sdlearn.pretrained.save_controlnet` / :func:`~sdlearn.pretrained.load_controlnet` write and read the file
+(safetensors + JSON, atomically, with the weights' SHA-256 and the SHA-256 of the denoiser it was trained on).
 """
 
 from __future__ import annotations
@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sdlearn.checkpoint import file_sha256, load_module, save_module, weights_path
+from sdlearn.checkpoint import file_sha256, weights_path
 from sdlearn.checks import check_positive_int
-from sdlearn.control import COVERAGE_THRESHOLD, ControlNet, ControlNetConfig, edge_map, object_coverage
+from sdlearn.control import COVERAGE_THRESHOLD, ControlNet, edge_map, object_coverage
 from sdlearn.data import (
     COLOR_JITTER,
     COLORS,
@@ -51,7 +51,7 @@ from sdlearn.data import (
     render_batch,
 )
 from sdlearn.pipeline import LatentDiffusionPipeline
-from sdlearn.pretrained import load_pipeline
+from sdlearn.pretrained import load_controlnet, load_pipeline, save_controlnet  # noqa: F401 (re-exported)
 from sdlearn.recipes import default_budget, finish, fit, step_generator, training_record
 from sdlearn.training import TrainResult, resolve_device
 
@@ -225,26 +225,6 @@ def control_accuracy(pipe: LatentDiffusionPipeline, controlnet: ControlNet, n: i
 
 # ------------------------------------------------------------------------------------------------
 # The file: safetensors + JSON, with the hash of the denoiser it steers
-
-
-def save_controlnet(controlnet: ControlNet, path: str | os.PathLike, training: Mapping[str, Any] | None = None, *,
-                    denoiser_sha256: str | None = None, dtype: torch.dtype = torch.float16) -> Path:
-    """Write a ControlNet as ``PATH.safetensors`` + ``PATH.json`` (kind "controlnet": its config, the SHA-256 of the
-    denoiser file it was trained on, ``training`` notes), atomically and with the weights' SHA-256, the format
-    :func:`load_controlnet` reads. Tensors are stored as ``dtype`` (float16: half the bytes; loading casts back)."""
-    if not isinstance(controlnet, ControlNet):
-        raise ValueError(f"save_controlnet writes a sdlearn.control.ControlNet, got {type(controlnet).__name__}")
-    return save_module(controlnet, path, "controlnet", training, dtype=dtype, denoiser_sha256=denoiser_sha256)
-
-
-def load_controlnet(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> ControlNet:
-    """The :class:`sdlearn.control.ControlNet` (float32 weights, eval mode) of ``path`` (a folder holding
-    ``controlnet.safetensors``, or the file), or the shipped one when ``path`` is None. ``controlnet.denoiser_sha256``
-    is the SHA-256 of the denoiser file it was trained with (None if not recorded). A missing, damaged or mismatched
-    file raises :class:`sdlearn.checkpoint.CheckpointError`."""
-    model = load_module(ControlNet, ControlNetConfig, "controlnet", path, device)
-    model.denoiser_sha256 = model.checkpoint_info.get("denoiser_sha256")
-    return model
 
 
 # ------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ each shipped file was trained. Every ``save_NAME`` here is paired with its ``loa
 - :func:`save_scene_reader` / :func:`load_scene_reader`;
 - :func:`save_denoiser` / :func:`load_denoiser` (the DiT);
 - :func:`save_unet` / :func:`load_unet` (the course U-Net, notebook 10);
+- :func:`save_student` / :func:`load_student` (the few-step consistency student, :mod:`sdlearn.distill`);
 - :func:`load_pipeline`: the whole text-to-image pipeline of a folder, with either denoiser.
 
 Adding a model is a pair of lines on top of :func:`sdlearn.checkpoint.save_module` and
@@ -41,9 +42,12 @@ from sdlearn.checkpoint import (
     save_module,
     weights_path,
 )
+from sdlearn.control import ControlNet, ControlNetConfig
 from sdlearn.denoiser import Denoiser, DenoiserConfig
+from sdlearn.distill import ConsistencySampler, ConsistencyStudent, StudentConfig
 from sdlearn.metrics import AttributeClassifier, ClassifierConfig, SceneReader, SceneReaderConfig
 from sdlearn.pipeline import LatentDiffusionPipeline
+from sdlearn.samplers import Sampler
 from sdlearn.schedules import NoiseSchedule
 from sdlearn.text import TextEncoder, TinyCLIP, TinyCLIPConfig, Tokenizer
 from sdlearn.unet import UNet, UNetConfig
@@ -53,7 +57,7 @@ __all__ = [
     "WEIGHTS_DIR", "weights_path", "load_module", "save_vae", "load_vae", "save_clip", "load_clip",
     "load_text_encoder", "load_tokenizer", "save_classifier", "load_classifier", "save_scene_reader",
     "load_scene_reader", "load_star_reader", "save_denoiser", "load_denoiser", "save_unet", "load_unet", "save_flow",
-    "load_flow",
+    "load_flow", "save_controlnet", "load_controlnet", "save_student", "load_student", "FAST_DENOISER", "FAST_STEPS", "FastPipeline",
     "DENOISERS",
     "ADAPTERS",
     "load_pipeline",
@@ -279,15 +283,124 @@ def load_flow(path: PathLike | None = None, device: str | torch.device = "cpu") 
     return model
 
 
+# The few-step student (sdlearn.distill, notebook 13): consistency-distilled from the DiT, guidance baked in.
+
+FAST_DENOISER = "student"
+"""``load_pipeline(denoiser="fast")`` loads ``student.*``: the consistency student of :mod:`sdlearn.distill`, written
+by ``python -m sdlearn train distill``."""
+FAST_STEPS = 4
+"""The fast pipeline's default number of steps (one student call each)."""
+
+
+def save_student(student: ConsistencyStudent, path: PathLike, training: Mapping[str, Any] | None = None, *,
+                 text_encoder: Mapping[str, Any] | None = None, teacher: Mapping[str, Any] | None = None,
+                 dtype: torch.dtype = torch.float16) -> Path:
+    """Write a :class:`sdlearn.distill.ConsistencyStudent` as ``PATH.safetensors`` + ``PATH.json`` (kind
+    "student"), the format :func:`load_student` reads: its config (the teacher's architecture, schedule, boundary
+    scalings, the guidance distilled in, and ``distilled_steps``, the step counts it was distilled for), the
+    ``text_encoder`` and ``teacher`` it was distilled with (source, sha256) and ``training`` notes; tensors as
+    ``dtype`` (float16: the DiT's 7.9 MB)."""
+    if not isinstance(student, ConsistencyStudent):
+        raise ValueError(f"save_student writes a ConsistencyStudent (sdlearn.distill), got {type(student).__name__}")
+    return save_module(student, path, "student", training, dtype=dtype, schedule=student.config.schedule,
+                       prediction_type=student.config.prediction_type,
+                       distilled_steps=list(student.config.distilled_steps),
+                       text_encoder=None if text_encoder is None else dict(text_encoder),
+                       teacher=None if teacher is None else dict(teacher))
+
+
+def load_student(path: PathLike | None = None, device: str | torch.device = "cpu") -> ConsistencyStudent:
+    """The consistency student (EMA weights, eval mode): the shipped one (``sdlearn/weights/student.*``), or one
+    written by ``python -m sdlearn train distill --out DIR`` (that folder, or its ``student.safetensors``).
+    ``schedule_name`` and ``text_encoder_info`` as in :func:`load_denoiser`; ``config.distilled_steps`` the step
+    counts it was distilled for."""
+    return _sampling_info(load_module(ConsistencyStudent, StudentConfig, "student", path, device))
+
+
+class FastPipeline(LatentDiffusionPipeline):
+    """The pipeline of ``load_pipeline(denoiser="fast")``: a :class:`LatentDiffusionPipeline` whose denoiser is a
+    consistency student (:mod:`sdlearn.distill`) and whose default sampler is its
+    :class:`~sdlearn.distill.ConsistencySampler`, with :data:`FAST_STEPS` = 4 steps by default.
+
+    Guidance is distilled into the student (w = ``denoiser.config.guidance_scale`` inside the teacher's guidance
+    interval), so each step is one conditional call: ``guidance_scale`` must be left out or 1 (no extra guidance);
+    any other value raises ``ValueError`` rather than run a guidance the student was not trained for (and a
+    negative prompt, which only acts through guidance, does nothing). A step count other than the student's
+    ``distilled_steps`` (1, 2, 4) warns and still draws. ``sampler`` may still name another sampler (they read the
+    student's x₀ predictions), or ``"lcm"`` for the consistency sampler."""
+
+    def _guidance(self, guidance_scale) -> float:
+        if guidance_scale is not None and guidance_scale != 1:
+            raise ValueError(f"the fast student has guidance {self.denoiser.config.guidance_scale:g} distilled in; "
+                             f"leave guidance_scale out (or 1), got {guidance_scale!r}")
+        return 1.0
+
+    @property
+    def default_sampler(self) -> Sampler:
+        """A fresh :class:`~sdlearn.distill.ConsistencySampler` for the student's grid and distilled step counts."""
+        config = self.denoiser.config
+        return ConsistencySampler(self.schedule, grid_steps=config.grid_steps, distilled_steps=config.distilled_steps)
+
+    def get_sampler(self, sampler: str | Sampler | None = None) -> Sampler:
+        """As :meth:`LatentDiffusionPipeline.get_sampler`, and ``"lcm"`` (or None) is the consistency sampler."""
+        return super().get_sampler(self.default_sampler if sampler in (None, "lcm") else sampler)
+
+    def __call__(self, prompt, negative_prompt=None, num_inference_steps=None, guidance_scale=None, *args, **kwargs):
+        """``pipe(prompt, ...)`` as :meth:`LatentDiffusionPipeline.__call__`, 4 steps by default, no guidance option."""
+        steps = FAST_STEPS if num_inference_steps is None else num_inference_steps
+        return super().__call__(prompt, negative_prompt, steps, self._guidance(guidance_scale), *args, **kwargs)
+
+    def img2img(self, prompt, image, strength: float = 0.6, **kwargs):
+        """:meth:`LatentDiffusionPipeline.img2img` with the student: 4 steps by default, no guidance option."""
+        kwargs["guidance_scale"] = self._guidance(kwargs.get("guidance_scale"))
+        kwargs.setdefault("num_inference_steps", FAST_STEPS)
+        return super().img2img(prompt, image, strength, **kwargs)
+
+    def inpaint(self, prompt, image, mask, paste_unmasked: bool = True, **kwargs):
+        """:meth:`LatentDiffusionPipeline.inpaint` with the student: 4 steps by default, no guidance option."""
+        kwargs["guidance_scale"] = self._guidance(kwargs.get("guidance_scale"))
+        kwargs.setdefault("num_inference_steps", FAST_STEPS)
+        return super().inpaint(prompt, image, mask, paste_unmasked, **kwargs)
+
+
+# The ControlNet (sdlearn.control, notebook 13): steers the DiT with an edge map.
+
+
+def save_controlnet(controlnet: ControlNet, path: PathLike, training: Mapping[str, Any] | None = None, *,
+                    denoiser_sha256: str | None = None, dtype: torch.dtype = torch.float16) -> Path:
+    """Write a ControlNet as ``PATH.safetensors`` + ``PATH.json`` (kind "controlnet": its config, the SHA-256 of the
+    denoiser file it was trained on, ``training`` notes), atomically and with the weights' SHA-256, the format
+    :func:`load_controlnet` reads. Tensors are stored as ``dtype`` (float16: half the bytes; loading casts back)."""
+    if not isinstance(controlnet, ControlNet):
+        raise ValueError(f"save_controlnet writes a sdlearn.control.ControlNet, got {type(controlnet).__name__}")
+    return save_module(controlnet, path, "controlnet", training, dtype=dtype, denoiser_sha256=denoiser_sha256)
+
+
+def load_controlnet(path: PathLike | None = None, device: str | torch.device = "cpu") -> ControlNet:
+    """The :class:`sdlearn.control.ControlNet` (float32 weights, eval mode) of ``path`` (a folder holding
+    ``controlnet.safetensors``, or the file), or the shipped one when ``path`` is None. ``controlnet.denoiser_sha256``
+    is the SHA-256 of the denoiser file it was trained with (None if not recorded). A missing, damaged or mismatched
+    file raises :class:`sdlearn.checkpoint.CheckpointError`."""
+    model = load_module(ControlNet, ControlNetConfig, "controlnet", path, device)
+    model.denoiser_sha256 = model.checkpoint_info.get("denoiser_sha256")
+    return model
+
+
 def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cpu", *,
-                  denoiser: str = "dit", adapter: str | os.PathLike | None = None) -> LatentDiffusionPipeline:
+                  denoiser: str = "dit", adapter: str | os.PathLike | None = None,
+                  controlnet: bool = False) -> LatentDiffusionPipeline:
     """The :class:`sdlearn.pipeline.LatentDiffusionPipeline` of the shipped weights (``sdlearn/weights/``: ``vae.*``,
     ``clip.*`` for the text tower and its tokenizer, ``denoiser.*``), or of the folder ``path`` that
     ``python -m sdlearn train all --out DIR`` wrote. The noise schedule is the one the denoiser's JSON names.
 
     ``denoiser``: ``"dit"`` (default) loads the transformer, ``denoiser.*``; ``"unet"`` the course U-Net,
     ``unet.*`` (:func:`load_unet`, written by ``python -m sdlearn train unet``), with the same VAE and text tower.
-    A folder without that file raises :class:`CheckpointError` saying how to train one.
+    A folder without that file raises :class:`CheckpointError` saying how to train one. ``"fast"`` loads the few-step
+    consistency student, ``student.*`` (:func:`load_student`, written by ``python -m sdlearn train distill``), into a
+    :class:`FastPipeline`: its consistency sampler by default, 4 steps, guidance distilled in (``guidance_scale``
+    other than 1 raises ``ValueError``), other step counts than 1, 2, 4 warn; without that file
+    ``FileNotFoundError`` says how to train it. A folder holding ``student.*`` but neither ``vae.*`` nor ``clip.*``
+    (what ``train distill --out DIR`` writes) gets the shipped VAE and text tower, the ones it was distilled with.
 
     A missing folder or a missing, damaged or mismatched file raises :class:`CheckpointError` (a ``ValueError``)
     naming it; so does a shipped file whose bytes differ from the SHA-256 its JSON records (your own files warn).
@@ -300,7 +413,12 @@ def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cp
     (:func:`sdlearn.adapt.save_adapter`, as ``python -m sdlearn train adapter --out DIR`` writes ``DIR/adapter.*``).
     Its LoRA matrices are merged into the denoiser's weights. An adapter made for other base files raises
     :class:`CheckpointError` naming both SHA-256s; an adapter with a denoiser other than ``"dit"`` (the model
-    adapters are trained on) raises ``ValueError``."""
+    adapters are trained on) raises ``ValueError``.
+
+    ``controlnet=True`` attaches the ControlNet (``path/controlnet.*`` when the folder holds one, else the shipped
+    file; :func:`load_controlnet`, written by ``python -m sdlearn train controlnet``) as ``pipe.controlnet``, so that
+    ``pipe(prompt, control_image=edges)`` draws the object where the edge map says. It steers the DiT it was trained
+    on: with another denoiser ``ValueError``; when its JSON records another DiT file than the one loaded, a warning."""
     if adapter is not None:
         named = isinstance(adapter, str) and adapter in ADAPTERS
         if not named and not (isinstance(adapter, str | os.PathLike) and str(adapter).endswith(".safetensors")):
@@ -309,11 +427,17 @@ def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cp
         if denoiser != "dit":
             raise ValueError(f"adapter={adapter!r} with denoiser={denoiser!r}: adapters are trained on the DiT "
                              f"(denoiser='dit'); the {denoiser} has other layers")
-    if not isinstance(denoiser, str) or denoiser not in DENOISERS:
+    if not isinstance(controlnet, bool):
+        raise ValueError(f"controlnet must be True or False, got {controlnet!r}")
+    if controlnet and denoiser != "dit":
+        raise ValueError(f"controlnet=True with denoiser={denoiser!r}: the ControlNet steers the DiT it was trained on "
+                         f"(denoiser='dit')")
+    fast = denoiser == "fast"
+    if not isinstance(denoiser, str) or (denoiser not in DENOISERS and not fast):
         raise ValueError(f"denoiser must be one of {', '.join(map(repr, DENOISERS))} (the DiT, the course U-Net, the "
-                         "flow DiT), "
+                         "flow DiT) or 'fast' (the few-step student), "
                          f"got {denoiser!r}")
-    name = DENOISERS[denoiser]
+    name = FAST_DENOISER if fast else DENOISERS[denoiser]
     if path is not None and not Path(path).is_dir():
         raise CheckpointError(f"weights folder {str(path)!r} not found; expected a folder holding vae.*, clip.* and "
                               f"{name}.* (.safetensors + .json), as `python -m sdlearn train all --out DIR` writes")
@@ -323,14 +447,22 @@ def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cp
         raise CheckpointError(f"{where} no {what} ({str(weights_path(name, path))!r} not found); train one with "
                               f"`python -m sdlearn train {denoiser} --out DIR` (it reads the shipped VAE and text tower) "
                               f"and put DIR/{name}.safetensors + {name}.json beside the vae.* and clip.* it was trained with")
-    vae = load_vae(path, device)
-    clip = load_clip(path, device)
+    if fast and not weights_path(name, path).is_file():
+        where = "the shipped weights hold" if path is None else f"{str(path)!r} holds"
+        raise FileNotFoundError(f"{where} no few-step student ({str(weights_path(name, path))!r} not found); train "
+                                f"it with `python -m sdlearn train distill --out DIR`, then load_pipeline(DIR, "
+                                f"denoiser='fast') or `generate --denoiser fast --weights DIR`")
+    parts = path  # the folder of the VAE and the text tower
+    if fast and path is not None and not any(weights_path(part, path).is_file() for part in ("vae", "clip")):
+        parts = None  # the folder `train distill` wrote holds the student alone: the shipped parts it was distilled with
+    vae = load_vae(parts, device)
+    clip = load_clip(parts, device)
     text_encoder = clip.text_encoder
     text_encoder.training_info = clip.training_info
-    tokenizer = _tokenizer_from(clip.checkpoint_info, path)
-    model = {"unet": load_unet, "flow": load_flow, "dit": load_denoiser}[denoiser](path, device)
+    tokenizer = _tokenizer_from(clip.checkpoint_info, parts)
+    model = {"unet": load_unet, "flow": load_flow, "dit": load_denoiser, "fast": load_student}[denoiser](path, device)
     recorded = (model.text_encoder_info or {}).get("sha256")
-    clip_file = weights_path("clip", path)
+    clip_file = weights_path("clip", parts)
     if recorded is not None and recorded != file_sha256(clip_file):
         warnings.warn(f"the denoiser in {str(weights_path(name, path))!r} was trained with another text tower "
                       f"than {str(clip_file)!r} (sha256 differs); its images may not follow the prompts", stacklevel=2)
@@ -339,7 +471,7 @@ def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cp
     except ValueError as e:
         raise CheckpointError(f"{str(checkpoint_paths(weights_path(name, path))[1])!r} names an unknown "
                               f"schedule: {e}") from None
-    pipe = LatentDiffusionPipeline(vae, text_encoder, tokenizer, model, schedule)
+    pipe = (FastPipeline if fast else LatentDiffusionPipeline)(vae, text_encoder, tokenizer, model, schedule)
     if adapter is not None:
         file = Path(adapter)
         if isinstance(adapter, str) and adapter in ADAPTERS:  # the folder's own adapter, else the shipped one
@@ -352,4 +484,16 @@ def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cp
         pipe.adapter_info = load_adapter(file, tokenizer=tokenizer, text_encoder=text_encoder, denoiser=model,
                                          base_hashes=base)
         merge_lora(model)
+    if controlnet:
+        own = weights_path("controlnet", path) if path is not None else None
+        file = own if own is not None and own.is_file() else weights_path("controlnet")
+        if not file.is_file():
+            raise CheckpointError(f"no ControlNet at {str(file)!r}; train one with `python -m sdlearn train controlnet "
+                                  f"--out DIR` and put DIR/controlnet.safetensors + .json in the weights folder")
+        pipe.controlnet = load_controlnet(file, device)
+        pipe.controlnet.config.check_fits(model)
+        trained_on, loaded = pipe.controlnet.denoiser_sha256, file_sha256(weights_path(name, path))
+        if trained_on is not None and trained_on != loaded:
+            warnings.warn(f"the ControlNet in {str(file)!r} was trained on another DiT than "
+                          f"{str(weights_path(name, path))!r} (sha256 differs); it may not steer it well", stacklevel=2)
     return pipe

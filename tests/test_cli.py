@@ -6,6 +6,8 @@ import sys
 import pytest
 
 from sdlearn.__main__ import TRAINERS, generate_to_files, main
+from sdlearn.control_recipes import train_controlnet
+from sdlearn.distill_recipes import train_distill
 from sdlearn.recipes import (
     train_all,
     train_classifier,
@@ -65,7 +67,14 @@ def test_train_vae_writes_loadable_weights(tmp_path):
 def test_train_names_the_recipes():
     assert TRAINERS == {"vae": train_vae, "clip": train_clip, "classifier": train_classifier,
                         "scene_reader": train_scene_reader, "denoiser": train_denoiser,
-                        "unet": train_unet, "flow": train_flow, "all": train_all}
+                        "unet": train_unet, "flow": train_flow, "all": train_all,
+                        "distill": train_distill, "controlnet": train_controlnet}
+
+
+def test_precision_is_refused_by_a_recipe_without_it(tmp_path, capsys):
+    assert main(["train", "controlnet", "--steps", "1", "--precision", "bf16", "--out", str(tmp_path / "c")]) == 2
+    assert "--precision is not an option of 'train controlnet'" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize(

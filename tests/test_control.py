@@ -348,3 +348,55 @@ def test_save_and_load_round_trip(tmp_path):
         load_controlnet(tmp_path / "missing.safetensors")
     with pytest.raises(ValueError, match="writes a sdlearn.control.ControlNet"):
         save_controlnet(tiny_denoiser(), tmp_path / "d")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The shipped ControlNet, through load_pipeline
+
+
+def test_load_pipeline_attaches_the_shipped_controlnet_and_refuses_other_denoisers():
+    from sdlearn.checkpoint import file_sha256, weights_path
+    from sdlearn.pretrained import load_pipeline
+
+    pipe = load_pipeline(controlnet=True)
+    assert isinstance(pipe.controlnet, ControlNet) and not pipe.controlnet.training
+    assert pipe.controlnet.denoiser_sha256 == file_sha256(weights_path("denoiser"))  # trained on the shipped DiT
+    assert load_pipeline().controlnet is None
+    batch = control_batch(2, torch.Generator().manual_seed(0))
+    kwargs = dict(num_inference_steps=4, seed=0, progress=False)
+    steered = pipe(batch.captions, control_image=batch.edges, **kwargs)
+    free = pipe(batch.captions, **kwargs)
+    assert steered.shape == (2, 3, 32, 32) and (steered - free).abs().max() > 0.1
+    for denoiser in ("unet", "flow", "fast"):
+        with pytest.raises(ValueError, match=f"controlnet=True with denoiser='{denoiser}'"):
+            load_pipeline(denoiser=denoiser, controlnet=True)
+    with pytest.raises(ValueError, match="controlnet must be True or False"):
+        load_pipeline(controlnet="yes")
+
+
+def test_generate_draws_where_a_png_silhouette_says(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from sdlearn.__main__ import main
+
+    silhouette = np.zeros((32, 32), dtype=np.uint8)
+    silhouette[4:17, 15:28] = 255  # a 13 × 13 square off the five named places (centre 21.5, 10.5)
+    Image.fromarray(silhouette).save(tmp_path / "where.png")
+    out = tmp_path / "out"
+    assert main(["generate", "a large red square", "--control-image", str(tmp_path / "where.png"), "--seed", "3",
+                 "--out-dir", str(out)]) == 0
+    (written,) = sorted(out.glob("*.png"))
+    drawn = torch.from_numpy(np.asarray(Image.open(written).convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+    made = object_coverage(drawn[None] / 127.5 - 1) >= 0.5
+    assert mask_iou(made, torch.from_numpy(silhouette >= 128)[None, None]).item() > 0.6
+    nowhere = ["--out-dir", str(tmp_path / "never")]
+    assert main(["generate", "a red square", "--control-image", str(written), "--denoiser", "unet", *nowhere]) == 2
+    assert "--control-image steers the course's DiT" in capsys.readouterr().err
+    Image.fromarray(np.zeros((16, 16), dtype=np.uint8)).save(tmp_path / "small.png")
+    assert main(["generate", "a red square", "--control-image", str(tmp_path / "small.png"), *nowhere]) == 2
+    assert "is 16 × 16 pixels; expected a 32 × 32 outline or silhouette" in capsys.readouterr().err
+    (tmp_path / "not.png").write_text("hello")
+    assert main(["generate", "a red square", "--control-image", str(tmp_path / "not.png"), *nowhere]) == 2
+    assert "not an image PIL can read" in capsys.readouterr().err
+    assert not (tmp_path / "never").exists()

@@ -32,10 +32,11 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["sdlearn.checks", "sdlearn.checkpoint", "sdlearn.images", "sdlearn.captions", "sdlearn.data", "sdlearn.schedules",
                      "sdlearn.stats"]),
     ("models and losses", ["sdlearn.vae", "sdlearn.denoiser", "sdlearn.unet", "sdlearn.text", "sdlearn.metrics",
-                           "sdlearn.samplers", "sdlearn.flow", "sdlearn.adapt", "sdlearn.control"]),
+                           "sdlearn.samplers", "sdlearn.flow", "sdlearn.adapt", "sdlearn.control", "sdlearn.distill"]),
     ("the generic loop", ["sdlearn.training"]),
     ("assembly", ["sdlearn.pipeline", "sdlearn.pretrained", "sdlearn.stable_diffusion"]),
-    ("recipes", ["sdlearn.recipes", "sdlearn.own_data", "sdlearn.adapt_recipes", "sdlearn.control_recipes"]),
+    ("recipes", ["sdlearn.recipes", "sdlearn.own_data", "sdlearn.adapt_recipes", "sdlearn.control_recipes",
+                 "sdlearn.distill_recipes"]),
     ("interfaces", ["sdlearn.plotting", "sdlearn.widgets", "sdlearn.exercises", "sdlearn.exercises.*", "sdlearn.__main__",
                     "sdlearn"]),
 ]
@@ -47,12 +48,15 @@ WITHIN_LAYER: dict[str, str | set[tuple[str, str]]] = {
     "models and losses": {("sdlearn.text", "sdlearn.denoiser"),  # the text encoder reuses the denoiser's attention
                           ("sdlearn.flow", "sdlearn.samplers"),  # the flow samplers share the samplers' interface
                           ("sdlearn.adapt", "sdlearn.text"),  # a new word is added to the tokenizer and text encoder
-                          ("sdlearn.control", "sdlearn.denoiser")},  # the ControlNet copies the DiT's blocks
+                          ("sdlearn.control", "sdlearn.denoiser"),  # the ControlNet copies the DiT's blocks
+                          ("sdlearn.distill", "sdlearn.denoiser"),  # the consistency student wraps the DiT
+                          ("sdlearn.distill", "sdlearn.samplers")},  # its sampler has the samplers' interface
     "the generic loop": set(),
     "assembly": {("sdlearn.pretrained", "sdlearn.pipeline")},  # load_pipeline builds a pipeline
     "recipes": {("sdlearn.own_data", "sdlearn.recipes"),  # your own images, on the recipes' skeleton
                 ("sdlearn.adapt_recipes", "sdlearn.recipes"),  # the adapter's training record, as every recipe's
-                ("sdlearn.control_recipes", "sdlearn.recipes")},  # the ControlNet's, on the same skeleton
+                ("sdlearn.control_recipes", "sdlearn.recipes"),  # the ControlNet's, on the same skeleton
+                ("sdlearn.distill_recipes", "sdlearn.recipes")},  # the student's: the teacher's latents and record
     "interfaces": "earlier rows",
 }
 
