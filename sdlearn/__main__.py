@@ -480,7 +480,8 @@ def _run(args: argparse.Namespace) -> int:
         train_fn = TRAINERS[args.model]
         kwargs = dict(out_dir=args.out or f"runs/{args.model}", minutes=args.minutes, steps=args.steps, device=args.device, seed=args.seed)
         if args.precision != "fp32":  # every recipe's default is fp32
-            if "precision" not in inspect.signature(train_fn).parameters:
+            parameters = inspect.signature(train_fn).parameters
+            if "precision" not in parameters and not any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
                 raise ValueError(f"--precision is not an option of 'train {args.model}' (it trains in fp32)")
             kwargs["precision"] = args.precision
         if args.data != "shapes":

@@ -81,7 +81,7 @@ HUBER_C = 0.001  # the pseudo-Huber loss's c (LCM's training script, huber_c=0.0
 def consistency_scalings(t, sigma_data: float = SIGMA_DATA, timestep_scaling: float = TIMESTEP_SCALING):
     """(c_skip(t), c_out(t)) of f(x, t) = c_skip x + c_out x̂₀ (LCM's scalings, Luo et al. 2023, §4.2):
     c_skip = σ_d² / ((s t)² + σ_d²), c_out = s t / √((s t)² + σ_d²); c_skip(0) = 1 and c_out(0) = 0 (the boundary
-    condition f(x, 0) = x), and c_skip² + c_out² = 1. ``t``: a number or a tensor of timesteps (float32 results)."""
+    condition f(x, 0) = x). ``t``: a number or a tensor of timesteps (float32 results)."""
     scaled = torch.as_tensor(t, dtype=torch.float32) * timestep_scaling
     c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
     c_out = scaled / (scaled**2 + sigma_data**2).sqrt()

@@ -472,6 +472,38 @@ def _alt_loss_by_timestep(model_fn, x0, noise, timesteps, alphas_cumprod):
     return (eps - noise.repeat(K, 1, 1, 1)).pow(2).reshape(K, -1).mean(dim=1)
 
 
+def _alt_edge_map(coverage):
+    inside = (coverage >= 0.5).float()
+    cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 0.0, 1.0], [0.0, 1.0, 0.0]])[None, None]
+    neighbours_in = torch.nn.functional.conv2d(inside, cross, padding=1)  # zero padding: outside the image is empty
+    return inside * (neighbours_in < 3.5).float()
+
+
+def _alt_inversion_step(x_s, eps, alpha_bar_s, alpha_bar_t):
+    # one coefficient on x_s and one on eps (x̂0 substituted in), in float64
+    a_s, a_t = alpha_bar_s.double(), alpha_bar_t.double()
+    ratio = (a_t / a_s).sqrt()
+    return (ratio * x_s.double() + ((1 - a_t).sqrt() - ratio * (1 - a_s).sqrt()) * eps.double()).float()
+
+
+def _alt_consistency_scalings(t, sigma_data, timestep_scaling):
+    u = [timestep_scaling * v for v in t.tolist()]  # python floats, float64 results
+    c_skip = torch.tensor([sigma_data**2 / (x * x + sigma_data**2) for x in u], dtype=torch.float64)
+    c_out = torch.tensor([x / math.hypot(x, sigma_data) for x in u], dtype=torch.float64)
+    return c_skip, c_out
+
+
+def _alt_iou_sweep(draw, wanted, scales):
+    from sdlearn.control import object_coverage
+    ious = []
+    for scale in scales:
+        made = (object_coverage(draw(scale)) >= 0.5).float().flatten(1)
+        want = wanted.float().flatten(1)
+        inter, union = (made * want).sum(1), torch.maximum(made, want).sum(1)
+        ious.append(torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union)).mean())
+    return torch.stack(ious)  # a tensor, not a list
+
+
 # Correct answers written the way a learner might (other operations, float64, python floats),
 # which must pass: the tolerances must not reject honest floating-point differences.
 ALTERNATIVE_SOLUTIONS = {
@@ -508,12 +540,27 @@ ALTERNATIVE_SOLUTIONS = {
     "check_resblock": _alt_resblock,
     "check_skip_channels": _alt_skip_channels,
     "check_loss_by_timestep": _alt_loss_by_timestep,
+    "check_edge_map": _alt_edge_map,
+    "check_inversion_step": _alt_inversion_step,
+    "check_consistency_scalings": _alt_consistency_scalings,
+    "check_iou_sweep": _alt_iou_sweep,
 }
 
 
 @pytest.mark.parametrize("name", sorted(ALTERNATIVE_SOLUTIONS))
 def test_checker_accepts_other_correct_ways_of_writing_it(name):
     CHECKERS[name](ALTERNATIVE_SOLUTIONS[name])  # raises ExerciseFailed if it rejects a correct answer
+
+
+def test_the_experiment_checker_of_notebook_13_names_a_malformed_measurement():
+    reference = CHECKERS["check_iou_sweep"].reference
+    with pytest.raises(ExerciseFailed, match="expected a list of 3 numbers \\(one per scale\\), your result is a dict"):
+        CHECKERS["check_iou_sweep"](lambda draw, wanted, scales: dict(zip(scales, reference(draw, wanted, scales))))
+    with pytest.raises(ExerciseFailed, match="number 1 of your list is nan; expected a finite number"):
+        CHECKERS["check_iou_sweep"](lambda draw, wanted, scales: [math.nan] * len(scales))
+    with pytest.raises(ExerciseFailed, match="at scale number 2: expected"):
+        CHECKERS["check_iou_sweep"](lambda draw, wanted, scales: [v * (1 + (k == 1)) for k, v in
+                                                                  enumerate(reference(draw, wanted, scales))])
 
 
 # -- a student copy, executed -----------------------------------------------------------------------

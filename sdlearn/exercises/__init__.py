@@ -3,7 +3,7 @@
 - :mod:`sdlearn.exercises.framework`: :class:`Checker`, :func:`check` and how to write an exercise.
 - :mod:`sdlearn.exercises.student_copies`: ``python -m sdlearn exercises OUT_DIR``, the notebooks
   with their solutions stubbed.
-- ``checks_01_forward_noising`` … ``checks_11_flow_matching``: each notebook's checkers, in the order
+- ``checks_01_forward_noising`` … ``checks_13_control_and_speed``: each notebook's checkers, in the order
   it uses them. Importing this package registers them all in :data:`CHECKERS`.
 """
 
@@ -46,6 +46,12 @@ from sdlearn.exercises.checks_11_flow_matching import (
     check_edm_preconditioning,
     check_error_slope,
     check_flow_training_example,
+)
+from sdlearn.exercises.checks_13_control_and_speed import (
+    check_consistency_scalings,
+    check_edge_map,
+    check_inversion_step,
+    check_iou_sweep,
 )
 from sdlearn.exercises.framework import (
     CHECKERS,
@@ -92,4 +98,5 @@ __all__ = [
     "check_schedule_sanity", "check_ddpm_reverse_step", "check_cfg_batched",
     "check_resblock", "check_skip_channels", "check_loss_by_timestep",
     "check_flow_training_example", "check_edm_preconditioning", "check_error_slope",
+    "check_edge_map", "check_inversion_step", "check_consistency_scalings", "check_iou_sweep",
 ]
