@@ -79,7 +79,7 @@ from sdlearn.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from sdlearn.data import ATTRIBUTES, caption_for
+from sdlearn.data import ATTRIBUTES, IMAGE_SIZE, POSITION_CENTERS, caption_for
 from sdlearn.schedules import FLOW
 from sdlearn.text import TextEncoder, Tokenizer  # the word is added to the tokenizer and the text encoder
 
@@ -409,6 +409,59 @@ def example_caption(attributes: Mapping[str, str], generator: torch.Generator, o
     named = dict(attributes) if u[0] >= open_fraction else \
         {k: v for (k, v), x in zip(attributes.items(), u[1:]) if k == "shape" or x >= 0.5}
     return caption_for(named, generator)
+
+
+AUGMENTATIONS: tuple[str, ...] = ("move", "mirror")
+"""What :func:`augment_examples` may do to the learner's examples: move each to every position, mirror it left-right."""
+
+
+def _shifted(image: torch.Tensor, dx: int, dy: int) -> torch.Tensor:
+    """``image`` ``[3, H, W]`` moved ``dx`` pixels right and ``dy`` down, the uncovered border black (-1)."""
+    out = torch.full_like(image, -1.0)
+    H, W = image.shape[-2:]
+    out[:, max(dy, 0):H + min(dy, 0), max(dx, 0):W + min(dx, 0)] = \
+        image[:, max(-dy, 0):H + min(-dy, 0), max(-dx, 0):W + min(-dx, 0)]
+    return out
+
+
+def _mirrored_position(position: str) -> str:
+    """The position whose centre is the left-right mirror image of ``position``'s (x → IMAGE_SIZE − x)."""
+    x, y = POSITION_CENTERS[position]
+    return next(p for p, c in POSITION_CENTERS.items() if c == (IMAGE_SIZE - x, y))
+
+
+def augment_examples(images: torch.Tensor, attributes: Sequence[Mapping[str, str]], augment: str = "move+mirror"
+                     ) -> tuple[torch.Tensor, list[str], list[dict[str, str]]]:
+    """More training images made from the learner's own examples (single objects on black, as Shapes draws them),
+    with their captions and attribute dicts changed to match → ``(images [M, 3, H, W], captions, attributes)``.
+
+    ``"move"``: each example shifted by whole pixels from its position's centre to every other position's
+    (:data:`sdlearn.data.POSITION_CENTERS`), so every example is seen everywhere and the caption's position says
+    where it now is; the pixels are the example's own, its jitter kept. ``"mirror"``: each example also flipped
+    left-right (``x → W − x``, which maps each position's centre exactly onto its mirror image's, "top left" ↔ "top
+    right"), for a concept that is itself mirror-symmetric, as the star is. "move+mirror" does both: 2 × 5 images
+    per example, the original first. Nothing new is rendered: these are the operations a learner could apply to
+    photographs of a subject (random crops and flips, Krizhevsky et al. 2012, §4.1)."""
+    parts = augment.split("+") if isinstance(augment, str) else []
+    if not parts or any(p not in AUGMENTATIONS for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"augment must be one of {', '.join(AUGMENTATIONS)} or 'move+mirror', got {augment!r}")
+    _check_examples(images, [caption_for(a) for a in attributes], attributes, "example")
+    out_images, out_attributes = [], []
+    for image, attrs in zip(images, attributes):
+        if attrs.get("position") not in POSITION_CENTERS:
+            raise ValueError(f"augmenting needs each example's position (one of {', '.join(POSITION_CENTERS)}), "
+                             f"got {attrs!r}")
+        views = [(image, attrs["position"])]
+        if "mirror" in parts:
+            views.append((image.flip(-1), _mirrored_position(attrs["position"])))
+        for view, position in views:
+            x0, y0 = POSITION_CENTERS[position]
+            others = [p for p in POSITION_CENTERS if p != position] if "move" in parts else []
+            for target in [position, *others]:
+                x1, y1 = POSITION_CENTERS[target]
+                out_images.append(_shifted(view, round(x1 - x0), round(y1 - y0)))
+                out_attributes.append({**attrs, "position": target})
+    return torch.stack(out_images), [caption_for(a) for a in out_attributes], out_attributes
 
 
 def _check_examples(images, captions, attributes, what: str) -> None:

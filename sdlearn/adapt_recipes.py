@@ -32,6 +32,7 @@ from sdlearn.adapt import (
     AdaptedModel,
     AddedTokenEmbedding,
     adapter_batch_fn,
+    augment_examples,
     class_prompt,
     lora_layers,
     parse_method,
@@ -103,6 +104,7 @@ def train_adapter(
     prior_steps: int = 20,
     prior: str = "class",
     prior_batch_size: int | None = None,
+    augment: str | None = None,
     word: str = "star",
     init_word: str | None = None,
     seed: int = 0,
@@ -124,6 +126,8 @@ def train_adapter(
     the class prompts (``prior="class"``, Ruiz et al.'s) or of the old prompts themselves (``prior="shapes"``: the
     captions of ``ShapesDataset(num_prior, "all", seed)``, every shape named, so that what the old words draw is
     kept too), ``prior_batch_size`` of them per step (None: ``batch_size``).
+    ``augment``: train on more images made from the examples themselves (:func:`sdlearn.adapt.augment_examples`:
+    "move" to every position, "mirror" left-right, or "move+mirror"; needs ``attributes``), None: the examples only.
     ``word``: the new word, started from ``init_word`` (None: "shape" when its row trains, else random).
     ``base_hashes``: the SHA-256 of the base denoiser's and text tower's files, recorded in the adapter (found by
     itself for the shipped pipeline). ``out_dir``: where ``adapter.safetensors`` + ``.json`` are written (as
@@ -134,6 +138,12 @@ def train_adapter(
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or len(images) < 1:
         raise ValueError("need at least 1 example image: examples.images must be a tensor [N, 3, 32, 32] with N ≥ 1")
     attributes = getattr(examples, "attributes", None)
+    captions = list(examples.captions)
+    if augment is not None:
+        if attributes is None:
+            raise ValueError("augment needs the examples' attributes (to rewrite the captions): pass examples with "
+                             ".attributes, or augment=None")
+        images, captions, attributes = augment_examples(images, attributes, augment)
     if pipe is None:
         pipe = load_pipeline(device=resolve_device(device))
         base_hashes = {"denoiser": file_sha256(weights_path("denoiser")), "text_encoder": file_sha256(weights_path("clip"))}
@@ -155,7 +165,7 @@ def train_adapter(
     generator = torch.Generator().manual_seed(seed)
     model = prepare_adapter(pipe.tokenizer, pipe.text_encoder, pipe.denoiser, method, word=word, init_word=init_word,
                             rank=rank, alpha=alpha, generator=generator)
-    batch_fn = adapter_batch_fn(pipe.vae, pipe.tokenizer, pipe.schedule, images, examples.captions,
+    batch_fn = adapter_batch_fn(pipe.vae, pipe.tokenizer, pipe.schedule, images, captions,
                                 attributes=attributes, prior_images=prior_images, prior_captions=prior_captions,
                                 batch_size=batch_size, prior_batch_size=prior_batch_size, seed=seed)
     optimizer = torch.optim.AdamW(_parameter_groups(model, method, lr), weight_decay=0.0)
@@ -168,7 +178,7 @@ def train_adapter(
     run = {"method": method, "word": word, "rank": rank if "lora" in parts else None, "alpha": alpha,
            "lr": lr, "prior_weight": prior_weight, "num_prior": num_prior if prior_weight > 0 else 0,
            "prior": prior if prior_weight > 0 else None, "prior_batch_size": prior_batch_size,
-           "batch_size": batch_size, "seed": seed, "examples": list(examples.captions)}
+           "batch_size": batch_size, "augment": augment, "seed": seed, "examples": list(examples.captions)}
     result.record = training_record(result, run, list(run), pipe.device, steps, minutes)
     if out_dir is not None:
         out_dir = Path(out_dir)

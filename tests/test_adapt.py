@@ -22,6 +22,7 @@ from sdlearn.adapt import (
     adapter_summary,
     add_lora,
     add_token,
+    augment_examples,
     load_adapter,
     load_lora,
     lora_layers,
@@ -608,6 +609,51 @@ def test_the_shapes_prior_shows_the_old_prompts_and_a_bad_prior_is_refused(tmp_p
     assert record["prior"] == "shapes" and record["prior_batch_size"] == 3
     with pytest.raises(ValueError, match="prior must be one of 'class', 'shapes', got 'photos'"):
         train_adapter("lora", pipe=tiny_pipe(), steps=1, prior="photos", progress=False)
+
+
+@pytest.mark.parametrize("size", ["small", "large"])
+def test_augmenting_moves_and_mirrors_an_example_exactly_where_its_caption_says(size):
+    """Moved by whole pixels between the positions' centres and mirrored (x → 32 − x), an unjittered star is bit
+    for bit the star drawn at the new position: the captions stay true, and nothing new was rendered."""
+    attributes = [dict(STAR, size=size, position=p) for p in POSITIONS]
+    images = torch.stack([render_shape(**a) for a in attributes])  # [5, 3, 32, 32]
+    moved, captions, moved_attributes = augment_examples(images, attributes, "move+mirror")
+    assert moved.shape == (5 * 2 * 5, 3, 32, 32) and torch.equal(moved[0], images[0])
+    for image, caption, a in zip(moved, captions, moved_attributes):
+        assert caption == caption_for(a) and {**a, "position": "top left"} == {**STAR, "size": size}
+        assert torch.equal(image, render_shape(**a)), a
+    for i in range(5):  # each example appears at every position, as itself and mirrored
+        assert sorted(a["position"] for a in moved_attributes[10 * i:10 * i + 10]) == sorted(POSITIONS * 2)
+    mirrored, _, mirrored_attributes = augment_examples(images[:1], attributes[:1], "mirror")
+    assert [a["position"] for a in mirrored_attributes] == ["top left", "top right"]
+    assert torch.equal(mirrored[1], images[0].flip(-1))
+    only_moved, _, _ = augment_examples(images[:1], attributes[:1], "move")
+    assert len(only_moved) == 5
+    for bad in ("rotate", "move+move", "", None):
+        with pytest.raises(ValueError, match="augment must be one of move, mirror or 'move\\+mirror'"):
+            augment_examples(images, attributes, bad)
+    with pytest.raises(ValueError, match="augmenting needs each example's position"):
+        augment_examples(images[:1], [{"color": "red", "shape": "star", "size": size}])
+
+
+def test_train_adapter_trains_on_the_augmented_examples_and_records_it(tmp_path, monkeypatch):
+    import sdlearn.adapt_recipes as recipe
+
+    seen = {}
+    original = recipe.adapter_batch_fn
+    monkeypatch.setattr(recipe, "adapter_batch_fn", lambda *a, **k: seen.update(images=a[3], captions=a[4], **k)
+                        or original(*a, **k))
+    examples = star_examples(3)
+    train_adapter("lora", examples, pipe=tiny_pipe(), steps=1, rank=2, batch_size=2, num_prior=2, prior_steps=2,
+                  augment="move+mirror", out_dir=tmp_path, progress=False)
+    expected = augment_examples(examples.images, examples.attributes, "move+mirror")
+    assert torch.equal(seen["images"], expected[0]) and seen["captions"] == expected[1]
+    assert seen["attributes"] == expected[2]
+    record = json.loads((tmp_path / "adapter.json").read_text())["training"]
+    assert record["augment"] == "move+mirror" and record["examples"] == examples.captions
+    with pytest.raises(ValueError, match="augment needs the examples' attributes"):
+        train_adapter("lora", data.ConceptExamples(examples.images, examples.captions, None), pipe=tiny_pipe(),
+                      steps=1, prior_weight=0, augment="move", progress=False)
 
 
 def test_ten_steps_of_lora_lower_the_loss_on_the_eight_examples():
