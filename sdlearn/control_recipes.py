@@ -155,21 +155,6 @@ def controlnet_loss(controlnet: ControlNet, denoiser: nn.Module, batch: Mapping[
 # How well it controls: the object's mask against the edge map's, and the colour
 
 
-class _ControlledDenoiser(nn.Module):
-    """The locked denoiser steered by ``controlnet`` with fixed control images ``[N, 1, 32, 32]``: ``forward(x, t,
-    tokens, mask)`` for a batch of N latents, or of 2N (a guided batch: both halves get the same control)."""
-
-    def __init__(self, denoiser: nn.Module, controlnet: ControlNet, control: torch.Tensor, scale: float = 1.0):
-        super().__init__()
-        self.denoiser, self.controlnet, self.control, self.scale = denoiser, controlnet, control, scale
-        self.config = denoiser.config
-
-    def forward(self, x, t, text_tokens=None, text_mask=None, **kwargs):
-        control = self.control.repeat(len(x) // len(self.control), 1, 1, 1)
-        residuals = self.controlnet(x, t, text_tokens, text_mask, control, self.scale)
-        return self.denoiser(x, t, text_tokens, text_mask, block_residuals=residuals, **kwargs)
-
-
 def generated_colors(images: torch.Tensor) -> torch.Tensor:
     """The colour of each image's object → indices ``[B]`` into :data:`sdlearn.data.COLORS`: the mean RGB of the
     pixels whose coverage (:func:`sdlearn.control.object_coverage`) is ≥ 0.75 — the object's inside, not its
@@ -202,22 +187,22 @@ def control_accuracy(pipe: LatentDiffusionPipeline, controlnet: ControlNet, n: i
     of image i from ``seed + i``; the ControlNet reads the edge map in both halves of a guided batch."""
     check_positive_int(n, "n")
     batch = control_batch(n, torch.Generator().manual_seed(seed))
-    denoiser = pipe.denoiser
+    attached = pipe.controlnet
     ious, right = [], []
     try:
+        pipe.controlnet = controlnet  # the pipeline's own control path (pipe(..., control_image=...))
         for start in range(0, n, batch_size):
             rows = slice(start, min(start + batch_size, n))
-            control = batch.edges[rows].to(pipe.device)
-            pipe.denoiser = _ControlledDenoiser(denoiser, controlnet, control, conditioning_scale)
             generators = [torch.Generator(pipe.device).manual_seed(seed + i) for i in range(rows.start, rows.stop)]
             images = pipe(batch.captions[rows], num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
-                          generator=generators, progress=False).cpu()
+                          generator=generators, progress=False, control_image=batch.edges[rows].to(pipe.device),
+                          controlnet_conditioning_scale=conditioning_scale).cpu()
             made = object_coverage(images) >= COVERAGE_THRESHOLD
             wanted = object_coverage(batch.images[rows]) >= COVERAGE_THRESHOLD
             ious.append(mask_iou(made, wanted))
             right.append(generated_colors(images) == batch.objects["color"][rows])
     finally:
-        pipe.denoiser = denoiser
+        pipe.controlnet = attached
     iou, right = torch.cat(ious), torch.cat(right)
     return {"n": n, "iou_mean": round(iou.mean().item(), 4), "iou": [round(x, 4) for x in iou.tolist()],
             "color_accuracy": round(right.float().mean().item(), 4)}
