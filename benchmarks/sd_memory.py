@@ -46,7 +46,7 @@ The number of DDIM steps changes the peak only a little: every step runs the sam
 allocator keeps some of each step's freed memory, so the peak creeps up over the first steps by a few hundredths of
 a GB. ``--steps`` sets them: the default, 2, is quick; ``--steps 10`` measures what notebook 10 runs.
 
-GB here is 10⁹ bytes; the target is 4.0 × 10⁹ bytes (DESIGN.md §7: every notebook and command peaks under 4 GB).
+GB here is 10⁹ bytes; the target is 4.0 × 10⁹ bytes (issue 14: every notebook and command peaks under 4 GB).
 Threads: the children inherit ``OMP_NUM_THREADS``.
 """
 
@@ -68,7 +68,7 @@ from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-TARGET_BYTES = 4.0e9  # DESIGN.md §7, GB = 10⁹ bytes
+TARGET_BYTES = 4.0e9  # issue 14's target, GB = 10⁹ bytes
 GB = 1e9
 MARKER = "sd_memory.json"  # written last into a finished random folder: what the script reuses
 PROMPTS = ["a photograph of an astronaut riding a horse", "a red circle on a black background"]  # notebook 10's
@@ -570,7 +570,7 @@ def main(argv: Sequence[str] | None = None, results_dir: Path = RESULTS_DIR) -> 
         version = subprocess.run([sys.executable, "-c", "import torch; print(torch.__version__)"], text=True,
                                  capture_output=True, env=child_env()).stdout.strip() or "?"
         threads = os.environ.get("OMP_NUM_THREADS", "unset")
-        report.say(f"Stable Diffusion v1.5's memory through sdlearn (issue 14, DESIGN.md §7): a full-size random "
+        report.say(f"Stable Diffusion v1.5's memory through sdlearn (issue 14): a full-size random "
                    f"SD v1.5 folder, {args.size} × {args.size}, {len(PROMPTS)} prompts, {args.steps} DDIM steps, "
                    f"guidance {GUIDANCE}; torch {version}, OMP_NUM_THREADS={threads}, {os.cpu_count()} CPUs, "
                    f"{started:%Y-%m-%d %H:%M}")

@@ -1,4 +1,4 @@
-"""Your own captioned images, end to end: ``python -m sdlearn train all --data FOLDER`` (DESIGN.md §1).
+"""Your own captioned images, end to end: ``python -m sdlearn train all --data FOLDER`` (the README's "Command line" section).
 
 A folder of images with ``captions.jsonl`` (read by :class:`sdlearn.images.ImageFolderDataset`: one JSON line
 ``{"file": "a.png", "caption": "a green stripe"}`` per image, ``file`` relative to the folder) is trained into the

@@ -38,7 +38,7 @@ def test_other_configurations_change_the_latent_shape():
 
 
 def test_default_model_fits_the_weights_budget(vae):
-    # DESIGN: ≈ 1–3M parameters is the order of magnitude; the weights file must stay ≤ 8 MB (float32).
+    # The design asks for ≈ 1–3M parameters (the order of magnitude); the weights file must stay ≤ 8 MB (float32).
     assert count_parameters(vae) * 4 <= 8e6
 
 
