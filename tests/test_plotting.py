@@ -141,3 +141,13 @@ def test_show_trajectory_has_one_row_per_sample_and_labels_on_top():
         show_trajectory([_images(2), _images(3)])
     with pytest.raises(ValueError, match="4 snapshots but 1 labels"):
         show_trajectory(xs, labels=["x"])
+
+
+def test_show_images_writes_one_label_left_of_each_row():
+    images = torch.zeros(6, 3, 32, 32)
+    fig = show_images(images, ncols=3, row_labels=["guidance 1", "guidance 4"])
+    first_column = [ax for ax in fig.axes if ax.get_ylabel()]
+    assert [ax.get_ylabel() for ax in first_column] == ["guidance 1", "guidance 4"]
+    plt.close(fig)
+    with pytest.raises(ValueError, match="2 rows"):
+        show_images(images, ncols=3, row_labels=["only one"])
