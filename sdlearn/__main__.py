@@ -35,7 +35,7 @@ from sdlearn import adapt_recipes, control_recipes, distill_recipes, own_data, r
 from sdlearn.adapt import adapter_file_bytes, parse_method
 from sdlearn.checkpoint import atomic_write_bytes
 from sdlearn.control import edge_map
-from sdlearn.exercises import write_student_copies
+from sdlearn.exercises import write_student_copies, write_teacher_copies
 from sdlearn.flow import FLOW_SAMPLERS
 from sdlearn.pipeline import SEED_HIGH, check_seed, to_pil
 from sdlearn.plotting import image_grid, to_image
@@ -199,9 +199,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train adapter: the prior-preservation images, the model's own drawings of the old prompts "
                             "(shapes, default) or of the examples' class prompts (class, DreamBooth's)")
 
-    exercises = commands.add_parser("exercises", help="write student copies of the notebooks, solutions removed")
-    exercises.add_argument("out_dir", help="folder to write the student notebooks into")
+    exercises = commands.add_parser("exercises", help="write student copies of the notebooks, solutions removed "
+                                                      "(or, with --teacher, the teacher's copies: the answer key)")
+    exercises.add_argument("out_dir", help="folder to write the notebooks into")
     exercises.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+    exercises.add_argument("--teacher", action="store_true",
+                           help="write the teacher's copies instead: solutions, outputs and the experiments' rubrics "
+                                "kept, and a list of each notebook's exercises and how each is graded")
     return parser
 
 
@@ -453,10 +457,11 @@ def generate_to_files(
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "exercises":
-        written = write_student_copies(args.out_dir, force=args.force)
+        write = write_teacher_copies if args.teacher else write_student_copies
+        written = write(args.out_dir, force=args.force)
         for path in written:
             print(path)
-        print(f"wrote {len(written)} student notebooks to {args.out_dir}")
+        print(f"wrote {len(written)} {'teacher' if args.teacher else 'student'} notebooks to {args.out_dir}")
         return 0
 
     if args.command == "generate":

@@ -5,7 +5,7 @@ import re
 import nbformat
 import pytest
 
-from sdlearn.exercises import CHECKERS, default_notebooks_dir, find_solution_regions
+from sdlearn.exercises import CHECKERS, TIERS, default_notebooks_dir, exercise_index, find_solution_regions
 
 NOTEBOOKS = default_notebooks_dir()
 COURSE = [
@@ -44,3 +44,18 @@ def test_notebook_has_at_least_two_checked_exercises(name):
     assert len(checkers) >= 2, f"{name}: calls {sorted(checkers)} from sdlearn.exercises; needs at least 2 checkers"
     unknown = {c for c in called if c.startswith("check_") and c not in CHECKERS and c != "check_"}
     assert not unknown, f"{name}: calls checkers that sdlearn.exercises does not register: {sorted(unknown)}"
+
+
+@pytest.mark.parametrize("name", COURSE[1:])
+def test_notebook_has_all_three_tiers(name):
+    """Issue 18: each notebook's exercises come in three tiers (sdlearn.exercises.teacher_copies): at least one
+    exercise to implement and one to derive, each graded by a registered checker, and one experiment with its rubric."""
+    index = exercise_index(nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4), f"{name}.ipynb")
+    by_tier = {tier: [e.number for e in index if e.tier == tier] for tier in TIERS}
+    assert all(by_tier.values()), f"{name}: exercises by tier {by_tier}; needs at least one of each of {', '.join(TIERS)}"
+    no_rubric = [e.number for e in index if e.tier == "experiment" and e.rubric_cell is None]
+    assert not no_rubric, (f"{name}: experiment(s) {no_rubric} have no rubric cell (a markdown cell tagged 'rubric' "
+                           "after the exercise's code, opening with **Rubric (teacher's copy only).**)")
+    unchecked = {e.number: list(e.checkers) for e in index
+                 if e.auto_checked and not any(checker in CHECKERS for checker in e.checkers)}
+    assert not unchecked, f"{name}: implement/derive exercise(s) {unchecked} call no registered checker"

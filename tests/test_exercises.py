@@ -147,6 +147,24 @@ def test_existing_guidance_is_kept_not_duplicated(tmp_path):
     assert sum("how to check your answer" in c.source.lower() for c in nb.cells) == 1
 
 
+def test_student_copies_drop_the_rubric_cells_and_keep_every_other_cell(tmp_path):
+    cells = CELLS + [("markdown", "### Exercise 2 (experiment): a sweep\nHypothesis: it rises."),
+                     ("code", "print('measured')"),
+                     ("markdown", "**Rubric (teacher's copy only).** Secret grading notes."),
+                     ("markdown", "## Recap")]
+    src = _notebook(tmp_path / "01_demo.ipynb", cells)
+    nb = nbformat.read(src, as_version=4)
+    nb.cells[7].metadata["tags"] = ["rubric"]
+    nbformat.write(nb, src)
+    copy = nbformat.read(make_student_copy(src, tmp_path / "student.ipynb"), as_version=4)
+    assert "Secret grading notes" not in (tmp_path / "student.ipynb").read_text()
+    # the rubric cell is gone, every other cell of the course is there in order (plus the guidance cell)
+    kept = [c.source for c in copy.cells if "How to check your answer" not in c.source]
+    assert [c.cell_type for c in copy.cells if "How to check your answer" not in c.source] == [
+        c.cell_type for i, c in enumerate(nb.cells) if i != 7]
+    assert kept[5:] == ["### Exercise 2 (experiment): a sweep\nHypothesis: it rises.", "print('measured')", "## Recap"]
+
+
 def test_make_student_copy_refuses_to_overwrite_its_source(tmp_path):
     src = _notebook(tmp_path / "01_demo.ipynb", CELLS)
     with pytest.raises(ValueError, match="refusing to overwrite"):
@@ -589,3 +607,10 @@ def test_a_student_copy_runs_past_its_unfinished_exercises(tmp_path):
     assert errors == [(2, "ExerciseNotDone")]
     assert "Replace the `raise NotImplementedError(...)` line" in student[2].outputs[0]["evalue"]
     assert student[3].outputs[0]["text"] == "the rest of the notebook runs\n"
+
+
+def test_the_notation_card_travels_with_the_copies(tmp_path, course):
+    (course / "notation.md").write_text("# Notation\n\nw: the guidance scale\n")
+    write_student_copies(tmp_path / "class", notebooks_dir=course)
+    assert (tmp_path / "class" / "notation.md").read_text() == "# Notation\n\nw: the guidance scale\n"
+    assert not (tmp_path / "class" / "notes.txt").exists()  # only the files the notebooks link to

@@ -2,7 +2,9 @@
 
 - :mod:`sdlearn.exercises.framework`: :class:`Checker`, :func:`check` and how to write an exercise.
 - :mod:`sdlearn.exercises.student_copies`: ``python -m sdlearn exercises OUT_DIR``, the notebooks
-  with their solutions stubbed.
+  with their solutions stubbed and their rubric cells dropped.
+- :mod:`sdlearn.exercises.teacher_copies`: ``python -m sdlearn exercises OUT_DIR --teacher``, the answer key,
+  and :func:`exercise_index`, each notebook's exercises and their tiers (implement, derive, experiment).
 - ``checks_01_forward_noising`` … ``checks_13_control_and_speed``: each notebook's checkers, in the order
   it uses them. Importing this package registers them all in :data:`CHECKERS`.
 """
@@ -69,21 +71,36 @@ from sdlearn.exercises.student_copies import (
     GUIDANCE,
     GUIDANCE_TITLE,
     RAISES_TAG,
+    RUBRIC_TAG,
     STUB,
     STUB_COMMENT,
     default_notebooks_dir,
     find_solution_regions,
+    is_rubric_cell,
     make_student_copy,
     strip_solutions,
     student_notebook,
     write_student_copies,
+)
+from sdlearn.exercises.teacher_copies import (
+    RUBRIC_OPENING,
+    TEACHER_TITLE,
+    TIERS,
+    Exercise,
+    exercise_index,
+    teacher_banner,
+    teacher_notebook,
+    write_teacher_copies,
 )
 
 __all__ = [
     # student copies
     "BEGIN_MARKER", "END_MARKER", "STUB_COMMENT", "STUB", "RAISES_TAG", "GUIDANCE_TITLE", "GUIDANCE",
     "find_solution_regions", "strip_solutions", "student_notebook", "make_student_copy", "default_notebooks_dir",
-    "write_student_copies",
+    "write_student_copies", "RUBRIC_TAG", "is_rubric_cell",
+    # the teacher's copy and the exercises' index
+    "TIERS", "RUBRIC_OPENING", "TEACHER_TITLE", "Exercise", "exercise_index", "teacher_banner", "teacher_notebook",
+    "write_teacher_copies",
     # the checker framework
     "ExerciseFailed", "ExerciseNotDone", "Case", "Mistake", "check", "Checker", "CHECKERS", "register",
     # the checkers, notebook by notebook

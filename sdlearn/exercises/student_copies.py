@@ -9,7 +9,8 @@ unfinished exercise instead of stopping there. A checker given an unfinished fun
 :class:`~sdlearn.exercises.framework.ExerciseNotDone`, which is both an
 :class:`~sdlearn.exercises.framework.ExerciseFailed` and a ``NotImplementedError``.
 If a notebook has no "How to check your answer" markdown cell, one is inserted before its first
-exercise.
+exercise. Every cell tagged ``rubric`` (an experiment's grading notes, for the teacher's copy only:
+:mod:`sdlearn.exercises.teacher_copies`) is dropped.
 
 A solution region is the lines between two marker lines, ``# BEGIN SOLUTION`` and ``# END SOLUTION``
 (:mod:`sdlearn.exercises.framework` explains how an exercise is written).
@@ -35,6 +36,7 @@ END_MARKER = "# END SOLUTION"
 STUB_COMMENT = "# YOUR CODE HERE"
 STUB = 'raise NotImplementedError("Exercise: fill this in")'
 RAISES_TAG = "raises-exception"
+RUBRIC_TAG = "rubric"  # a markdown cell of grading notes: kept in the teacher's copy, dropped from the student's
 GUIDANCE_TITLE = "How to check your answer"
 GUIDANCE = (
     f"**{GUIDANCE_TITLE}.** In each exercise cell, replace `raise NotImplementedError(...)` with your code and "
@@ -43,10 +45,11 @@ GUIDANCE = (
     "what it got. Stuck? The rest of the notebook does not depend on your answer, so you can move on and come back."
 )
 
+COMPANION_FILES = ("notation.md",)  # files the notebooks link to, copied beside them so that the links work
 _BEGIN_RE = re.compile(r"^(?P<indent>[ \t]*)#\s*BEGIN SOLUTION\s*$")
 _END_RE = re.compile(r"^[ \t]*#\s*END SOLUTION\s*$")
-_CHECK_CALL_RE = re.compile(r"(?<!def )\bcheck_\w+\s*\(")  # a call to a checker, not its definition
-_NOTEBOOK_NAME_RE = re.compile(r"^\d\d_.*\.ipynb$")
+CHECK_CALL_RE = re.compile(r"(?<!def )\b(check_\w+)\s*\(")  # a call to a checker (group 1: its name), not its definition
+NOTEBOOK_NAME_RE = re.compile(r"^\d\d_.*\.ipynb$")  # a course notebook: NN_name.ipynb
 
 
 def find_solution_regions(source: str, where: str = "this cell") -> list[tuple[int, int]]:
@@ -97,10 +100,12 @@ def strip_solutions(source: str, where: str = "this cell") -> str:
 
 def student_notebook(nb, name: str = "notebook"):
     """A student copy of an nbformat v4 notebook (the input is not modified): solutions stubbed, outputs
-    and execution counts cleared, exercise cells tagged ``raises-exception``, guidance added if missing."""
+    and execution counts cleared, exercise cells tagged ``raises-exception``, guidance added if missing,
+    rubric cells (tagged ``rubric``) dropped."""
     import nbformat
 
     nb = copy.deepcopy(nb)
+    nb.cells = [cell for cell in nb.cells if not is_rubric_cell(cell)]
     nb.metadata.pop("widgets", None)  # saved widget state belongs to the cleared outputs
     has_guidance = any(
         cell.cell_type == "markdown" and GUIDANCE_TITLE.lower() in cell.source.lower() for cell in nb.cells
@@ -115,7 +120,7 @@ def student_notebook(nb, name: str = "notebook"):
         is_exercise = stripped != cell.source
         if is_exercise and first_exercise is None:
             first_exercise = index
-        if is_exercise or _CHECK_CALL_RE.search(stripped):
+        if is_exercise or CHECK_CALL_RE.search(stripped):
             tags = list(cell.metadata.get("tags", []))
             if RAISES_TAG not in tags:
                 cell.metadata["tags"] = tags + [RAISES_TAG]
@@ -128,6 +133,11 @@ def student_notebook(nb, name: str = "notebook"):
     return nb
 
 
+def is_rubric_cell(cell) -> bool:
+    """Whether ``cell`` is tagged ``rubric``: the teacher's grading notes of an experiment, never in a student copy."""
+    return RUBRIC_TAG in cell.get("metadata", {}).get("tags", [])
+
+
 def make_student_copy(src_nb_path: str | Path, dst_path: str | Path) -> Path:
     """Write the student copy of the notebook ``src_nb_path`` to ``dst_path`` (see :func:`student_notebook`),
     atomically (a link at ``dst_path`` is replaced, not followed). Problems raise ``ValueError``."""
@@ -138,35 +148,38 @@ def make_student_copy(src_nb_path: str | Path, dst_path: str | Path) -> Path:
         raise ValueError("the student copy's path is empty; name a file, e.g. my_copy.ipynb")
     if src.resolve() == dst.resolve():
         raise ValueError(f"refusing to overwrite the course notebook {src} with its student copy; choose another path")
-    _check_target(dst)
+    check_target(dst)
     nb = nbformat.read(src, as_version=4)
-    _write_notebooks([(dst, student_notebook(nb, src.name))], dst.parent)
+    write_notebooks([(dst, student_notebook(nb, src.name))], dst.parent)
     return dst
 
 
-def _check_target(dst: Path) -> None:
-    """A notebook may replace a file or a link at ``dst``, never a folder (or anything else)."""
+def check_target(dst: Path, kind: str = "student") -> None:
+    """A notebook may replace a file or a link at ``dst``, never a folder (or anything else); ``kind`` names
+    the copy in the message (``"student"``, ``"teacher's"``)."""
     if dst.is_symlink() or not os.path.lexists(dst):
         return
     if dst.is_dir():
-        raise ValueError(f"{dst} is a folder, where the student copy {dst.name} would go; move or rename it, "
+        raise ValueError(f"{dst} is a folder, where the {kind} copy {dst.name} would go; move or rename it, "
                          "or choose another output folder")
     if not dst.is_file():
         raise ValueError(f"{dst} exists and is not a regular file; move it, or choose another output folder")
 
 
-def _write_notebooks(copies, out: Path) -> None:
-    """Write every (path, notebook) all or nothing; an ``OSError`` (a full disk, a read-only folder) becomes one
-    ``ValueError`` naming the folder and the cause, and leaves no partial file."""
+def write_notebooks(copies, out: Path, kind: str = "student", companions=()) -> None:
+    """Write every (path, notebook), and every (path, bytes) of ``companions``, all or nothing; an ``OSError`` (a full
+    disk, a read-only folder) becomes one ``ValueError`` naming the folder (and ``kind``, the copies') and the cause,
+    and leaves no partial file."""
     import nbformat
 
     texts = [(dst, nbformat.writes(nb)) for dst, nb in copies]
     files = [(dst, (text if text.endswith("\n") else text + "\n").encode("utf-8")) for dst, text in texts]  # as nbformat.write
+    files += list(companions)
     try:
         atomic_write_files(files)
     except OSError as error:
         reason = error.strerror or str(error)
-        raise ValueError(f"cannot write the student notebooks into {out}: {reason}"
+        raise ValueError(f"cannot write the {kind} notebooks into {out}: {reason}"
                          f"{f' ({error.filename})' if error.filename else ''}; nothing was written") from error
 
 
@@ -187,6 +200,13 @@ def write_student_copies(out_dir: str | Path, notebooks_dir: str | Path | None =
     full disk or a read-only place raises one ``ValueError`` and leaves no partial notebook. Returns the
     written paths, in course order.
     """
+    return write_copies(out_dir, student_notebook, notebooks_dir, force, kind="student")
+
+
+def write_copies(out_dir: str | Path, convert, notebooks_dir: str | Path | None = None, force: bool = False,
+                 kind: str = "student") -> list[Path]:
+    """Write ``convert(notebook, name)`` of every ``NN_*.ipynb`` in ``notebooks_dir`` into ``out_dir``, safely:
+    the rules of :func:`write_student_copies`, for copies of any ``kind`` (named in the messages)."""
     import nbformat
 
     if isinstance(out_dir, str) and not out_dir.strip():
@@ -198,24 +218,27 @@ def write_student_copies(out_dir: str | Path, notebooks_dir: str | Path | None =
     out = Path(out_dir)
     source_resolved, out_resolved = source.resolve(), out.resolve()
     if out_resolved == source_resolved or source_resolved in out_resolved.parents:
-        raise ValueError(f"refusing to write student copies into the course's own notebooks folder ({source}); choose a folder outside it")
+        raise ValueError(f"refusing to write {kind} copies into the course's own notebooks folder ({source}); choose a folder outside it")
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not force:
         raise FileExistsError(f"{out} exists and is not empty; choose an empty folder or pass --force (force=True) to overwrite its notebooks")
-    paths = sorted(p for p in source.iterdir() if _NOTEBOOK_NAME_RE.match(p.name) and p.is_file())
+    paths = sorted(p for p in source.iterdir() if NOTEBOOK_NAME_RE.match(p.name) and p.is_file())
     if not paths:
         raise FileNotFoundError(f"no NN_*.ipynb notebooks in {source}")
+    companions = [(out / name, (source / name).read_bytes()) for name in COMPANION_FILES if (source / name).is_file()]
     for p in paths:
-        _check_target(out / p.name)
-    copies = [(out / p.name, student_notebook(nbformat.read(p, as_version=4), p.name)) for p in paths]
+        check_target(out / p.name, kind)
+    for dst, _ in companions:
+        check_target(dst, kind)
+    copies = [(out / p.name, convert(nbformat.read(p, as_version=4), p.name)) for p in paths]
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         raise ValueError(f"cannot create the folder {out}: {error.strerror or error}") from error
     try:
-        _write_notebooks(copies, out)
+        write_notebooks(copies, out, kind, companions)
     except ValueError:
         if created:
             try:
