@@ -22,6 +22,7 @@ from sdlearn.exercises.checks_02_noise_schedules import (
 from sdlearn.exercises.checks_03_vae import check_gaussian_kl, check_psnr, check_reparameterize
 from sdlearn.exercises.checks_04_transformer_denoiser import (
     check_attention,
+    check_attention_crossover,
     check_modulate,
     check_patchify,
     check_timestep_embedding,
@@ -37,6 +38,7 @@ from sdlearn.exercises.checks_08_stable_diffusion import (
 from sdlearn.exercises.checks_09_code_review import (
     check_cfg_batched,
     check_ddpm_reverse_step,
+    check_false_alarm_rate,
     check_schedule_sanity,
 )
 from sdlearn.exercises.checks_10_unet_and_real_sd import (
@@ -107,12 +109,12 @@ __all__ = [
     "check_alphas_cumprod", "check_add_noise", "check_x0_from_noise",
     "check_cosine_betas", "check_log_snr", "check_zero_terminal_snr",
     "check_psnr", "check_reparameterize", "check_gaussian_kl",
-    "check_patchify", "check_timestep_embedding", "check_attention", "check_modulate",
+    "check_patchify", "check_timestep_embedding", "check_attention", "check_modulate", "check_attention_crossover",
     "check_diffusion_loss", "check_ema_update", "check_v_target",
     "check_ddpm_posterior_mean", "check_ddim_step", "check_heun_step",
     "check_tokenize", "check_contrastive_loss", "check_cfg",
     "check_sdedit_start", "check_latent_mask", "check_inpaint_blend",
-    "check_schedule_sanity", "check_ddpm_reverse_step", "check_cfg_batched",
+    "check_schedule_sanity", "check_ddpm_reverse_step", "check_cfg_batched", "check_false_alarm_rate",
     "check_resblock", "check_skip_channels", "check_loss_by_timestep",
     "check_flow_training_example", "check_edm_preconditioning", "check_error_slope",
     "check_edge_map", "check_inversion_step", "check_consistency_scalings", "check_iou_sweep",

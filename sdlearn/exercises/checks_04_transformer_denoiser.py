@@ -1,6 +1,8 @@
-"""Checkers of notebook 04, the transformer denoiser: patchify, the timestep embedding, attention, adaLN.
+"""Checkers of notebook 04, the transformer denoiser: patchify, the timestep embedding, attention, adaLN, and the
+token count at which self-attention's work overtakes the linear layers'.
 
-In the order the notebook uses them: ``check_patchify``, ``check_timestep_embedding``, ``check_attention``, ``check_modulate``.
+In the order the notebook uses them: ``check_patchify``, ``check_timestep_embedding``, ``check_attention``,
+``check_modulate``, ``check_attention_crossover``.
 """
 
 from __future__ import annotations
@@ -190,4 +192,55 @@ check_modulate = register(Checker(
                 "you broadcast shift and scale [B, D] against x [B, N, D] directly: broadcasting lines them up with "
                 "the N tokens, not the B images (it only runs at all when N = B); use shift[:, None, :]"),
     ),
+))
+
+
+def _attention_crossover_reference(width, mlp_ratio, cross_attn_ratio):
+    # per token and block, the linear layers do (4 + 2r + 2ρ)·d² multiply-adds: QKV 3d², out d², the MLP 2r·d², the
+    # cross-attention's query and output projections 2ρ·d²; self-attention's score matrix QKᵀ and weighted sum of V do
+    # 2N²d per block. They are equal at N = d·(2 + r + ρ) (Vaswani et al. 2017, Table 1, for the N² d against N d² terms).
+    return float(width * (2 + mlp_ratio + cross_attn_ratio))
+
+
+def _attention_crossover_cases(g):
+    return [
+        Case(f"width = {d}, mlp_ratio = {r}, cross_attn_ratio = {rho} ({what})", (d, r, rho))
+        for d, r, rho, what in ((384, 4.0, 0.25, "a wide MLP and narrow cross-attention"),
+                                (192, 1.0, 0.5, "the course's Denoiser()"),
+                                (192, 4.0, 1.0, "DiT's wide MLP and full-width cross-attention"),
+                                (1152, 4.0, 0.0, "DiT-XL's width and MLP, no cross-attention"),
+                                (96, 1.0, 0.5, "the small model of section 4"))
+    ]
+
+
+check_attention_crossover = register(Checker(
+    name="check_attention_crossover",
+    signature="fn(width, mlp_ratio, cross_attn_ratio) -> tokens",
+    doc="the number of tokens N at which the multiply-adds of self-attention's two N × N matrix products (the scores "
+        "QKᵀ and the weighted sum of V, d multiply-adds per entry each) equal those of the per-token linear layers of a "
+        "block (QKV, the output projection, the MLP d → r·d → d, and the cross-attention's query and output projections "
+        "d → ρ·d → d): N* = d·(2 + r + ρ), a float.",
+    reference=_attention_crossover_reference,
+    make_cases=_attention_crossover_cases,
+    hint="per token and block, a Linear from a to b costs a·b multiply-adds: add QKV (d → 3d), the output (d → d), "
+         "the MLP's two layers (d → r·d → d) and the cross-attention's q and out (d → ρ·d → d). Self-attention costs "
+         "N·N·d for the scores and N·N·d for the weighted sum. Set N·(linear per token) = 2·N²·d and solve for N.",
+    mistakes=(
+        Mistake(lambda d, r, rho: float(d * (4 + 2 * r + 2 * rho)),
+                "you counted only the scores QKᵀ (N²·d); the weighted sum of the values, weights @ V, costs another "
+                "N²·d, so self-attention's matrices cost 2·N²·d"),
+        Mistake(lambda d, r, rho: float(d * (4 + r + 2 * rho) / 2),
+                "you counted the MLP as one layer (r·d²): it has two, d → r·d and r·d → d, so 2·r·d² per token"),
+        Mistake(lambda d, r, rho: float(d * (2 + r)),
+                "you left out the cross-attention's query and output projections (2·ρ·d² per token): they act on "
+                "every image token too"),
+        Mistake(lambda d, r, rho: float(d * (1 + r + rho)),
+                "you counted the QKV projection as one d × d matrix: it makes three vectors per token, 3·d² "
+                "multiply-adds"),
+        Mistake(lambda d, r, rho: float(d * d * (2 + r + rho)),
+                "your N grows with d²: the linear layers cost N·d² and attention N²·d, so one factor d cancels and "
+                "N* is proportional to d"),
+    ),
+    atol=1e-6,
+    rtol=1e-6,
 ))

@@ -1,10 +1,13 @@
-"""Checkers of notebook 09, code review: a schedule's sanity test, the DDPM reverse step, batched guidance.
+"""Checkers of notebook 09, code review: a schedule's sanity test, the DDPM reverse step, the false-alarm rate of a
+statistical test, batched guidance.
 
-In the order the notebook uses them: ``check_schedule_sanity``, ``check_ddpm_reverse_step``, ``check_cfg_batched``.
+In the order the notebook uses them: ``check_schedule_sanity``, ``check_ddpm_reverse_step``, ``check_false_alarm_rate``,
+``check_cfg_batched``.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -133,6 +136,51 @@ check_ddpm_reverse_step = register(Checker(
     ),
     atol=1e-4,
     rtol=1e-4,  # at ᾱ_999 ≈ 0.005, float32 rounding in 1/√(1 − ᾱ_t) and β_t reaches 1e-5
+))
+
+
+def _false_alarm_reference(tolerance, std, n):
+    # the mean of n independent draws of std `std` has standard error std/√n and is close to normal (central limit
+    # theorem): P(|mean − μ| > tolerance) = 2·(1 − Φ(z)) with z = tolerance·√n/std, and 2·(1 − Φ(z)) = erfc(z/√2)
+    return math.erfc(tolerance * math.sqrt(n) / (std * math.sqrt(2)))
+
+
+def _false_alarm_cases(g):
+    return [
+        Case(f"tolerance = {tol}, std = {std}, n = {n:,} ({what})", (tol, std, n))
+        for tol, std, n, what in ((0.01, 1.0, 100_000, "the first assertion of test_reverse_step, roughly"),
+                                  (0.01, 0.5, 10_000, "z = 2"),
+                                  (0.05, 2.0, 400, "a loose test: z = 0.5"),
+                                  (0.001, 0.3, 1_000_000, "a tight test of a narrow distribution"),
+                                  (0.02, 0.9, 4_000, "an in-between case"))
+    ]
+
+
+check_false_alarm_rate = register(Checker(
+    name="check_false_alarm_rate",
+    signature="fn(tolerance, std, n) -> probability",
+    doc="the probability that the mean of ``n`` independent samples of a distribution with standard deviation ``std`` "
+        "lands farther than ``tolerance`` from the true mean, in the normal approximation (central limit theorem): "
+        "2·(1 − Φ(tolerance·√n / std)) = erfc(tolerance·√n / (std·√2)), a float. It is how often an assertion "
+        "``abs(mean - expected) < tolerance`` fails a correct implementation.",
+    reference=_false_alarm_reference,
+    make_cases=_false_alarm_cases,
+    hint="the standard error of a mean of n samples is std/√n; z = tolerance / (std/√n) says how many standard errors "
+         "the tolerance is; a normal variable lies outside ±z with probability 2·(1 − Φ(z)), and math.erfc(z / √2) "
+         "computes that without the rounding of 1 − Φ.",
+    mistakes=(
+        Mistake(lambda tol, std, n: math.erfc(tol * math.sqrt(n) / (std * math.sqrt(2))) / 2,
+                "you computed one tail, 1 − Φ(z): the assertion fails when the mean is too high OR too low, 2·(1 − Φ(z))"),
+        Mistake(lambda tol, std, n: math.erfc(tol * n / (std * math.sqrt(2))),
+                "you used std/n as the standard error of the mean: variances add, so the mean of n samples has "
+                "variance std²/n and standard error std/√n"),
+        Mistake(lambda tol, std, n: math.erfc(tol * math.sqrt(n) / (std**2 * math.sqrt(2))),
+                "you divided by the variance std² where the standard deviation std belongs"),
+        Mistake(lambda tol, std, n: math.erfc(tol * math.sqrt(n) / std),
+                "you wrote 2·(1 − Φ(z)) as erfc(z): Φ(z) = (1 + erf(z/√2))/2, so 2·(1 − Φ(z)) = erfc(z/√2)"),
+    ),
+    atol=1e-12,
+    rtol=1e-3,  # 1 − Φ(z) in float32 loses ~1e-7 absolute to rounding: 1e-4 relative at a probability of 1e-3
 ))
 
 
