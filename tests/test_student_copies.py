@@ -13,8 +13,8 @@ as a class would run them, going through the code cells in order:
   in order), then the course's version of this cell. Each must succeed, and each one calling a checker must
   print ✓ Correct. So a stub inside a function that its cell only defines (the cell does not raise) is solved
   just after the next checker cell has failed on it.
-- at the end every stub has been solved, and a notebook with stubs has at least one checker. 00, the tour,
-  has no exercise and runs clean.
+- at the end every stub has been solved, and a notebook with stubs has at least one checker (00, the tour,
+  included: it ends with three short exercises).
 
 Before running, the copy must have every output cleared and every code cell of the course, each equal to the
 course's cell with its solutions stubbed; and no cell that is not an exercise (not tagged) may use a name

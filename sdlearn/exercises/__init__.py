@@ -5,13 +5,15 @@
   with their solutions stubbed and their rubric cells dropped.
 - :mod:`sdlearn.exercises.teacher_copies`: ``python -m sdlearn exercises OUT_DIR --teacher``, the answer key,
   and :func:`exercise_index`, each notebook's exercises and their tiers (implement, derive, experiment).
-- ``checks_01_forward_noising`` … ``checks_13_control_and_speed``: each notebook's checkers, in the order
+- ``checks_00_tour`` … ``checks_13_control_and_speed``: each notebook's checkers, in the order
   it uses them. Importing this package registers them all in :data:`CHECKERS`.
 """
 
+from sdlearn.exercises.checks_00_tour import check_expected_distinct, check_mean_pairwise_rms
 from sdlearn.exercises.checks_01_forward_noising import (
     check_add_noise,
     check_alphas_cumprod,
+    check_jump,
     check_x0_from_noise,
 )
 from sdlearn.exercises.checks_02_noise_schedules import (
@@ -106,7 +108,8 @@ __all__ = [
     # the checker framework
     "ExerciseFailed", "ExerciseNotDone", "Case", "Mistake", "check", "Checker", "CHECKERS", "register",
     # the checkers, notebook by notebook
-    "check_alphas_cumprod", "check_add_noise", "check_x0_from_noise",
+    "check_mean_pairwise_rms", "check_expected_distinct",
+    "check_alphas_cumprod", "check_add_noise", "check_x0_from_noise", "check_jump",
     "check_cosine_betas", "check_log_snr", "check_zero_terminal_snr",
     "check_psnr", "check_reparameterize", "check_gaussian_kl",
     "check_patchify", "check_timestep_embedding", "check_attention", "check_modulate", "check_attention_crossover",
