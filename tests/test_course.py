@@ -46,7 +46,7 @@ def test_notebook_has_at_least_two_checked_exercises(name):
     assert not unknown, f"{name}: calls checkers that sdlearn.exercises does not register: {sorted(unknown)}"
 
 
-@pytest.mark.parametrize("name", COURSE[1:])
+@pytest.mark.parametrize("name", COURSE)
 def test_notebook_has_all_three_tiers(name):
     """Issue 18: each notebook's exercises come in three tiers (sdlearn.exercises.teacher_copies): at least one
     exercise to implement and one to derive, each graded by a registered checker, and one experiment with its rubric."""
