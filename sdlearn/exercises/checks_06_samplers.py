@@ -1,6 +1,7 @@
 """Checkers of notebook 06, samplers: the DDPM posterior mean, a DDIM step, a Heun step.
 
-In the order the notebook uses them: ``check_ddpm_posterior_mean``, ``check_ddim_step``, ``check_heun_step``.
+In the order the notebook uses them: ``check_ddpm_posterior_mean`` (derive: the mean of q(x_{t'} | x_t, x0), by
+completing the square), ``check_ddim_step`` and ``check_heun_step`` (implement).
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ check_ddpm_posterior_mean = register(Checker(
         Mistake(lambda x0, x_t, a, a_prev: (a.sqrt() * (1 - a / a_prev) / (1 - a) * x0
                                             + (a / a_prev).sqrt() * (1 - a_prev) / (1 - a) * x_t),
                 "you weighted x0 by √ᾱ_t instead of √ᾱ_{t'} (the timestep you are stepping to)"),
+        Mistake(lambda x0, x_t, a, a_prev: (a_prev.sqrt() * (1 - a / a_prev) / (1 - a) * x0
+                                            + (1 - a_prev) / (1 - a) * x_t),
+                "x_t's weight lacks √α_t: q(x_t | x_{t'}) has mean √α_t x_{t'}, so the term of the exponent linear in "
+                "x_{t'} is √α_t x_t / β_t, not x_t / β_t"),
+        Mistake(lambda x0, x_t, a, a_prev: (a_prev.sqrt() * (1 - a / a_prev) / (1 - a_prev) * x0
+                                            + (a / a_prev).sqrt() * (1 - a_prev) / (1 - a_prev) * x_t),
+                "you divided by 1 − ᾱ_{t'}: the mean is the variance β̃_t = (1 − ᾱ_{t'}) β_t / (1 − ᾱ_t) times the sum of "
+                "the linear terms, so both weights are divided by 1 − ᾱ_t"),
     ),
     atol=1e-5,
 ))
