@@ -18,10 +18,18 @@ from sdlearn.exercises.checks_01_forward_noising import (
 )
 from sdlearn.exercises.checks_02_noise_schedules import (
     check_cosine_betas,
+    check_cosine_log_snr,
+    check_leak_by_block,
     check_log_snr,
     check_zero_terminal_snr,
 )
-from sdlearn.exercises.checks_03_vae import check_gaussian_kl, check_psnr, check_reparameterize
+from sdlearn.exercises.checks_03_vae import (
+    check_factor_by_group,
+    check_gaussian_kl,
+    check_kl_diagonal_gaussians,
+    check_psnr,
+    check_reparameterize,
+)
 from sdlearn.exercises.checks_04_transformer_denoiser import (
     check_attention,
     check_attention_crossover,
@@ -110,8 +118,8 @@ __all__ = [
     # the checkers, notebook by notebook
     "check_mean_pairwise_rms", "check_expected_distinct",
     "check_alphas_cumprod", "check_add_noise", "check_x0_from_noise", "check_jump",
-    "check_cosine_betas", "check_log_snr", "check_zero_terminal_snr",
-    "check_psnr", "check_reparameterize", "check_gaussian_kl",
+    "check_cosine_betas", "check_log_snr", "check_zero_terminal_snr", "check_cosine_log_snr", "check_leak_by_block",
+    "check_psnr", "check_reparameterize", "check_gaussian_kl", "check_kl_diagonal_gaussians", "check_factor_by_group",
     "check_patchify", "check_timestep_embedding", "check_attention", "check_modulate", "check_attention_crossover",
     "check_diffusion_loss", "check_ema_update", "check_v_target",
     "check_ddpm_posterior_mean", "check_ddim_step", "check_heun_step",

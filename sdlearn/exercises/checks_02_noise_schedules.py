@@ -1,6 +1,9 @@
-"""Checkers of notebook 02, noise schedules: the cosine schedule, the log-SNR, zero terminal SNR.
+"""Checkers of notebook 02, noise schedules: the cosine schedule, its log-SNR, zero terminal SNR, the leak into x_T.
 
-In the order the notebook uses them: ``check_cosine_betas``, ``check_log_snr``, ``check_zero_terminal_snr``.
+In the order the notebook uses them: ``check_cosine_betas`` (implement), ``check_cosine_log_snr`` (derive),
+``check_zero_terminal_snr`` (implement), ``check_leak_by_block`` (the experiment's measurement).
+``check_log_snr`` (the log-SNR from ᾱ, a one-line transcription of its definition) is no longer an exercise of the
+notebook; it stays registered for teachers who want a warm-up.
 """
 
 from __future__ import annotations
@@ -8,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from sdlearn.exercises.framework import Case, Checker, Mistake, register
 from sdlearn.schedules import make_betas, rescale_zero_terminal_snr
@@ -108,4 +112,138 @@ check_zero_terminal_snr = register(Checker(
         Mistake(_shift_without_scale, "you shifted √ᾱ_t without scaling it back, so the first steps no longer keep their signal"),
     ),
     atol=1e-4,
+))
+
+
+# ---- Exercise 2 (derive): the log-SNR of the cosine schedule in closed form ----------------------------------
+
+
+def _cosine_angle(u: torch.Tensor, s: float) -> torch.Tensor:
+    return (u + s) / (1 + s) * math.pi / 2  # the angle inside g(u) = cos²(…)
+
+
+def _cosine_log_snr_reference(t, T, s):
+    """λ at code index t (t + 1 steps taken) of the uncapped cosine schedule, ᾱ = g((t+1)/T) / g(0), from the
+    definition λ = log ᾱ − log(1 − ᾱ), in float64."""
+    u = torch.as_tensor(t, dtype=torch.float64)
+    g_t = torch.cos(_cosine_angle((u + 1) / T, s)) ** 2
+    g_0 = math.cos(_cosine_angle(torch.tensor(0.0, dtype=torch.float64), s)) ** 2
+    return torch.log(g_t) - torch.log(g_0 - g_t)
+
+
+def _log_snr_at_index(t, T, s):
+    """The mistake of reading code index t as t steps: ᾱ = g(t/T) / g(0)."""
+    return _cosine_log_snr_reference(torch.as_tensor(t, dtype=torch.float64) - 1, T, s)
+
+
+def _without_g0(t, T, s):
+    """λ as if ᾱ were g itself: −2 log tan of the angle (the normalisation by g(0) forgotten)."""
+    return -2 * torch.log(torch.tan(_cosine_angle((torch.as_tensor(t, dtype=torch.float64) + 1) / T, s)))
+
+
+def _cosine_log_snr_cases(g):
+    return [
+        Case("t = 0, 1, …, 998 (float64), T = 1000, s = 0.008: the course's cosine schedule, but its capped last step",
+             (torch.arange(999, dtype=torch.float64), 1000, 0.008)),
+        Case("t = 0, 1, …, 48 (float64), T = 50, s = 0.008", (torch.arange(49, dtype=torch.float64), 50, 0.008)),
+        Case("t = 0, 1, …, 98 (float64), T = 100, s = 0 (no offset)", (torch.arange(99, dtype=torch.float64), 100, 0.0)),
+        Case("12 random code indices below 199 (float64), T = 200, s = 0.02",
+             (torch.randint(199, (12,), generator=g).double(), 200, 0.02)),
+    ]
+
+
+check_cosine_log_snr = register(Checker(
+    name="check_cosine_log_snr",
+    signature="fn(t, T, s) -> log_snr",
+    doc="the log-SNR λ = log(ᾱ / (1 − ᾱ)) of the uncapped cosine schedule (Nichol & Dhariwal 2021, eq. 17) in "
+        "closed form: ᾱ = g(u) / g(0) with g(u) = cos²((u + s)/(1 + s) · π/2), at the code indices ``t`` (a float64 "
+        "tensor [K]; index t holds the schedule after t + 1 steps, so u = (t + 1)/T), for ``T`` steps and the "
+        "offset ``s``. → a float64 tensor [K].",
+    reference=_cosine_log_snr_reference,
+    make_cases=_cosine_log_snr_cases,
+    hint="with θ = ((t + 1)/T + s)/(1 + s) · π/2 and θ₀ = s/(1 + s) · π/2: 1 − ᾱ = (cos²θ₀ − cos²θ)/cos²θ₀, so "
+         "λ = log cos²θ − log(cos²θ₀ − cos²θ), which is also 2 log cos θ − log(sin(θ − θ₀) sin(θ + θ₀)).",
+    mistakes=(
+        Mistake(_log_snr_at_index, "you took u = t/T: code index t holds the schedule after t + 1 steps "
+                "(alphas_cumprod[0] is ᾱ_1 of the maths), so u = (t + 1)/T"),
+        Mistake(_without_g0, "you used ᾱ = g(u), forgetting that ᾱ = g(u)/g(0): with s > 0, g(0) < 1, and "
+                "1 − ᾱ = (g(0) − g(u))/g(0), not sin²θ; the difference is large at the first steps"),
+        Mistake(lambda t, T, s: _cosine_log_snr_reference(t, T, 0.0),
+                "you left out the offset s: the angle is ((t + 1)/T + s)/(1 + s) · π/2"),
+        Mistake(lambda t, T, s: 0.5 * _cosine_log_snr_reference(t, T, s),
+                "your result is half of λ: the log-SNR is the log of the power ratio ᾱ/(1 − ᾱ), not of the amplitude "
+                "ratio √ᾱ/√(1 − ᾱ)"),
+        Mistake(lambda t, T, s: -_cosine_log_snr_reference(t, T, s),
+                "your sign is flipped: λ = log ᾱ − log(1 − ᾱ) is large and positive at the first, least noisy steps"),
+    ),
+    atol=1e-6,
+    rtol=1e-6,
+))
+
+
+# ---- Exercise 4 (experiment): which scales of the image leak into x_T ----------------------------------------
+
+
+def _pearson(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    a, b = a - a.mean(), b - b.mean()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def _leak_with(pool=F.avg_pool2d, correlation=_pearson, merge_channels=False):
+    def leak(x0, x_T, sizes):
+        if merge_channels:
+            x0, x_T = x0.mean(dim=1, keepdim=True), x_T.mean(dim=1, keepdim=True)
+        return torch.tensor([correlation(pool(x0, k), pool(x_T, k)) for k in sizes])
+    return leak
+
+
+def _cosine_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.flatten().double(), b.flatten().double()
+    return float((a * b).sum() / (a.norm() * b.norm()))
+
+
+def _leak_cases(g):
+    def smooth_images(n, size):
+        coarse = torch.rand(n, 3, size // 4, size // 4, generator=g) * 1.2 - 0.9  # mean −0.3, like a dark background
+        return F.interpolate(coarse, scale_factor=4, mode="nearest")             # [n, 3, size, size]
+
+    cases = []
+    x0 = smooth_images(64, 16)
+    noise = torch.randn(x0.shape, generator=g)
+    a = 0.05
+    cases.append(Case("x0: 64 images [3, 16, 16] made of 4×4 blocks, mean about −0.3; x_T = √0.05 · x0 + √0.95 · noise; "
+                      "sizes = [1, 2, 4, 8, 16]", (x0, math.sqrt(a) * x0 + math.sqrt(1 - a) * noise, [1, 2, 4, 8, 16])))
+    x0 = smooth_images(32, 8)
+    cases.append(Case("x0: 32 images [3, 8, 8]; x_T = x0 (no noise at all: every correlation is 1); sizes = [1, 8]",
+                      (x0, x0.clone(), [1, 8])))
+    x0 = smooth_images(48, 32)
+    cases.append(Case("x0: 48 images [3, 32, 32]; x_T = √0.3 · x0 + √0.7 · noise; sizes = [4, 1, 32] (in that order)",
+                      (x0, math.sqrt(0.3) * x0 + math.sqrt(0.7) * torch.randn(x0.shape, generator=g), [4, 1, 32])))
+    return cases
+
+
+check_leak_by_block = register(Checker(
+    name="check_leak_by_block",
+    signature="fn(x0, x_T, sizes) -> correlations",
+    doc="how much of each scale of the images survives in x_T: for each block size k in ``sizes``, average ``x0`` and "
+        "``x_T`` (each [N, 3, H, W]) over k × k blocks of each channel (F.avg_pool2d(x, k)), and take the Pearson "
+        "correlation of the two pooled tensors' values (all images, channels and blocks together). → a tensor "
+        "[len(sizes)], the correlations in the order of ``sizes``.",
+    reference=_leak_with(),
+    make_cases=_leak_cases,
+    hint="for k in sizes: a = F.avg_pool2d(x0, k).flatten(); b = F.avg_pool2d(x_T, k).flatten(); subtract each "
+         "one's mean; r = (a · b) / (‖a‖ ‖b‖) (or torch.corrcoef(torch.stack([a, b]))[0, 1]); return "
+         "torch.tensor([...]).",
+    mistakes=(
+        Mistake(_leak_with(correlation=_cosine_similarity),
+                "you did not subtract the means: that is the cosine similarity, which a dark background (a mean far "
+                "from 0) pushes towards 1 whatever the noise; the Pearson correlation centres both first"),
+        Mistake(_leak_with(pool=F.max_pool2d), "you took the maximum of each block; average it (F.avg_pool2d): "
+                "averaging is what shrinks the noise while keeping the coarse image"),
+        Mistake(_leak_with(merge_channels=True), "you averaged the three channels together first; pool each channel "
+                "on its own (F.avg_pool2d does so) and correlate all of the pooled values"),
+    ),
+    atol=1e-4,
+    rtol=1e-4,
 ))
