@@ -43,7 +43,9 @@ from sdlearn.exercises.checks_07_text_and_guidance import check_cfg, check_contr
 from sdlearn.exercises.checks_08_stable_diffusion import (
     check_inpaint_blend,
     check_latent_mask,
+    check_sdedit_kept,
     check_sdedit_start,
+    check_strength_sweep,
 )
 from sdlearn.exercises.checks_09_code_review import (
     check_cfg_batched,
@@ -124,7 +126,7 @@ __all__ = [
     "check_diffusion_loss", "check_ema_update", "check_v_target",
     "check_ddpm_posterior_mean", "check_ddim_step", "check_heun_step",
     "check_tokenize", "check_contrastive_loss", "check_cfg",
-    "check_sdedit_start", "check_latent_mask", "check_inpaint_blend",
+    "check_sdedit_start", "check_latent_mask", "check_inpaint_blend", "check_sdedit_kept", "check_strength_sweep",
     "check_schedule_sanity", "check_ddpm_reverse_step", "check_cfg_batched", "check_false_alarm_rate",
     "check_resblock", "check_skip_channels", "check_loss_by_timestep",
     "check_flow_training_example", "check_edm_preconditioning", "check_error_slope",

@@ -1,15 +1,19 @@
-"""Checkers of notebook 08, Stable Diffusion end to end: img2img's start step, the latent mask, the inpainting blend.
+"""Checkers of notebook 08, Stable Diffusion end to end: where img2img starts and how much of its input survives the
+noising, SDEdit's trade-off measured over strengths, the latent mask, the inpainting blend.
 
-In the order the notebook uses them: ``check_sdedit_start``, ``check_latent_mask``, ``check_inpaint_blend``.
+In the order the notebook uses them: ``check_sdedit_start`` and ``check_sdedit_kept`` (derive),
+``check_strength_sweep`` (experiment), ``check_latent_mask`` and ``check_inpaint_blend`` (implement).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
-from sdlearn.exercises.framework import Case, Checker, Mistake, register
+from sdlearn.exercises.framework import Case, Checker, Mistake, check, difference, register
+from sdlearn.schedules import make_betas
 
 
 def _sdedit_start_reference(num_inference_steps, strength):
@@ -135,5 +139,192 @@ check_inpaint_blend = register(Checker(
                 "you used ᾱ and 1 − ᾱ where their square roots belong"),
         Mistake(lambda x, known, noise, mask, a: mask * x + (1 - mask) * a.sqrt() * known,
                 "you scaled the known latents by √ᾱ but forgot the noise term √(1−ᾱ)·noise"),
+    ),
+))
+
+
+# ---- Exercise 1 (derive): how much of the input survives SDEdit's noising ------------------------------------
+
+
+def _sdedit_kept_with(stride=lambda T, N: T // (N + 1), steps_run=lambda N, s: int(N * s), power=0.5,
+                      noise_amplitude=False, start_clean=True, timestep=None):
+    """The kept amplitude with one slip: another ``stride`` or rounding of ``steps_run``, ᾱ to another ``power``, the
+    noise's amplitude instead, no special case when nothing runs, or a ``timestep(N, s, T)`` of another derivation."""
+    def kept(num_inference_steps, strength, alphas_cumprod):
+        T, N = len(alphas_cumprod), num_inference_steps
+        run = min(steps_run(N, strength), N)
+        if run == 0 and start_clean:
+            return 1.0  # no step runs: the pipeline returns the input's latents, un-noised
+        t = timestep(N, strength, T) if timestep is not None else run * stride(T, N)
+        alpha_bar = float(alphas_cumprod[min(max(int(t), 0), T - 1)])
+        return (1 - alpha_bar) ** 0.5 if noise_amplitude else alpha_bar**power
+    return kept
+
+
+_sdedit_kept_reference = _sdedit_kept_with()
+
+
+def _sdedit_kept_cases(g):
+    schedules = {"Stable Diffusion's (scaled_linear, T = 1000)": make_betas("scaled_linear", 1000),
+                 "a linear one (β from 1e-4 to 0.02, T = 1000)": make_betas("linear", 1000, 1e-4, 0.02),
+                 "Stable Diffusion's with T = 500": make_betas("scaled_linear", 500)}
+    cases = []
+    for (words, betas), n, s in zip(
+        [*schedules.items()] * 3,
+        (20, 20, 20, 7, 50, 10, 12, 20, 10),
+        (0.62, 0.5, 0.22, 0.4, 0.75, 1.0, 0.33, 0.0, 0.05),
+    ):
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)
+        cases.append(Case(f"num_inference_steps = {n}, strength = {s}, alphas_cumprod of {words}",
+                          (n, s, alphas_cumprod)))
+    return cases
+
+
+check_sdedit_kept = register(Checker(
+    name="check_sdedit_kept",
+    signature="fn(num_inference_steps, strength, alphas_cumprod) -> kept",
+    doc="how much of the input image's latents SDEdit keeps when it noises them (img2img with the pipeline's "
+        "DPM-Solver++, whose N timesteps are t_i = (N − i)·⌊T/(N + 1)⌋, i = 0 … N − 1, T = len(alphas_cumprod)): the "
+        "factor √ᾱ_t that multiplies the clean latents at the first timestep used, t = ⌊N·strength⌋·⌊T/(N + 1)⌋ "
+        "(``alphas_cumprod[t]`` is its ᾱ). A float; 1.0 when no step runs (⌊N·strength⌋ = 0: the input is not "
+        "noised at all).",
+    reference=_sdedit_kept_reference,
+    make_cases=_sdedit_kept_cases,
+    hint="steps_run = int(N * strength); if it is 0 return 1.0; the first index used is k = N − steps_run, whose "
+         "timestep is (N − k)·(T // (N + 1)) = steps_run·(T // (N + 1)); return alphas_cumprod[t].sqrt() as a float.",
+    mistakes=(
+        Mistake(_sdedit_kept_with(timestep=lambda N, s, T: int(s * T)),
+                "you started at t = strength·T; the pipeline starts at one of its sampler's timesteps, "
+                "⌊N·strength⌋·⌊T/(N + 1)⌋ (strength 0.5 of 20 steps is t = 470, not 500)"),
+        Mistake(_sdedit_kept_with(stride=lambda T, N: T // N),
+                "you spaced the timesteps by ⌊T/N⌋; DPM-Solver++ spaces N + 1 points by ⌊T/(N + 1)⌋ and drops t = 0 "
+                "(for N = 20 the stride is 47: 940, 893, …, 47)"),
+        Mistake(_sdedit_kept_with(timestep=lambda N, s, T: (N - int(N * s)) * (T // (N + 1))),
+                "you took the timestep of the start index k as k·stride, reading the list from the wrong end: index 0 "
+                "is the noisiest timestep, t_k = (N − k)·⌊T/(N + 1)⌋"),
+        Mistake(_sdedit_kept_with(power=1.0),
+                "you returned ᾱ_t; the clean latents are multiplied by its square root, x_t = √ᾱ_t·x_0 + √(1−ᾱ_t)·ε"),
+        Mistake(_sdedit_kept_with(noise_amplitude=True),
+                "you returned the noise's amplitude √(1−ᾱ_t); the input keeps √ᾱ_t"),
+        Mistake(_sdedit_kept_with(steps_run=lambda N, s: round(N * s)),
+                "you rounded N·strength to the nearest whole number; the number of steps run is rounded down"),
+        Mistake(_sdedit_kept_with(start_clean=False),
+                "when ⌊N·strength⌋ = 0 no step runs and the input comes back un-noised: the factor is 1, not √ᾱ_0"),
+    ),
+))
+
+
+# ---- Exercise 2 (experiment): SDEdit's strength against faithfulness and edit success -------------------------
+
+
+def _strength_sweep_reference(edit, strengths, source, is_edited, is_faithful):
+    rows = []
+    for strength in strengths:
+        images = edit(strength)  # [K, 3, H, W]
+        rows.append((is_edited(images).float().mean().item(), is_faithful(images).float().mean().item(),
+                     (images - source).pow(2).mean().sqrt().item()))
+    return rows
+
+
+def _sweep_with(distance=None, rate=None):
+    """The sweep with one slip: another ``distance(images, source)`` or ``rate(flags)``."""
+    distance = distance or (lambda images, source: (images - source).pow(2).mean().sqrt().item())
+    rate = rate or (lambda flags: flags.float().mean().item())
+
+    def sweep(edit, strengths, source, is_edited, is_faithful):
+        rows = []
+        for strength in strengths:
+            images = edit(strength)
+            rows.append((rate(is_edited(images)), rate(is_faithful(images)), distance(images, source)))
+        return rows
+    return sweep
+
+
+def _synthetic_edit(source, target, k, seed):
+    """``edit(strength)``: k images that drift from ``source`` to ``target`` as the strength grows, each with its own
+    threshold, so that the rates step through 0 … 1 (deterministic: the same strength gives the same images)."""
+    thresholds = torch.rand(k, 1, 1, 1, generator=torch.Generator().manual_seed(seed))
+
+    def edit(strength):
+        weight = (strength + 0.3 * (torch.as_tensor(strength) - thresholds)).clamp(0, 1)  # [k, 1, 1, 1]
+        return (1 - weight) * source + weight * target
+    return edit
+
+
+def _strength_sweep_cases(g):
+    cases = []
+    for k, size, strengths in ((8, 8, [0.0, 0.3, 0.6, 1.0]), (5, 4, [0.1, 0.5, 0.9]), (16, 8, [0.0, 0.25, 0.5, 0.75, 1.0])):
+        source = torch.rand(1, 3, size, size, generator=g) * 2 - 1
+        target = torch.rand(1, 3, size, size, generator=g) * 2 - 1
+        edit = _synthetic_edit(source, target, k, int(torch.randint(0, 10_000, (), generator=g)))
+
+        gap = 0.5 * (target - source).flatten(1).norm(dim=1)  # half the way from the source to the target
+
+        def is_edited(images, target=target, gap=gap):  # within half the way of the target, per image: [K] bool
+            return (images - target).flatten(1).norm(dim=1) < gap
+
+        def is_faithful(images, source=source, gap=gap):  # within half the way of the source
+            return (images - source).flatten(1).norm(dim=1) < gap
+
+        cases.append(Case(f"a synthetic edit: {k} images [{k}, 3, {size}, {size}] per strength that move from the "
+                          f"source to a target as the strength grows, strengths {strengths}; is_edited and is_faithful "
+                          "return [K] bool tensors", (edit, strengths, source, is_edited, is_faithful)))
+    return cases
+
+
+@dataclass
+class SweepChecker(Checker):
+    """A checker whose answer is a list of rows, one per strength: a message says which strength's row, and which of
+    its three numbers, is off."""
+
+    def __call__(self, fn) -> None:
+        __tracebackhide__ = True
+        return check(fn, self.reference, self.cases(), name=self.name, hint=self.hint, mistakes=self.mistakes,
+                     compare=self._compare, timeout=self.timeout)
+
+    def _compare(self, expected: list, got) -> str | None:
+        if got is None:
+            return "your result is None: did you forget to `return` it?"
+        if not isinstance(got, (list, tuple)) or len(got) != len(expected):
+            return (f"expected a list of {len(expected)} rows (one per strength), your result is "
+                    + (f"a {type(got).__name__} of {len(got)}" if isinstance(got, (list, tuple)) else
+                       f"a {type(got).__name__}"))
+        names = ("the fraction edited", "the fraction faithful", "the RMS distance")
+        for k, (row, got_row) in enumerate(zip(expected, got)):
+            if hasattr(got_row, "tolist"):  # a tensor or an array of the three numbers
+                got_row = got_row.tolist()
+            if not isinstance(got_row, (list, tuple)) or len(got_row) != 3:
+                return f"row {k + 1} of your list is {got_row!r}; expected a tuple of three numbers ({', '.join(names)})"
+            for e, g, name in zip(row, got_row, names):
+                if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
+                    return f"at strength number {k + 1}, {name} is {g!r}; expected a finite number"
+                problem = difference(e, g, self.atol, self.rtol, what=f"yours ({name})")
+                if problem:
+                    return f"at strength number {k + 1}, {name}: {problem}"
+        return None
+
+
+check_strength_sweep = register(SweepChecker(
+    name="check_strength_sweep",
+    signature="fn(edit, strengths, source, is_edited, is_faithful) -> rows",
+    doc="SDEdit's trade-off, measured: for each ``strength`` in ``strengths``, ``edit(strength)`` returns K edited "
+        "images [K, 3, H, W]; ``is_edited(images)`` and ``is_faithful(images)`` return a bool tensor [K] (the edit "
+        "succeeded; the source's layout is kept). Return a list with one tuple per strength, in order: (the fraction "
+        "of images edited, the fraction faithful, the RMS pixel distance from ``source`` [1, 3, H, W] over all K "
+        "images), three floats.",
+    reference=_strength_sweep_reference,
+    make_cases=_strength_sweep_cases,
+    hint="rows = []; for each strength: images = edit(strength); rows.append((is_edited(images).float().mean().item(), "
+         "is_faithful(images).float().mean().item(), (images - source).pow(2).mean().sqrt().item())); return rows.",
+    mistakes=(
+        Mistake(_sweep_with(rate=lambda flags: float(flags.sum())),
+                "you returned counts of images; return fractions of the K images (the count divided by K)"),
+        Mistake(_sweep_with(distance=lambda images, source: (images - source).pow(2).mean().item()),
+                "you returned the mean squared distance; take its square root (the RMS distance)"),
+        Mistake(_sweep_with(distance=lambda images, source: (images - source).abs().mean().item()),
+                "you returned the mean absolute difference; the distance asked for is the root of the mean square"),
+        Mistake(lambda edit, strengths, source, is_edited, is_faithful: [
+                    (b, a, d) for a, b, d in _strength_sweep_reference(edit, strengths, source, is_edited, is_faithful)],
+                "you swapped the two fractions: each tuple is (edited, faithful, distance)"),
     ),
 ))
