@@ -113,7 +113,9 @@ def show_images(
             ax.set_yticks([])
             for spine in ax.spines.values():
                 spine.set_visible(False)
-            ax.set_ylabel(textwrap.fill(str(label), wrap), rotation=0, ha="right", va="center", fontsize=8)
+            lines = str(label).split("\n")  # a line break in a label is kept; each line wraps at ``wrap``
+            ax.set_ylabel("\n".join(textwrap.fill(line, wrap) for line in lines), rotation=0, ha="right", va="center",
+                          fontsize=8)
     if title:
         fig.suptitle(title)
     fig.tight_layout()

@@ -149,5 +149,8 @@ def test_show_images_writes_one_label_left_of_each_row():
     first_column = [ax for ax in fig.axes if ax.get_ylabel()]
     assert [ax.get_ylabel() for ax in first_column] == ["guidance 1", "guidance 4"]
     plt.close(fig)
+    fig = show_images(images[:3], ncols=3, row_labels=["a red circle\nw = 4"])
+    assert [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()] == ["a red circle\nw = 4"]  # the break is kept
+    plt.close(fig)
     with pytest.raises(ValueError, match="2 rows"):
         show_images(images, ncols=3, row_labels=["only one"])
