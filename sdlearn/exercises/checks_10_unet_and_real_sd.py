@@ -125,7 +125,7 @@ check_resblock = register(Checker(
         "``conv1``, ``time_proj``, ``norm2``, ``conv2``, each ``.weight`` and ``.bias``, and ``skip`` when the width "
         "changes): h = conv1(SiLU(GroupNorm1(x))); h = h + time_proj(emb) on every pixel; "
         "h = conv2(SiLU(GroupNorm2(h))); out = skip(x) + h, where skip is the 1×1 conv ``skip`` if present, else the "
-        "identity. ``x`` [B, C_in, H, W], ``emb`` [B, T] (already SiLU of the timestep embedding, as the U-Net passes "
+        "identity. ``x`` [B, C_in, H, W], ``emb`` [B, E] (already SiLU of the timestep embedding, as the U-Net passes "
         "it), ``groups`` GroupNorm groups with ε = 1e-5; the 3×3 convs keep the size (padding 1). → [B, C_out, H, W].",
     reference=_resblock_reference,
     make_cases=_resblock_cases,

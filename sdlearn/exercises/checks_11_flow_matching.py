@@ -61,7 +61,7 @@ def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _flow_example_reference(x0, noise, u, shift):
-    sigma = shift_sigmas(torch.sigmoid(u), shift)  # logit-normal σ (Esser et al. 2024, §3.1), then the shift (§5.3.2)
+    sigma = shift_sigmas(torch.sigmoid(u), shift)  # logit-normal flow time t (Esser et al. 2024, §3.1), then the shift (§5.3.2)
     return sigma, flow_interpolate(x0, noise, sigma), flow_target(x0, noise)
 
 
@@ -94,10 +94,10 @@ def _flow_example_cases(g):
 check_flow_training_example = register(NamedValuesChecker(
     name="check_flow_training_example",
     signature="fn(x0, noise, u, shift) -> (sigma, x_sigma, target)",
-    doc="one training example of rectified flow as Stable Diffusion 3 draws it (Esser et al. 2024): the noise level "
-        "σ = shift · sigmoid(u) / (1 + (shift − 1) · sigmoid(u)) for each sample (SD3's logit-normal σ, u ~ N(0, 1) "
-        "given as ``u`` [B], then the resolution shift), the point x_σ = (1 − σ) · x0 + σ · noise on each sample's "
-        "straight path, and the regression target, the path's velocity dx_σ/dσ = noise − x0. ``x0`` and ``noise`` "
+    doc="one training example of rectified flow as Stable Diffusion 3 draws it (Esser et al. 2024): the flow time (the code's ``sigma``) "
+        "t = shift · sigmoid(u) / (1 + (shift − 1) · sigmoid(u)) for each sample (SD3's logit-normal t, u ~ N(0, 1) "
+        "given as ``u`` [B], then the resolution shift), the point x_t = (1 − t) · x0 + t · noise on each sample's "
+        "straight path, and the regression target, the path's velocity dx_t/dt = noise − x0. ``x0`` and ``noise`` "
         "[B, …] (latents or points), ``shift`` > 0 (1: no shift). → ``(sigma [B], x_sigma, target)``, the last two "
         "with the shape of ``x0``.",
     reference=_flow_example_reference,
@@ -107,22 +107,22 @@ check_flow_training_example = register(NamedValuesChecker(
          "target = noise - x0. Return sigma with shape [B].",
     mistakes=(
         Mistake(_flow_example_with(target=lambda x0, noise: x0 - noise),
-                "your target is x0 − noise; the velocity points from the data to the noise, d/dσ [(1 − σ) x0 + σ ε] = "
-                "ε − x0 (sampling then walks it backwards, from σ = 1 to 0)"),
+                "your target is x0 − noise; the velocity points from the data to the noise, d/dt [(1 − t) x0 + t ε] = "
+                "ε − x0 (sampling then walks it backwards, from t = 1 to 0)"),
         Mistake(_flow_example_with(path=lambda x0, noise, s: s * x0 + (1 - s) * noise),
-                "you swapped the ends of the path: σ is the noise level, so x_σ = (1 − σ) x0 + σ noise is the data at "
-                "σ = 0 and pure noise at σ = 1"),
+                "you swapped the ends of the path: t is the flow's time, so x_t = (1 − t) x0 + t noise is the data at "
+                "t = 0 and pure noise at t = 1"),
         Mistake(_flow_example_with(path=lambda x0, noise, s: (1 - s).sqrt() * x0 + s.sqrt() * noise),
-                "you used the VP path's square roots (√(1 − σ) x0 + √σ noise, notebook 01's form); rectified flow's "
+                "you used the VP path's square roots (√(1 − t) x0 + √t noise, notebook 01's form); rectified flow's "
                 "weights add to 1 themselves, not their squares: a straight line"),
         Mistake(_flow_example_with(sigma_of=lambda u, shift: shift_sigmas(u, shift)),
-                "you used u itself as σ; the logit-normal σ is sigmoid(u), which maps every real u into (0, 1)"),
+                "you used u itself as t; the logit-normal t is sigmoid(u), which maps every real u into (0, 1)"),
         Mistake(_flow_example_with(sigma_of=lambda u, shift: torch.sigmoid(u)),
-                "you left out the shift: σ' = shift · σ / (1 + (shift − 1) · σ)"),
+                "you left out the shift: t_k = shift · t / (1 + (shift − 1) · t)"),
         Mistake(_flow_example_with(sigma_of=lambda u, shift: shift * torch.sigmoid(u) / (1 + shift * torch.sigmoid(u))),
-                "your shift's denominator is 1 + shift · σ; it is 1 + (shift − 1) · σ, so that σ = 1 stays 1 (pure noise)"),
+                "your shift's denominator is 1 + shift · t; it is 1 + (shift − 1) · t, so that t = 1 stays 1 (pure noise)"),
         Mistake(_flow_example_with(sigma_of=lambda u, shift: shift_sigmas(torch.sigmoid(u), 1 / shift)),
-                "you shifted the wrong way (by 1/shift): shift > 1 must move σ up, towards more noise"),
+                "you shifted the wrong way (by 1/shift): shift > 1 must move t up, towards more noise"),
     ),
     value_names=("sigma", "x_sigma", "target"),
 ))

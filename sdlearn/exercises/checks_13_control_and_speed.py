@@ -123,51 +123,51 @@ check_edge_map = register(Checker(
 # ---- Exercise 2 (implement): one step of DDIM inversion ----------------------------------------------------
 
 
-def _inversion_step_reference(x_s, eps, alpha_bar_s, alpha_bar_t):
-    x0 = (x_s - (1 - alpha_bar_s).sqrt() * eps) / alpha_bar_s.sqrt()  # x̂₀ read at the lower point, with ε̂ given
-    return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * eps  # DDIM's eq. 12 (η = 0) from s up to t
+def _inversion_step_reference(x_prev, eps, alpha_bar_prev, alpha_bar_t):
+    x0 = (x_prev - (1 - alpha_bar_prev).sqrt() * eps) / alpha_bar_prev.sqrt()  # x̂₀ read at the lower point, with ε̂ given
+    return alpha_bar_t.sqrt() * x0 + (1 - alpha_bar_t).sqrt() * eps  # DDIM's eq. 12 (η = 0) from t' up to t
 
 
 def _inversion_cases(g):
     cases = []
-    for shape, a_s, a_t, words in (
-        ((3, 4, 8, 8), 0.85, 0.8, "latents, one step of a 20-step grid up at low noise (ᾱ_s = 0.85, ᾱ_t = 0.8)"),
-        ((2, 4, 8, 8), 1.0, 0.9915, "latents, the first step up from the clean latents (ᾱ_s = 1: s is below the "
+    for shape, a_prev, a_t, words in (
+        ((3, 4, 8, 8), 0.85, 0.8, "latents, one step of a 20-step grid up at low noise (ᾱ_{t'} = 0.85, ᾱ_t = 0.8)"),
+        ((2, 4, 8, 8), 1.0, 0.9915, "latents, the first step up from the clean latents (ᾱ_{t'} = 1: t' is below the "
                                     "grid's first timestep)"),
-        ((4, 4, 8, 8), 0.02, 0.0047, "latents, the last step up to the noisiest timestep (ᾱ_s = 0.02, ᾱ_t = 0.0047)"),
-        ((5, 2), 0.5, 0.3, "2-D points, ᾱ_s = 0.5, ᾱ_t = 0.3"),
+        ((4, 4, 8, 8), 0.02, 0.0047, "latents, the last step up to the noisiest timestep (ᾱ_{t'} = 0.02, ᾱ_t = 0.0047)"),
+        ((5, 2), 0.5, 0.3, "2-D points, ᾱ_{t'} = 0.5, ᾱ_t = 0.3"),
     ):
-        x_s = torch.randn(shape, generator=g)
+        x_prev = torch.randn(shape, generator=g)
         eps = torch.randn(shape, generator=g)
-        cases.append(Case(f"{words}: x_s and eps {format_shape(x_s)}, alpha_bar_s = torch.tensor({a_s}), "
-                          f"alpha_bar_t = torch.tensor({a_t})", (x_s, eps, torch.tensor(a_s), torch.tensor(a_t))))
+        cases.append(Case(f"{words}: x_prev and eps {format_shape(x_prev)}, alpha_bar_prev = torch.tensor({a_prev}), "
+                          f"alpha_bar_t = torch.tensor({a_t})", (x_prev, eps, torch.tensor(a_prev), torch.tensor(a_t))))
     return cases
 
 
 check_inversion_step = register(Checker(
     name="check_inversion_step",
-    signature="fn(x_s, eps, alpha_bar_s, alpha_bar_t) -> x_t",
-    doc="one step of DDIM inversion (Song et al. 2021, eq. 12 with η = 0, read from the lower noise level s up to the "
-        "higher t): with the network's ε̂ (``eps``) taken as known, x̂₀ = (x_s − √(1 − ᾱ_s) ε̂) / √ᾱ_s and "
-        "x_t = √ᾱ_t x̂₀ + √(1 − ᾱ_t) ε̂. ``x_s`` and ``eps``: tensors of one shape; ``alpha_bar_s`` > ``alpha_bar_t``: "
-        "0-dim tensors. → ``x_t``, the shape of ``x_s``.",
+    signature="fn(x_prev, eps, alpha_bar_prev, alpha_bar_t) -> x_t",
+    doc="one step of DDIM inversion (Song et al. 2021, eq. 12 with η = 0, read from the lower noise level t' up to the "
+        "higher t): with the network's ε̂ (``eps``) taken as known, x̂₀ = (x_prev − √(1 − ᾱ_{t'}) ε̂) / √ᾱ_{t'} and "
+        "x_t = √ᾱ_t x̂₀ + √(1 − ᾱ_t) ε̂. ``x_prev`` and ``eps``: tensors of one shape; ``alpha_bar_prev`` > ``alpha_bar_t``: "
+        "0-dim tensors. → ``x_t``, the shape of ``x_prev``.",
     reference=_inversion_step_reference,
     make_cases=_inversion_cases,
-    hint="x0 = (x_s - (1 - alpha_bar_s).sqrt() * eps) / alpha_bar_s.sqrt(); then return alpha_bar_t.sqrt() * x0 + "
-         "(1 - alpha_bar_t).sqrt() * eps. It is the sampling step with s and t exchanged.",
+    hint="x0 = (x_prev - (1 - alpha_bar_prev).sqrt() * eps) / alpha_bar_prev.sqrt(); then return alpha_bar_t.sqrt() * x0 + "
+         "(1 - alpha_bar_t).sqrt() * eps. It is the sampling step with t' and t exchanged.",
     mistakes=(
-        Mistake(lambda x_s, eps, a_s, a_t: _inversion_step_reference(x_s, eps, a_t, a_s),
-                "you took the sampling step (from t down to s) instead of going up: read x̂₀ with ᾱ_s, the noise level "
-                "x_s is at, and re-noise it with ᾱ_t, the higher one"),
-        Mistake(lambda x_s, eps, a_s, a_t: a_t.sqrt() * x_s + (1 - a_t).sqrt() * eps,
-                "you noised x_s as if it were clean (√ᾱ_t x_s + √(1 − ᾱ_t) ε̂); x_s already holds noise: first "
-                "remove it, x̂₀ = (x_s − √(1 − ᾱ_s) ε̂) / √ᾱ_s"),
-        Mistake(lambda x_s, eps, a_s, a_t: a_t * (x_s - (1 - a_s) * eps) / a_s + (1 - a_t) * eps,
+        Mistake(lambda x_prev, eps, a_prev, a_t: _inversion_step_reference(x_prev, eps, a_t, a_prev),
+                "you took the sampling step (from t down to t') instead of going up: read x̂₀ with ᾱ_{t'}, the noise level "
+                "x_prev is at, and re-noise it with ᾱ_t, the higher one"),
+        Mistake(lambda x_prev, eps, a_prev, a_t: a_t.sqrt() * x_prev + (1 - a_t).sqrt() * eps,
+                "you noised x_prev as if it were clean (√ᾱ_t x_prev + √(1 − ᾱ_t) ε̂); x_prev already holds noise: first "
+                "remove it, x̂₀ = (x_prev − √(1 − ᾱ_{t'}) ε̂) / √ᾱ_{t'}"),
+        Mistake(lambda x_prev, eps, a_prev, a_t: a_t * (x_prev - (1 - a_prev) * eps) / a_prev + (1 - a_t) * eps,
                 "you used ᾱ where its square root belongs: the signal is scaled by √ᾱ and the noise by √(1 − ᾱ)"),
-        Mistake(lambda x_s, eps, a_s, a_t: a_t.sqrt() * (x_s - (1 - a_s).sqrt() * eps) + (1 - a_t).sqrt() * eps,
-                "you forgot to divide by √ᾱ_s when reading x̂₀ = (x_s − √(1 − ᾱ_s) ε̂) / √ᾱ_s"),
-        Mistake(lambda x_s, eps, a_s, a_t: x_s + ((1 - a_t).sqrt() - (1 - a_s).sqrt()) * eps,
-                "you only added the extra noise (√(1 − ᾱ_t) − √(1 − ᾱ_s)) ε̂; the signal must also shrink from √ᾱ_s to "
+        Mistake(lambda x_prev, eps, a_prev, a_t: a_t.sqrt() * (x_prev - (1 - a_prev).sqrt() * eps) + (1 - a_t).sqrt() * eps,
+                "you forgot to divide by √ᾱ_{t'} when reading x̂₀ = (x_prev − √(1 − ᾱ_{t'}) ε̂) / √ᾱ_{t'}"),
+        Mistake(lambda x_prev, eps, a_prev, a_t: x_prev + ((1 - a_t).sqrt() - (1 - a_prev).sqrt()) * eps,
+                "you only added the extra noise (√(1 − ᾱ_t) − √(1 − ᾱ_{t'})) ε̂; the signal must also shrink from √ᾱ_{t'} to "
                 "√ᾱ_t"),
     ),
     atol=1e-5,
@@ -180,10 +180,10 @@ check_inversion_step = register(Checker(
 
 def _scalings_with(c_skip=None, c_out=None):
     def scalings(t, sigma_data, timestep_scaling):
-        u = torch.as_tensor(t, dtype=torch.float64) * timestep_scaling  # the scaled timestep s·t
+        sigma = torch.as_tensor(t, dtype=torch.float64) * timestep_scaling  # the noise level σ = s·t
         d = sigma_data
-        reference = (d**2 / (u**2 + d**2), u / (u**2 + d**2).sqrt())
-        return tuple((own(u, d) if own else ref).float() for own, ref in zip((c_skip, c_out), reference))
+        reference = (d**2 / (sigma**2 + d**2), sigma / (sigma**2 + d**2).sqrt())
+        return tuple((own(sigma, d) if own else ref).float() for own, ref in zip((c_skip, c_out), reference))
     return scalings
 
 
@@ -199,28 +199,28 @@ check_consistency_scalings = register(NamedValuesChecker(
     name="check_consistency_scalings",
     signature="fn(t, sigma_data, timestep_scaling) -> (c_skip, c_out)",
     doc="the boundary scalings of a latent consistency model (Song et al. 2023, §3; Luo et al. 2023, §4.2): "
-        "f(x, t) = c_skip(t) x + c_out(t) x̂₀(x, t) with EDM's c_skip read at the noise level u = s·t "
-        "(s = ``timestep_scaling``), c_skip = σ_d² / (u² + σ_d²), and c_out = u / √(u² + σ_d²) (EDM's c_out divided by "
+        "f(x, t) = c_skip(t) x + c_out(t) x̂₀(x, t) with EDM's c_skip read at the noise level σ = s·t "
+        "(s = ``timestep_scaling``), c_skip = σ_d² / (σ² + σ_d²), and c_out = σ / √(σ² + σ_d²) (EDM's c_out divided by "
         "σ_d, as LCM uses it), so that c_skip(0) = 1 and c_out(0) = 0: f(x, 0) = x. ``t``: a tensor [K] of timesteps; "
         "``sigma_data`` σ_d and ``timestep_scaling`` s: numbers. → ``(c_skip, c_out)``, each a tensor [K].",
     reference=lambda t, sigma_data, timestep_scaling: consistency_scalings(t, sigma_data, timestep_scaling),
     make_cases=_scalings_cases,
-    hint="u = t * timestep_scaling; c_skip = sigma_data**2 / (u**2 + sigma_data**2); c_out = u / (u**2 + "
+    hint="sigma = t * timestep_scaling; c_skip = sigma_data**2 / (sigma**2 + sigma_data**2); c_out = sigma / (sigma**2 + "
          "sigma_data**2).sqrt(). Check the ends: at t = 0, c_skip = 1 and c_out = 0; for large t, c_skip → 0 and "
          "c_out → 1.",
     mistakes=(
-        Mistake(_scalings_with(c_skip=lambda u, d: u**2 / (u**2 + d**2), c_out=lambda u, d: d / (u**2 + d**2).sqrt()),
+        Mistake(_scalings_with(c_skip=lambda sigma, d: sigma**2 / (sigma**2 + d**2), c_out=lambda sigma, d: d / (sigma**2 + d**2).sqrt()),
                 "you swapped the roles: at t = 0 the boundary condition f(x, 0) = x needs c_skip = 1 and c_out = 0, "
                 "and at high noise the network's x̂₀ must take over (c_out → 1)"),
-        Mistake(_scalings_with(c_out=lambda u, d: d * u / (u**2 + d**2).sqrt()),
-                "you kept EDM's factor σ_d in c_out (σ_d u / √(u² + σ_d²)); LCM's c_out is u / √(u² + σ_d²), which "
+        Mistake(_scalings_with(c_out=lambda sigma, d: d * sigma / (sigma**2 + d**2).sqrt()),
+                "you kept EDM's factor σ_d in c_out (σ_d σ / √(σ² + σ_d²)); LCM's c_out is σ / √(σ² + σ_d²), which "
                 "tends to 1 so that f becomes the network's own x̂₀ at high noise"),
-        Mistake(_scalings_with(c_out=lambda u, d: u / (u**2 + d**2)),
-                "c_out lacks its square root: u / √(u² + σ_d²)"),
-        Mistake(_scalings_with(c_skip=lambda u, d: d / (u**2 + d)),
-                "you forgot to square σ_d in c_skip: σ_d² / (u² + σ_d²)"),
+        Mistake(_scalings_with(c_out=lambda sigma, d: sigma / (sigma**2 + d**2)),
+                "c_out lacks its square root: σ / √(σ² + σ_d²)"),
+        Mistake(_scalings_with(c_skip=lambda sigma, d: d / (sigma**2 + d)),
+                "you forgot to square σ_d in c_skip: σ_d² / (σ² + σ_d²)"),
         Mistake(lambda t, d, s: consistency_scalings(t, d, 1.0),
-                "you left out the timestep scaling: the scalings are read at u = s·t, so that with s = 10 c_skip is "
+                "you left out the timestep scaling: the scalings are read at σ = s·t, so that with s = 10 c_skip is "
                 "already below 10⁻⁵ at the grid's first timestep"),
     ),
     atol=1e-6,
