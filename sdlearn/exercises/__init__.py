@@ -39,7 +39,13 @@ from sdlearn.exercises.checks_04_transformer_denoiser import (
 )
 from sdlearn.exercises.checks_05_training import check_diffusion_loss, check_ema_update, check_v_target
 from sdlearn.exercises.checks_06_samplers import check_ddim_step, check_ddpm_posterior_mean, check_heun_step
-from sdlearn.exercises.checks_07_text_and_guidance import check_cfg, check_contrastive_loss, check_tokenize
+from sdlearn.exercises.checks_07_text_and_guidance import (
+    check_cfg,
+    check_contrastive_loss,
+    check_guidance_with_negative,
+    check_tokenize,
+    check_total_variation,
+)
 from sdlearn.exercises.checks_08_stable_diffusion import (
     check_inpaint_blend,
     check_latent_mask,
@@ -125,7 +131,7 @@ __all__ = [
     "check_patchify", "check_timestep_embedding", "check_attention", "check_modulate", "check_attention_crossover",
     "check_diffusion_loss", "check_ema_update", "check_v_target",
     "check_ddpm_posterior_mean", "check_ddim_step", "check_heun_step",
-    "check_tokenize", "check_contrastive_loss", "check_cfg",
+    "check_tokenize", "check_contrastive_loss", "check_cfg", "check_guidance_with_negative", "check_total_variation",
     "check_sdedit_start", "check_latent_mask", "check_inpaint_blend", "check_sdedit_kept", "check_strength_sweep",
     "check_schedule_sanity", "check_ddpm_reverse_step", "check_cfg_batched", "check_false_alarm_rate",
     "check_resblock", "check_skip_channels", "check_loss_by_timestep",
