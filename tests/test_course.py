@@ -59,3 +59,14 @@ def test_notebook_has_all_three_tiers(name):
     unchecked = {e.number: list(e.checkers) for e in index
                  if e.auto_checked and not any(checker in CHECKERS for checker in e.checkers)}
     assert not unchecked, f"{name}: implement/derive exercise(s) {unchecked} call no registered checker"
+
+
+@pytest.mark.parametrize("name", COURSE)
+def test_top_cell_states_prerequisites_and_links_the_notation_card(name):
+    """Issue 18: the first cell says what the notebook assumes, with pointers, and links the course's notation."""
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    top = nb.cells[0].source
+    assert nb.cells[0].cell_type == "markdown" and "**Before this notebook:**" in top, (
+        f"{name}: the first cell should say what the notebook assumes, in a '**Before this notebook:**' paragraph")
+    assert "](notation.md)" in top, f"{name}: the first cell should link the notation card, [...](notation.md)"
+    assert (NOTEBOOKS / "notation.md").is_file()
