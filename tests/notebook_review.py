@@ -10,7 +10,7 @@ Pure functions on notebooks (``nbformat`` nodes or the plain JSON dicts) and on 
   or plain, that ends in ``.md .py .ipynb .json .txt .safetensors .toml .cfg`` (``PATH`` below);
 * in a code cell's (or module's) other string literals: only a string that starts with a top-level folder of the
   repository (``notebooks/ sdlearn/ benchmarks/ tests/ docs/ .ci/``), so file names made at run time
-  (``f"{out}/x.png"``, ``"my_copy.ipynb"``, ``runs/...``, ``/tmp/...``) never count;
+  (``f"{out}/x.png"``, ``"my_copy.ipynb"``, ``runs/...``, ``~/...``) never count;
 * the words ``DESIGN §`` and ``DESIGN.md``: always a failure, since the design notes are not in the repository
   (cite the README, a module or a paper instead).
 

@@ -73,9 +73,9 @@ def test_design_is_never_a_valid_citation():
 
 def test_urls_anchors_modules_and_run_time_names_are_not_citations():
     nb = notebook(("md", "[paper](https://arxiv.org/abs/2112.10752), [above](#goals), `sdlearn.data`, "
-                         "`runs/exp/loss.json`, `/tmp/x.json`, `FOLDER/captions.json`, `model_index.json`, "
+                         "`runs/exp/loss.json`, `~/scratch/x.json`, `FOLDER/captions.json`, `model_index.json`, "
                          "an SD folder's `unet/config.json`, `NN_*.ipynb`"),
-                  ("code", 'out = "runs/x"\npath = f"{out}/x.json"\ncopy = "my_copy.ipynb"\nopen("/tmp/a.txt")'))
+                  ("code", 'out = "runs/x"\npath = f"{out}/x.json"\ncopy = "my_copy.ipynb"\nopen("~/scratch/a.txt")'))
     assert missing(nb) == []
 
 
