@@ -8,11 +8,10 @@ In the order the notebook uses them: ``check_sdedit_start`` and ``check_sdedit_k
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-from sdlearn.exercises.framework import Case, Checker, Mistake, check, difference, register
+from sdlearn.exercises.framework import Case, Checker, Mistake, PerSettingChecker, register
 from sdlearn.schedules import make_betas
 
 
@@ -272,39 +271,7 @@ def _strength_sweep_cases(g):
     return cases
 
 
-@dataclass
-class SweepChecker(Checker):
-    """A checker whose answer is a list of rows, one per strength: a message says which strength's row, and which of
-    its three numbers, is off."""
-
-    def __call__(self, fn) -> None:
-        __tracebackhide__ = True
-        return check(fn, self.reference, self.cases(), name=self.name, hint=self.hint, mistakes=self.mistakes,
-                     compare=self._compare, timeout=self.timeout)
-
-    def _compare(self, expected: list, got) -> str | None:
-        if got is None:
-            return "your result is None: did you forget to `return` it?"
-        if not isinstance(got, (list, tuple)) or len(got) != len(expected):
-            return (f"expected a list of {len(expected)} rows (one per strength), your result is "
-                    + (f"a {type(got).__name__} of {len(got)}" if isinstance(got, (list, tuple)) else
-                       f"a {type(got).__name__}"))
-        names = ("the fraction edited", "the fraction faithful", "the RMS distance")
-        for k, (row, got_row) in enumerate(zip(expected, got)):
-            if hasattr(got_row, "tolist"):  # a tensor or an array of the three numbers
-                got_row = got_row.tolist()
-            if not isinstance(got_row, (list, tuple)) or len(got_row) != 3:
-                return f"row {k + 1} of your list is {got_row!r}; expected a tuple of three numbers ({', '.join(names)})"
-            for e, g, name in zip(row, got_row, names):
-                if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
-                    return f"at strength number {k + 1}, {name} is {g!r}; expected a finite number"
-                problem = difference(e, g, self.atol, self.rtol, what=f"yours ({name})")
-                if problem:
-                    return f"at strength number {k + 1}, {name}: {problem}"
-        return None
-
-
-check_strength_sweep = register(SweepChecker(
+check_strength_sweep = register(PerSettingChecker(
     name="check_strength_sweep",
     signature="fn(edit, strengths, source, is_edited, is_faithful) -> rows",
     doc="SDEdit's trade-off, measured: for each ``strength`` in ``strengths``, ``edit(strength)`` returns K edited "
@@ -327,4 +294,6 @@ check_strength_sweep = register(SweepChecker(
                     (b, a, d) for a, b, d in _strength_sweep_reference(edit, strengths, source, is_edited, is_faithful)],
                 "you swapped the two fractions: each tuple is (edited, faithful, distance)"),
     ),
+    setting="strength",
+    fields=("the fraction edited", "the fraction faithful", "the RMS distance"),
 ))

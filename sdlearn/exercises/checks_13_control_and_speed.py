@@ -8,9 +8,7 @@ In the order the notebook uses them: ``check_edge_map`` and ``check_inversion_st
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -23,8 +21,7 @@ from sdlearn.exercises.framework import (
     Case,
     Checker,
     Mistake,
-    check,
-    difference,
+    PerSettingChecker,
     format_shape,
     register,
 )
@@ -301,35 +298,7 @@ def _iou_sweep_cases(g):
     return cases
 
 
-@dataclass
-class MeasurementChecker(Checker):
-    """A checker whose answer is a list of numbers, one per setting of an experiment: a tensor or an array of them
-    is accepted as well, and a message says which setting's number is off."""
-
-    def __call__(self, fn) -> None:
-        __tracebackhide__ = True
-        return check(fn, self.reference, self.cases(), name=self.name, hint=self.hint, mistakes=self.mistakes,
-                     compare=self._compare, timeout=self.timeout)
-
-    def _compare(self, expected: list, got) -> str | None:
-        if got is None:
-            return "your result is None: did you forget to `return` it?"
-        if hasattr(got, "tolist"):  # a tensor or a numpy array of the numbers
-            got = got.tolist()
-        if not isinstance(got, (list, tuple)) or len(got) != len(expected):
-            return (f"expected a list of {len(expected)} numbers (one per scale), your result is "
-                    + (f"a {type(got).__name__} of {len(got)}" if isinstance(got, (list, tuple)) else
-                       f"a {type(got).__name__}"))
-        for k, (e, g) in enumerate(zip(expected, got)):
-            if isinstance(g, bool) or not isinstance(g, (int, float)) or not math.isfinite(g):
-                return f"number {k + 1} of your list is {g!r}; expected a finite number, the mean IoU at that scale"
-            problem = difference(e, g, self.atol, self.rtol, what=f"your number {k + 1}")
-            if problem:
-                return f"at scale number {k + 1}: {problem}"
-        return None
-
-
-check_iou_sweep = register(MeasurementChecker(
+check_iou_sweep = register(PerSettingChecker(
     name="check_iou_sweep",
     signature="fn(draw, wanted, scales) -> ious",
     doc="how closely generated objects follow their edge maps, at each control strength: for each ``scale`` in "
@@ -357,4 +326,6 @@ check_iou_sweep = register(MeasurementChecker(
     ),
     atol=1e-5,
     rtol=1e-4,
+    setting="scale",
+    quantity="the mean IoU at that scale",
 ))

@@ -386,6 +386,67 @@ class Checker:
         return f"<exercise checker {self.name}: {self.signature}>"
 
 
+@dataclass
+class PerSettingChecker(Checker):
+    """A checker whose answer is a list with one entry per setting of an experiment (a guidance scale, an SDEdit
+    strength): each entry one finite number, or, when ``fields`` names them, a row of numbers (a tuple, a list, a
+    tensor). Its messages say which ``setting``'s entry is off, and which of the row's numbers. A tensor or an array
+    of single numbers is accepted where a list is."""
+
+    setting: str = "setting"                  # the word for one setting in the messages
+    fields: tuple[str, ...] = ()              # the names of a row's numbers; () when each entry is one number
+    quantity: str = "the measurement at that setting"  # what one number is, for a message on a non-number
+
+    def __call__(self, fn: Callable) -> None:
+        __tracebackhide__ = True
+        return check(fn, self.reference, self.cases(), name=self.name, hint=self.hint, mistakes=self.mistakes,
+                     compare=self._compare, timeout=self.timeout)
+
+    def _compare(self, expected: list, got) -> str | None:
+        if got is None:
+            return "your result is None: did you forget to `return` it?"
+        if not self.fields and hasattr(got, "tolist"):  # a tensor or a numpy array of the numbers
+            got = got.tolist()
+        if not isinstance(got, (list, tuple)) or len(got) != len(expected):
+            entries = "rows" if self.fields else "numbers"
+            return (f"expected a list of {len(expected)} {entries} (one per {self.setting}), your result is "
+                    + (f"a {type(got).__name__} of {len(got)}" if isinstance(got, (list, tuple)) else
+                       f"a {type(got).__name__}"))
+        for k, (e, g) in enumerate(zip(expected, got)):
+            problem = self._compare_row(k, e, g) if self.fields else self._compare_number(k, e, g)
+            if problem:
+                return problem
+        return None
+
+    def _compare_number(self, k: int, expected: float, got) -> str | None:
+        if not _finite_number(got):
+            return f"number {k + 1} of your list is {got!r}; expected a finite number, {self.quantity}"
+        problem = difference(expected, got, self.atol, self.rtol, what=f"your number {k + 1}")
+        return f"at {self.setting} number {k + 1}: {problem}" if problem else None
+
+    def _compare_row(self, k: int, expected: Sequence[float], got) -> str | None:
+        if hasattr(got, "tolist"):  # a tensor or an array of the row's numbers
+            got = got.tolist()
+        if not isinstance(got, (list, tuple)) or len(got) != len(self.fields):
+            count = _COUNT_WORDS[len(self.fields)] if len(self.fields) < len(_COUNT_WORDS) else str(len(self.fields))
+            return (f"row {k + 1} of your list is {got!r}; expected a tuple of {count} numbers "
+                    f"({', '.join(self.fields)})")
+        for e, g, name in zip(expected, got, self.fields):
+            if not _finite_number(g):
+                return f"at {self.setting} number {k + 1}, {name} is {g!r}; expected a finite number"
+            problem = difference(e, g, self.atol, self.rtol, what=f"yours ({name})")
+            if problem:
+                return f"at {self.setting} number {k + 1}, {name}: {problem}"
+        return None
+
+
+_COUNT_WORDS = ("no", "one", "two", "three", "four", "five", "six")
+
+
+def _finite_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+
+
 CHECKERS: dict[str, Checker] = {}
 
 
