@@ -66,8 +66,11 @@ FOLDER_TRAINERS = {
     "all": own_data.train_all_on_folder,
 }
 ADAPTER_CONCEPTS = {"star": None}  # train adapter --concept NAME → its examples (None: sdlearn.data.star_examples)
-ADAPTER_OPTIONS = ("concept", "method", "rank", "lr", "prior")  # the options of 'train adapter' alone
-ADAPTER_PRIOR = {"num_prior": 256, "prior_batch_size": 8}  # train adapter's prior images: 256 drawn, 8 per step
+ADAPTER_OPTIONS = ("concept", "method", "rank", "lr", "prior", "augment")  # the options of 'train adapter' alone
+ADAPTER_AUGMENT = "move+mirror"  # train adapter's default: each example moved to every position and mirrored
+ADAPTER_PRIOR = {"num_prior": 256, "prior_batch_size": 8, "prior_caption_dropout": 0.1, "prior_target": "base"}
+"""train adapter's prior term: 256 images drawn, 8 per step, a tenth of their captions empty, the base model's
+answers as the target (sdlearn.adapt_recipes.train_adapter)."""
 PRECISION_HELP = ("fp32 (default), or bf16: bfloat16 autocast over float32 weights, optimizer state and EMA, meant "
                   "for CUDA GPUs; it also runs on the CPU (correct, rarely faster), not on mps")
 
@@ -198,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--prior", choices=["shapes", "class"], default=None,
                        help="train adapter: the prior-preservation images, the model's own drawings of the old prompts "
                             "(shapes, default) or of the examples' class prompts (class, DreamBooth's)")
+    train.add_argument("--augment", choices=["move+mirror", "move", "mirror", "none"], default=None,
+                       help="train adapter: more images made from the examples, each moved to every position and/or "
+                            "mirrored left-right (default move+mirror; none: the examples only)")
 
     exercises = commands.add_parser("exercises", help="write student copies of the notebooks, solutions removed "
                                                       "(or, with --teacher, the teacher's copies: the answer key)")
@@ -529,6 +535,7 @@ def _train_adapter(args: argparse.Namespace) -> int:
     pipe, result = adapt_recipes.train_adapter(method, ADAPTER_CONCEPTS[args.concept or "star"], steps=args.steps,
                                                minutes=args.minutes, lr=args.lr, seed=args.seed, out_dir=out_dir,
                                                device=args.device, prior=args.prior or "shapes", **ADAPTER_PRIOR,
+                                               augment=None if args.augment == "none" else args.augment or ADAPTER_AUGMENT,
                                                **options)
     path = out_dir / "adapter.safetensors"
     print(f"adapter ({method}, concept {args.concept or 'star'}): {result.step} steps in {result.seconds / 60:.1f} min; "

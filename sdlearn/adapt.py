@@ -480,20 +480,25 @@ def adapter_batch_fn(vae, tokenizer: Tokenizer, schedule, images: torch.Tensor, 
                      attributes: Sequence[Mapping[str, str]] | None = None, prior_images: torch.Tensor | None = None,
                      prior_captions: Sequence[str] | None = None, batch_size: int = 8,
                      prior_batch_size: int | None = None, open_fraction: float = 0.5,
-                     seed: int = 0) -> Callable[[int], dict[str, torch.Tensor]]:
+                     prior_caption_dropout: float = 0.0, seed: int = 0) -> Callable[[int], dict[str, torch.Tensor]]:
     """``batch_fn(step)`` for :func:`sdlearn.training.train`, a pure function of ``(seed, step)``: ``batch_size``
     examples drawn with replacement, each as ``x0`` (a sample of the VAE's posterior q(z | x) times the scaling
     factor, as the denoiser was trained), ``noise``, a timestep ``t`` uniform in [0, T), and the token ``ids`` and
     ``mask`` of its caption: with ``attributes``, a fresh wording each time (:func:`example_caption`), else
     ``captions`` as given. With ``prior_images`` (the model's own samples of ``prior_captions``) the same for
     ``prior_batch_size`` (default ``batch_size``) of them, under ``prior_x0``, ``prior_noise``, ``prior_t``,
-    ``prior_ids``, ``prior_mask``. The images are encoded once, here. Raises ``ValueError`` for no image."""
+    ``prior_ids``, ``prior_mask``; each prior caption is the empty prompt "" with probability
+    ``prior_caption_dropout``, as the base model was trained (so the unconditional prediction, which guidance
+    amplifies, is preserved too). The images are encoded once, here. Raises ``ValueError`` for no image."""
     _check_examples(images, captions, attributes, "example")
     if prior_images is not None:
         _check_examples(prior_images, prior_captions if prior_captions is not None else [], None, "prior")
     for name, value in (("batch_size", batch_size), ("prior_batch_size", prior_batch_size or batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if isinstance(prior_caption_dropout, bool) or not isinstance(prior_caption_dropout, int | float) \
+            or not 0 <= prior_caption_dropout <= 1:
+        raise ValueError(f"prior_caption_dropout must be a probability in [0, 1], got {prior_caption_dropout!r}")
     device = next(vae.parameters()).device
     with torch.no_grad():
         posteriors = [vae.encode(x.to(device)) for x in (images, prior_images) if x is not None]
@@ -514,7 +519,8 @@ def adapter_batch_fn(vae, tokenizer: Tokenizer, schedule, images: torch.Tensor, 
         batch = {"x0": x0, "noise": noise, "t": t, "ids": ids, "mask": mask}
         if len(moments) > 1:
             picks, x0, noise, t = draw(generator, *moments[1], prior_batch_size or batch_size)
-            ids, mask = tokenizer([prior_captions[i] for i in picks.tolist()])
+            dropped = (torch.rand(len(picks), generator=generator) < prior_caption_dropout).tolist()
+            ids, mask = tokenizer(["" if drop else prior_captions[i] for i, drop in zip(picks.tolist(), dropped)])
             batch.update(prior_x0=x0, prior_noise=noise, prior_t=t, prior_ids=ids, prior_mask=mask)
         return batch
 
@@ -522,7 +528,8 @@ def adapter_batch_fn(vae, tokenizer: Tokenizer, schedule, images: torch.Tensor, 
 
 
 def prior_preservation_loss(model: AdaptedModel, batch: Mapping[str, torch.Tensor], schedule,
-                            prior_weight: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
+                            prior_weight: float = 1.0, base_model: nn.Module | None = None
+                            ) -> tuple[torch.Tensor, dict[str, float]]:
     """DreamBooth's loss (Ruiz et al. 2023, eq. 2, in the ε form that Stable Diffusion trains with):
 
         L = ‖target − f(x_t, t, c)‖²  (the examples)  +  prior_weight · ‖target' − f(x'_t', t', c_pr)‖²  (the prior),
@@ -530,7 +537,13 @@ def prior_preservation_loss(model: AdaptedModel, batch: Mapping[str, torch.Tenso
     each term a mean over its batch, x_t = √ᾱ_t x₀ + √(1 − ᾱ_t) ε and the target ε (or v, or x₀, as the
     denoiser's ``prediction_type`` says). Without ``prior_*`` entries in ``batch`` (or with ``prior_weight`` 0) it
     is the plain diffusion loss of the examples, the loss of textual inversion (Gal et al., eq. 2) and of LoRA.
-    Both halves go through the model as one batch. → ``(loss, {"instance": …, "prior": …})``."""
+    Both halves go through the model as one batch. → ``(loss, {"instance": …, "prior": …})``.
+
+    ``base_model`` (the model before adapting, frozen, called as ``model`` is): the prior's target' becomes its
+    prediction f₀(x'_t', t', c_pr) instead of ε', so the term asks the adapted model to answer the old prompts
+    *as the base model did*, the "learning without forgetting" form of the penalty (Li & Hoiem 2017, eq. 2, a
+    squared error here). Its expectation is the DreamBooth term's minus a constant only when f₀ is the exact
+    posterior mean; its variance is far smaller, since f₀ is a fixed function of x'_t', not a fresh ε'."""
     prediction_type = model.config.prediction_type
     if prediction_type == FLOW:
         raise ValueError("adapters train diffusion denoisers (epsilon, v_prediction, sample); this one is a flow model")
@@ -540,9 +553,13 @@ def prior_preservation_loss(model: AdaptedModel, batch: Mapping[str, torch.Tenso
     with_prior = prior_weight > 0 and "prior_x0" in batch
     x0, noise, t, ids, mask = (torch.cat([batch[k], batch["prior_" + k]]) if with_prior else batch[k] for k in keys)
     x_t = schedule.add_noise(x0, noise, t)
-    errors = (model(x_t, t.to(x0.device), ids, mask) - schedule.target(x0, noise, t, prediction_type)) ** 2
-    per_image = errors.flatten(1).mean(dim=1)  # [B]: the squared error of each image
+    target = schedule.target(x0, noise, t, prediction_type)  # [B, C, h, w]
     n = batch["x0"].shape[0]
+    if with_prior and base_model is not None:
+        with torch.no_grad():  # the prior half's target: what the base model predicts there
+            target = torch.cat([target[:n], base_model(x_t[n:], t[n:].to(x0.device), ids[n:], mask[n:])])
+    errors = (model(x_t, t.to(x0.device), ids, mask) - target) ** 2
+    per_image = errors.flatten(1).mean(dim=1)  # [B]: the squared error of each image
     instance = per_image[:n].mean()
     if not with_prior:
         return instance, {"instance": instance.item()}

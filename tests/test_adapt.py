@@ -514,6 +514,41 @@ def test_the_prior_preservation_loss_is_the_sum_of_its_two_terms():
         prior_preservation_loss(model, batch, SCHEDULE, prior_weight=-1)
 
 
+def test_the_base_models_answer_as_the_prior_target_penalises_only_the_change():
+    tokenizer, model = tiny_adapted("lora")
+    batch = tiny_batch(tokenizer)
+    model.eval()
+    base = copy.deepcopy(model)  # the model before adapting: B = 0
+    with torch.no_grad():
+        instance_only, _ = prior_preservation_loss(model, batch, SCHEDULE, prior_weight=0)
+        loss, logs = prior_preservation_loss(model, batch, SCHEDULE, prior_weight=1, base_model=base)
+        assert logs["prior"] < 1e-12 and loss.item() == pytest.approx(instance_only.item(), rel=1e-6)  # nothing changed yet
+        with_random_b(model.denoiser)
+        text = model.text_encoder(batch["prior_ids"], batch["prior_mask"])
+        x_t = SCHEDULE.add_noise(batch["prior_x0"], batch["prior_noise"], batch["prior_t"])
+        change = model.denoiser(x_t, batch["prior_t"], text.tokens, text.mask) - base(
+            x_t, batch["prior_t"], batch["prior_ids"], batch["prior_mask"])  # by hand: f(x'_t) − f₀(x'_t)
+        _, logs = prior_preservation_loss(model, batch, SCHEDULE, prior_weight=1, base_model=base)
+    assert logs["prior"] == pytest.approx(change.pow(2).mean().item(), rel=1e-5) and logs["prior"] > 0
+
+
+def test_prior_captions_drop_to_the_empty_prompt_at_the_rate_asked():
+    tokenizer, _ = tiny_adapted("ti")
+    ex = star_examples(4)
+    prior_images = render_batch(["red"] * 4, ["circle"] * 4, ["large"] * 4, ["center"] * 4)
+
+    def prior_captions(rate):
+        batch_fn = adapter_batch_fn(tiny_vae(), tokenizer, SCHEDULE, ex.images, ex.captions, attributes=ex.attributes,
+                                    prior_images=prior_images, prior_captions=["a large red circle"] * 4,
+                                    batch_size=2, prior_batch_size=50, prior_caption_dropout=rate, seed=1)
+        return [c for step in range(4) for c in tokenizer.decode(batch_fn(step)["prior_ids"])]
+
+    assert set(prior_captions(0.0)) == {"a large red circle"} and set(prior_captions(1.0)) == {""}
+    assert 0.15 < prior_captions(0.3).count("") / 200 < 0.45
+    with pytest.raises(ValueError, match="prior_caption_dropout must be a probability"):
+        prior_captions(1.5)
+
+
 def test_adapter_batches_are_a_pure_function_of_the_step():
     tokenizer, _ = tiny_adapted("ti")
     ex = star_examples()

@@ -190,6 +190,7 @@ def test_the_shipped_star_adapter_loads_under_a_megabyte():
     (["train", "adapter", "--data", "somewhere"], "--data is not an option of 'train adapter'"),
     (["train", "vae", "--method", "lora"], "--method is for 'train adapter', not 'train vae'"),
     (["train", "clip", "--prior", "class"], "--prior is for 'train adapter', not 'train clip'"),
+    (["train", "vae", "--augment", "mirror"], "--augment is for 'train adapter', not 'train vae'"),
     (["train", "adapter", "--rank", "0"], "expected a positive integer, got '0'"),
     (["generate", "a red star", "--adapter", "star", "--denoiser", "unet", "--out", "x.png"],
      "adapter='star' with denoiser='unet'"),
@@ -215,6 +216,8 @@ def test_train_adapter_command_writes_an_adapter_that_generate_uses(tmp_path, ca
     record = json.loads((out / "adapter.json").read_text())
     assert record["lora"]["rank"] == 2 and record["tokens"] == ["star"]
     assert record["training"]["prior"] == "shapes" and record["training"]["num_prior"] == 256
+    assert record["training"]["augment"] == "move+mirror" and record["training"]["prior_target"] == "base"
+    assert record["training"]["prior_caption_dropout"] == 0.1
     assert record["base"]["denoiser"] == file_sha256(weights_path("denoiser"))
     assert cli(["generate", "a large red star in the center", "--adapter", str(out / "adapter.safetensors"),
                 "--steps", "2", "--out", str(tmp_path / "grid.png")]) == 0
