@@ -11,7 +11,7 @@ NOTEBOOKS = default_notebooks_dir()
 COURSE = [
     "00_tour", "01_forward_noising", "02_noise_schedules", "03_vae", "04_transformer_denoiser",
     "05_training", "06_samplers", "07_text_and_guidance", "08_stable_diffusion", "09_code_review",
-    "10_unet_and_real_sd", "11_flow_matching", "13_control_and_speed",
+    "10_unet_and_real_sd", "11_flow_matching", "12_personalization", "13_control_and_speed",
 ]
 CHECK_CALL = re.compile(r"\b(check_\w+)\s*\(")
 

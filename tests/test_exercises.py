@@ -522,6 +522,31 @@ def _alt_iou_sweep(draw, wanted, scales):
     return torch.stack(ious)  # a tensor, not a list
 
 
+
+def _alt_lora_forward(x, weight, bias, lora_A, lora_B, alpha):
+    # the merged weight applied once, in float64: (W₀ + (α/r) B A) h + b equals W₀ h + b + (α/r) B (A h)
+    merged = weight.double() + alpha / lora_B.shape[1] * torch.einsum("or,ri->oi", lora_B.double(), lora_A.double())
+    return (x.double() @ merged.T + bias.double()).float()
+
+
+def _alt_lora_merge(weight, lora_A, lora_B, alpha):
+    rank = lora_B.shape[1]
+    update = sum(torch.outer(lora_B[:, k], lora_A[k]) for k in range(rank))  # B A as a sum of r rank-one matrices
+    return weight.clone().add_(update, alpha=alpha / rank)
+
+
+def _alt_lora_parameter_counts(in_features, out_features, rank):
+    lora = torch.zeros(rank, in_features).numel() + torch.zeros(out_features, rank).numel()
+    full = torch.zeros(out_features, in_features).numel()
+    return lora, full, 1 / (1 / in_features + 1 / out_features)
+
+
+def _alt_paired_change(base_correct, adapted_correct):
+    pairs = list(zip(base_correct.tolist(), adapted_correct.tolist()))
+    change = 100 * (sum(a for _, a in pairs) - sum(b for b, _ in pairs)) / len(pairs)
+    return (torch.tensor(change), torch.tensor(sum(a and not b for b, a in pairs)),
+            sum(b and not a for b, a in pairs))  # tensors where numbers are expected: accepted too
+
 # Correct answers written the way a learner might (other operations, float64, python floats),
 # which must pass: the tolerances must not reject honest floating-point differences.
 ALTERNATIVE_SOLUTIONS = {
@@ -562,6 +587,10 @@ ALTERNATIVE_SOLUTIONS = {
     "check_inversion_step": _alt_inversion_step,
     "check_consistency_scalings": _alt_consistency_scalings,
     "check_iou_sweep": _alt_iou_sweep,
+    "check_lora_forward": _alt_lora_forward,
+    "check_lora_merge": _alt_lora_merge,
+    "check_lora_parameter_counts": _alt_lora_parameter_counts,
+    "check_paired_change": _alt_paired_change,
 }
 
 
@@ -580,6 +609,21 @@ def test_the_experiment_checker_of_notebook_13_names_a_malformed_measurement():
         CHECKERS["check_iou_sweep"](lambda draw, wanted, scales: [v * (1 + (k == 1)) for k, v in
                                                                   enumerate(reference(draw, wanted, scales))])
 
+
+
+def test_the_checkers_of_notebook_12_catch_an_in_place_merge_and_a_wrong_tuple():
+    def merge_in_place(weight, lora_A, lora_B, alpha):
+        weight += alpha / lora_A.shape[0] * (lora_B @ lora_A)  # changes W₀: unmerging could not restore it
+        return weight
+
+    with pytest.raises(ExerciseFailed, match="changed its input number 1 in place"):
+        CHECKERS["check_lora_merge"](merge_in_place)
+    with pytest.raises(ExerciseFailed, match="expected a tuple of 3 values \\(lora, full, break_even_rank\\)"):
+        CHECKERS["check_lora_parameter_counts"](lambda i, o, r: r * (i + o))
+    with pytest.raises(ExerciseFailed, match="break_even_rank: expected"):
+        CHECKERS["check_lora_parameter_counts"](lambda i, o, r: (r * (i + o), i * o, i * o // (i + o)))  # rounded down
+    with pytest.raises(ExerciseFailed, match="case 1 of 5 failed.*\n.*tokens of 4 images.*\n.*raised RuntimeError"):
+        CHECKERS["check_lora_forward"](lambda x, w, b, A, B, alpha: torch.mm(x, w.T) + b)  # 2-D inputs only
 
 # -- a student copy, executed -----------------------------------------------------------------------
 @pytest.mark.slow  # two Jupyter kernels

@@ -69,6 +69,12 @@ from sdlearn.exercises.checks_11_flow_matching import (
     check_error_slope,
     check_flow_training_example,
 )
+from sdlearn.exercises.checks_12_personalization import (
+    check_lora_forward,
+    check_lora_merge,
+    check_lora_parameter_counts,
+    check_paired_change,
+)
 from sdlearn.exercises.checks_13_control_and_speed import (
     check_consistency_scalings,
     check_edge_map,
@@ -136,5 +142,6 @@ __all__ = [
     "check_schedule_sanity", "check_ddpm_reverse_step", "check_cfg_batched", "check_false_alarm_rate",
     "check_resblock", "check_skip_channels", "check_loss_by_timestep",
     "check_flow_training_example", "check_edm_preconditioning", "check_error_slope",
+    "check_lora_forward", "check_lora_merge", "check_lora_parameter_counts", "check_paired_change",
     "check_edge_map", "check_inversion_step", "check_consistency_scalings", "check_iou_sweep",
 ]
