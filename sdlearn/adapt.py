@@ -79,6 +79,7 @@ from sdlearn.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
+from sdlearn.checks import check_probability
 from sdlearn.data import ATTRIBUTES, IMAGE_SIZE, POSITION_CENTERS, caption_for
 from sdlearn.schedules import FLOW
 from sdlearn.text import TextEncoder, Tokenizer  # the word is added to the tokenizer and the text encoder
@@ -496,9 +497,7 @@ def adapter_batch_fn(vae, tokenizer: Tokenizer, schedule, images: torch.Tensor, 
     for name, value in (("batch_size", batch_size), ("prior_batch_size", prior_batch_size or batch_size)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if isinstance(prior_caption_dropout, bool) or not isinstance(prior_caption_dropout, int | float) \
-            or not 0 <= prior_caption_dropout <= 1:
-        raise ValueError(f"prior_caption_dropout must be a probability in [0, 1], got {prior_caption_dropout!r}")
+    check_probability(prior_caption_dropout, "prior_caption_dropout")
     device = next(vae.parameters()).device
     with torch.no_grad():
         posteriors = [vae.encode(x.to(device)) for x in (images, prior_images) if x is not None]

@@ -31,6 +31,13 @@ def check_positive_int(value, name: str, allow_none: bool = False, maximum: int 
         raise ValueError(f"{name} must be at most {maximum}, got {value!r}")
 
 
+def check_probability(value, name: str) -> None:
+    """Raise ``ValueError("NAME must be a probability in [0, 1], got VALUE")`` unless ``value`` is a number in
+    [0, 1] (``bool`` is refused)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+
+
 def check_batch(x, item_shape: Sequence[int], what: str, name: str | None = None, min_count: int = 1,
                 finite: bool = False) -> torch.Tensor:
     """``x`` as a floating-point batch ``[B, *item_shape]`` with B ≥ ``min_count``, or a ValueError saying what

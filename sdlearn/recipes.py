@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from sdlearn.checkpoint import CheckpointError, atomic_write_bytes, file_sha256, weights_path
-from sdlearn.checks import check_positive_int
+from sdlearn.checks import check_positive_int, check_probability
 from sdlearn.data import (
     ATTRIBUTE_VALUES,
     ATTRIBUTES,
@@ -739,9 +739,8 @@ def train_denoiser(
     if (denoiser == "flow") != (prediction_type == FLOW) and denoiser != "unet":
         raise ValueError(f"denoiser='flow' is the DiT trained with prediction_type 'flow', and only it; got "
                          f"denoiser={denoiser!r} with prediction_type={prediction_type!r}")
-    for name, value in (("caption_dropout", caption_dropout), ("open_fraction", open_fraction)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-            raise ValueError(f"{name} must be a probability in [0, 1], got {value!r}")
+    check_probability(caption_dropout, "caption_dropout")
+    check_probability(open_fraction, "open_fraction")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if threads is not None:
