@@ -8,7 +8,8 @@ text-conditioned transformers that followed it (PixArt-α, SD3). Read top to bot
    with one Linear (ViT, Dosovitskiy et al. 2021). Add a *fixed* 2D sin-cos positional embedding
    (MAE, He et al. 2022; DiT §3.1) so that attention knows where each token sits.
 2. **Timestep**: the sinusoidal embedding of Vaswani et al. (2017, §3.5), as DDPM uses it for t, then an MLP.
-   When text is given, a projection of the pooled text is added: c = MLP(emb(t)) + W·pool(text).
+   When text is given, a projection of the pooled text is added: c = MLP(emb(t)) + W·pool(text)
+   (``pooled_text=False`` leaves it out: then, as in Stable Diffusion's U-Net, cross-attention alone reads the text).
 3. **Blocks**, each: self-attention over the latent tokens → cross-attention from the latent tokens to the
    text tokens (Stable Diffusion's way of reading the prompt; Rombach et al. 2022 §3.3) → an MLP. Every
    sub-layer is pre-normalised by a LayerNorm *without* learned affine whose shift and scale are
@@ -89,6 +90,7 @@ class DenoiserConfig(ConfigMixin):
     num_train_timesteps: int = 1000  # T: timesteps are in [0, T)
     prediction_type: str = "epsilon"  # what the network predicts: ε, v, or x₀; or "flow", the velocity ε − x₀
     frequency_dim: int = 256  # size of the sinusoidal timestep embedding (DiT uses 256)
+    pooled_text: bool = True  # add W·pool(text) to c; False: the text reaches the blocks by cross-attention alone
 
     size_limits = {"depth": MAX_CONFIG_DEPTH, "num_train_timesteps": 100_000}
 
@@ -98,6 +100,8 @@ class DenoiserConfig(ConfigMixin):
                                  "num_train_timesteps", "frequency_dim")
         for ratio in ("mlp_ratio", "cross_attn_ratio"):
             self.check_ratio(ratio)
+        if not isinstance(self.pooled_text, bool):
+            raise ValueError(f"pooled_text must be True or False, got {self.pooled_text!r}")
         if self.latent_size % self.patch_size:
             raise ValueError(
                 f"latent_size ({self.latent_size}) must be divisible by patch_size ({self.patch_size})"
@@ -351,7 +355,8 @@ class Denoiser(nn.Module):
             "pos_embed", sincos_2d_pos_embed(D, config.latent_size // p)[None], persistent=False
         )  # [1, N, D], fixed
         self.timestep_embed = nn.Sequential(nn.Linear(config.frequency_dim, D), nn.SiLU(), nn.Linear(D, D))
-        self.text_pool = nn.Linear(config.text_dim, D)  # pooled text → added to the timestep embedding
+        # pooled text → added to the timestep embedding (None: cross-attention alone reads the text)
+        self.text_pool = nn.Linear(config.text_dim, D) if config.pooled_text else None
         self.blocks = nn.ModuleList(
             DiTBlock(D, config.heads, config.mlp_ratio, config.text_dim, config.cross_width)
             for _ in range(config.depth)
@@ -417,6 +422,9 @@ class Denoiser(nn.Module):
             raise ValueError("text_tokens must hold at least one token (L ≥ 1); for no text pass text_tokens=None")
         if text_mask is not None:
             check_mask(text_mask, (B, L), "text_mask")
+        if pooled_text is not None and not cfg.pooled_text:
+            raise ValueError("this denoiser reads the text by cross-attention alone (config pooled_text=False); "
+                             "leave out pooled_text")
         if pooled_text is not None and (
             not isinstance(pooled_text, torch.Tensor) or tuple(pooled_text.shape) != (B, cfg.text_dim)
         ):
@@ -475,13 +483,13 @@ class Denoiser(nn.Module):
                 text_mask = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=x.device)
             text_mask = text_mask.bool()
             has_text = text_mask.any(dim=1)  # [B]; False: no real token, this sample is unconditional
-            if pooled_text is None:
-                weights = text_mask.to(text_tokens.dtype)[..., None]  # [B, L, 1]
-                pooled_text = (text_tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, text_dim]
-            if bool(has_text.all()):
-                c = c + self.text_pool(pooled_text)
-            else:  # let all-padding rows attend to every key (softmax needs one), then gate them to zero
-                c = c + self.text_pool(pooled_text) * has_text[:, None]
+            if self.text_pool is not None:  # c = MLP(emb(t)) + W·pool(text)
+                if pooled_text is None:
+                    weights = text_mask.to(text_tokens.dtype)[..., None]  # [B, L, 1]
+                    pooled_text = (text_tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, text_dim]
+                pooled = self.text_pool(pooled_text)  # [B, D]
+                c = c + (pooled if bool(has_text.all()) else pooled * has_text[:, None])
+            if not bool(has_text.all()):  # let all-padding rows attend to every key (softmax needs one), then gate them to zero
                 text_mask = text_mask | ~has_text[:, None]
                 text_present = has_text.to(x.dtype)[:, None, None]  # [B, 1, 1]
             if not bool(text_mask.all()):
@@ -555,7 +563,10 @@ def denoiser_loss(model: Denoiser, batch: Mapping[str, Any], schedule) -> tuple[
     A flow model (``prediction_type`` "flow") learns rectified flow instead (Liu et al. 2023; Esser et al. 2024):
     L = E ‖(ε − x₀) − v_θ(x_σ, σT, text)‖², x_σ = (1 − σ) x₀ + σ ε, with ``batch["t"]`` = σT (float timesteps,
     σ ∈ [0, 1], logit-normal in training): the conditional flow-matching regression to the velocity of each
-    sample's straight path, whose minimiser is the marginal velocity field (Lipman et al. 2023, Thm. 2)."""
+    sample's straight path, whose minimiser is the marginal velocity field (Lipman et al. 2023, Thm. 2).
+
+    ``batch["weight"]`` ``[B]``, when given, weights each sample's squared error (e.g. the flow-matched weights
+    of :func:`sdlearn.schedules.flow_matched_timesteps`)."""
     x0, noise, t = batch["x0"], batch["noise"], batch["t"]
     if model.config.prediction_type == FLOW:
         sigma = t.to(x0.device, torch.float32) / model.config.num_train_timesteps  # [B] in [0, 1]
@@ -564,4 +575,7 @@ def denoiser_loss(model: Denoiser, batch: Mapping[str, Any], schedule) -> tuple[
     x_t = schedule.add_noise(x0, noise, t)
     prediction = model(x_t, t.to(x0.device), batch.get("tokens"), batch.get("mask"))
     target = schedule.target(x0, noise, t, model.config.prediction_type)
-    return F.mse_loss(prediction, target), {}
+    if batch.get("weight") is None:
+        return F.mse_loss(prediction, target), {}
+    per_sample = (prediction - target).pow(2).flatten(1).mean(1)  # [B]
+    return (batch["weight"].to(per_sample) * per_sample).mean(), {}

@@ -79,7 +79,13 @@ from sdlearn.pretrained import (
     save_unet,
     save_vae,
 )
-from sdlearn.schedules import FLOW, NoiseSchedule, check_model_prediction_type, logit_normal_sigmas
+from sdlearn.schedules import (
+    FLOW,
+    NoiseSchedule,
+    check_model_prediction_type,
+    flow_matched_timesteps,
+    logit_normal_sigmas,
+)
 from sdlearn.text import (
     CLIP_EVAL_SEED,
     TextEncoder,
@@ -502,6 +508,7 @@ DENOISER_DATA_SEED = 40_000  # the endless stream of training images: ShapesData
 DENOISER_EVAL_SEED = 50_000  # evaluation prompts: captions of ShapesDataset(n, split, seed=50_000)
 LATENT_WINDOW = 16_384  # images whose latents are held in memory at a time
 LATENT_REFRESH = 16  # of them, replaced by fresh images at every step
+TIMESTEP_SAMPLINGS = ("uniform", "flow_matched", "logit_normal")  # how latent_batch_fn draws t
 
 
 class _LatentWindow:
@@ -556,11 +563,12 @@ class _LatentWindow:
         return self
 
 
-def _random_captions(objects: torch.Tensor, generator: torch.Generator, open_fraction: float) -> list[str]:
+def _random_captions(objects: torch.Tensor, generator: torch.Generator, open_fraction: float,
+                     shared_open: float = 0.0) -> list[str]:
     """A random caption (:func:`sdlearn.data.random_caption`) for each scene of object indices ``[B, 2, 4]``."""
     scenes = [[{k: ATTRIBUTE_VALUES[k][i] for k, i in zip(ATTRIBUTES, obj)} for obj in row if obj[0] >= 0]
               for row in objects.tolist()]
-    return [random_caption(scene, generator, open_fraction)[0] for scene in scenes]
+    return [random_caption(scene, generator, open_fraction, shared_open=shared_open)[0] for scene in scenes]
 
 
 def latent_batch_fn(
@@ -578,6 +586,7 @@ def latent_batch_fn(
     split: str = "train",
     num_objects=(1, 2),
     timesteps: str = "uniform",
+    shared_open: float = 0.0,
 ) -> Callable[[int], dict[str, torch.Tensor]]:
     """``batch_fn(step)`` for the denoiser: a dict of the clean latent ``x0`` ``[B, 4, 8, 8]`` (a posterior sample,
     times the VAE's scaling factor), the ``noise`` ``[B, 4, 8, 8]`` and timesteps ``t`` ``[B]`` (uniform in
@@ -587,10 +596,14 @@ def latent_batch_fn(
     by the empty prompt "" (``<bos> <eos>``, the unconditional prompt of classifier-free guidance) with
     probability ``caption_dropout``. Images are scenes of ``num_objects`` (default: one or two, half each).
     ``timesteps="logit_normal"`` draws float timesteps σT for a flow model instead, σ logit-normal
-    (:func:`sdlearn.schedules.logit_normal_sigmas`, SD3's choice).
+    (:func:`sdlearn.schedules.logit_normal_sigmas`, SD3's choice). ``timesteps="flow_matched"`` draws integer
+    timesteps at the same noise levels for an ε-model and adds their loss ``weight`` ``[B]``
+    (:func:`sdlearn.schedules.flow_matched_timesteps`). ``shared_open``: the chance that two objects leave the
+    same attributes open (:func:`sdlearn.data.random_caption`).
     ``captions`` lists the prompts used (the empty ones included). A pure function of ``(seed, step)``."""
-    if timesteps not in ("uniform", "logit_normal"):
-        raise ValueError(f"timesteps must be 'uniform' (diffusion) or 'logit_normal' (flow), got {timesteps!r}")
+    if timesteps not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"timesteps must be 'uniform' or 'flow_matched' (diffusion) or 'logit_normal' (flow), "
+                         f"got {timesteps!r}")
     latents = _LatentWindow(vae, window, refresh, split, DENOISER_DATA_SEED + seed, num_objects)
     scale = vae.scaling_factor
     T = schedule.num_train_timesteps
@@ -603,14 +616,15 @@ def latent_batch_fn(
         eps = torch.randn((batch_size, *cache.mean.shape[1:]), generator=generator).to(device)
         # z ~ q(z | x), as Stable Diffusion samples it, then scaled to unit variance (Rombach et al. 2022, §4.3.2)
         x0 = (cache.mean[picks.to(device)] + cache.std[picks.to(device)] * eps) * scale  # [B, 4, 8, 8]
-        batch = {
-            "x0": x0,
-            "noise": torch.randn(x0.shape, generator=generator).to(device),
-            "t": torch.randint(T, (batch_size,), generator=generator) if timesteps == "uniform"
-            else logit_normal_sigmas(batch_size, generator) * T,  # [B]: integer t, or σT for a flow
-        }
+        batch = {"x0": x0, "noise": torch.randn(x0.shape, generator=generator).to(device)}
+        if timesteps == "uniform":
+            batch["t"] = torch.randint(T, (batch_size,), generator=generator)  # [B] integer t
+        elif timesteps == "flow_matched":
+            batch["t"], batch["weight"] = flow_matched_timesteps(schedule, batch_size, generator)  # [B], [B]
+        else:
+            batch["t"] = logit_normal_sigmas(batch_size, generator) * T  # [B]: σT for a flow
         if text_encoder is not None:
-            captions = _random_captions(cache.objects[picks], generator, open_fraction)
+            captions = _random_captions(cache.objects[picks], generator, open_fraction, shared_open)
             dropped = (torch.rand(batch_size, generator=generator) < caption_dropout).tolist()
             captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]
             ids, mask = tokenizer(captions)  # [B, 21] each
@@ -678,6 +692,8 @@ def train_denoiser(
     ema_decay: float = 0.999,
     caption_dropout: float = 0.1,
     open_fraction: float = 0.5,
+    shared_open: float = 0.0,
+    timesteps: str | None = None,
     seed: int = 0,
     config=None,
     threads: int | None = None,
@@ -712,9 +728,12 @@ def train_denoiser(
       tower (``text_encoder``: "shipped", a path to TinyCLIP weights, a ``TextEncoder``, or None to train
       unconditionally) → token embeddings + mask for the cross-attention. With probability
       ``caption_dropout`` the caption is the empty prompt "" (``<bos> <eos>``): the unconditional prompt that
-      classifier-free guidance uses at sampling time (Ho & Salimans 2022).
+      classifier-free guidance uses at sampling time (Ho & Salimans 2022). ``shared_open``: the chance that
+      the two objects of a caption leave the same attributes open ("a red circle and a blue square").
     - **Loss** (:func:`denoiser_loss`): MSE to ``schedule.target(x0, noise, t, prediction_type)``, t uniform in
-      [0, T); ε-prediction by default, "v_prediction" or "sample" selectable. Noise schedule ``schedule``
+      [0, T) (``timesteps="uniform"``, the default for diffusion; ``"flow_matched"``: the noise levels and loss
+      weights of a rectified-flow model, :func:`sdlearn.schedules.flow_matched_timesteps`; a flow model's is
+      ``"logit_normal"``); ε-prediction by default, "v_prediction" or "sample" selectable. Noise schedule ``schedule``
       (a :func:`sdlearn.schedules.make_betas` name; "scaled_linear" as SD).
     - **Optimiser**: AdamW (no weight decay, as DiT), ``lr`` with 200 warm-up steps then cosine decay over the
       budget, gradient clipping at 1; EMA of the weights with ``ema_decay``. Budget: ``minutes`` and/or
@@ -741,6 +760,12 @@ def train_denoiser(
                          f"denoiser={denoiser!r} with prediction_type={prediction_type!r}")
     check_probability(caption_dropout, "caption_dropout")
     check_probability(open_fraction, "open_fraction")
+    check_probability(shared_open, "shared_open")
+    if timesteps is None:
+        timesteps = "logit_normal" if prediction_type == FLOW else "uniform"
+    if (timesteps == "logit_normal") != (prediction_type == FLOW) or timesteps not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"timesteps must be 'logit_normal' for a flow model and 'uniform' or 'flow_matched' "
+                         f"otherwise; got timesteps={timesteps!r} with prediction_type={prediction_type!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     if threads is not None:
@@ -770,7 +795,7 @@ def train_denoiser(
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     batch_fn = latent_batch_fn(vae, noise_schedule, batch_size, seed, text_encoder=text_encoder, tokenizer=tokenizer,
                                 caption_dropout=caption_dropout, open_fraction=open_fraction, window=latent_window,
-                                refresh=latent_refresh, timesteps="logit_normal" if prediction_type == FLOW else "uniform")
+                                refresh=latent_refresh, timesteps=timesteps, shared_open=shared_open)
     torch.manual_seed(seed)
     model = model_cls(config).to(device)
     run_config = {
@@ -780,6 +805,8 @@ def train_denoiser(
         "ema_decay": ema_decay, "caption_dropout": caption_dropout, "open_fraction": open_fraction, "seed": seed,
         "latent_window": [latent_window, latent_refresh],
     }
+    if shared_open or timesteps == "flow_matched":  # recorded only when used, so older runs still resume
+        run_config.update(shared_open=shared_open, timesteps=timesteps)
     result = fit(stem, model, lambda model, batch, step: denoiser_loss(model, batch, noise_schedule), batch_fn,
                  run_config, out_dir=out_dir, minutes=minutes, steps=steps, seed=seed, resume=resume,
                  progress=progress, lr=lr, warmup_steps=200, lr_schedule="cosine", grad_clip=1.0, ema_decay=ema_decay,
@@ -789,7 +816,8 @@ def train_denoiser(
     model.eval()
 
     training = training_record(
-        result, run_config, ("batch_size", "lr", "ema_decay", "caption_dropout", "open_fraction", "seed"), device, steps,
+        result, run_config, ("batch_size", "lr", "ema_decay", "caption_dropout", "open_fraction", "seed",
+                             *(k for k in ("shared_open", "timesteps") if k in run_config)), device, steps,
         minutes, precision=precision,
         images_seen=result.step * batch_size,
         losses=[float(f"{loss:.4g}") for loss in result.losses],  # per step, for notebook 05's curve

@@ -180,6 +180,29 @@ def logit_normal_sigmas(n: int, generator: torch.Generator | None = None, mean: 
     return shift_sigmas(torch.sigmoid(u), shift)
 
 
+def flow_matched_timesteps(schedule, n: int, generator: torch.Generator | None = None,
+                           std: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3's rectified-flow training read as an ε-objective → ``(t, weight)``, long ``[n]`` and float32 ``[n]``.
+
+    The flow's x_σ = (1 − σ) x₀ + σ ε is the schedule's x_t scaled by 1 / (√ᾱ + √(1 − ᾱ)), with the same ε and
+    SNR = ((1 − σ)/σ)². So σ = sigmoid(u), u ~ N(0, std²) (:func:`logit_normal_sigmas`) is log SNR = −2u ~
+    N(0, (2·std)²): ``t`` is the schedule's level nearest to such a log SNR. The flow's loss ‖v − v̂‖² is the
+    ε-loss times 1 / (1 − σ)² = (1 + SNR^(−1/2))², since v − v̂ = (ε − ε̂) / (1 − σ): ``weight`` is that, divided by
+    its mean under the Gaussian, 1 + 2e^(s²/8) + e^(s²/2) with s = 2·std, so weights average about 1. Uniform t
+    and unit weights (Ho et al. 2020's L_simple) put little of the loss where layout is decided (SNR ≲ 1);
+    these put as much there as a flow model does, and the network still predicts ε."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n!r}")
+    if not (isinstance(std, (int, float)) and std > 0):
+        raise ValueError(f"std must be a number > 0, got {std!r}")
+    levels = schedule.log_snr().double()  # [T], decreasing in t
+    log_snr = torch.randn(n, generator=generator, dtype=torch.float64) * (2 * std)  # [n]
+    t = torch.searchsorted(-levels, -log_snr).clamp(0, len(levels) - 1)  # the first level at or below it
+    s = 2 * std
+    weight = (1 + torch.exp(-levels[t] / 2)) ** 2 / (1 + 2 * math.exp(s * s / 8) + math.exp(s * s / 2))
+    return t, weight.float()
+
+
 # -- reading a model's output: ε, x₀ and v ------------------------------------------------------------
 def _coefficient(coef, like: torch.Tensor):
     """A noise-level coefficient ready to multiply ``like``. A number or a 0-dim tensor is a scalar and is used

@@ -573,6 +573,29 @@ def test_random_caption_options_and_determinism():
             data.random_caption(bad, random.Random(0))
 
 
+def test_random_caption_shared_open_leaves_the_same_attributes_open_in_both_objects():
+    rng = random.Random(2)
+    shared = independent = 0
+    for _ in range(400):
+        scene = random_scene(rng)
+        caption, named = data.random_caption(scene, rng, open_fraction=1, shared_open=1)
+        assert set(named[0]) == set(named[1]), caption  # the same attributes named for both
+        assert true_of(named, scene) and parse_caption(caption) == {"objects": named}
+        _, named = data.random_caption(scene, rng, open_fraction=1, shared_open=0.5)
+        same = set(named[0]) == set(named[1])
+        shared += same
+        independent += not same
+    # ½ shared + ½ · (the 1/16 chance that independent draws agree) ≈ 53% the same
+    assert 0.45 < shared / 400 < 0.62 and independent > 0
+    scene = random_scene(rng)
+    for open_fraction in (0, 0.5, 1):  # shared_open=0 draws what the option's absence drew, the same numbers
+        old, new = random.Random(9), random.Random(9)
+        assert data.random_caption(scene, old, open_fraction) == data.random_caption(scene, new, open_fraction, shared_open=0)
+        assert old.random() == new.random()
+    one, _ = data.random_caption(scene[:1], random.Random(3), shared_open=1)  # one object: nothing to share
+    assert one == data.random_caption(scene[:1], random.Random(3))[0]
+
+
 def test_max_caption_words_is_the_longest_caption():
     one = max(len(split_words(c)) for a in ALL_ATTRIBUTES[:10] for c in caption_variants(a))
     phrase = max(len(split_words(data._fill("red", *c))) for c in itertools.product(*data._phrase_choices(ALL_ATTRIBUTES[0])))

@@ -200,6 +200,25 @@ def test_pooled_text_argument():
     assert not torch.allclose(model(x, t, tokens, mask, pooled_text=torch.zeros_like(mean)), model(x, t, tokens, mask))
 
 
+def test_without_pooled_text_cross_attention_alone_reads_the_text():
+    model = perturbed(tiny(pooled_text=False))
+    assert model.text_pool is None
+    assert sum(p.numel() for p in tiny().parameters()) - sum(p.numel() for p in model.parameters()) == 16 * 32 + 32
+    x, t, tokens, mask = inputs()
+    uncond = model(x, t)
+    assert not torch.allclose(uncond, model(x, t, tokens, mask))  # the text still matters, through cross-attention
+    mask[0] = False  # a row without a real token is unconditional, as with the pooled path
+    torch.testing.assert_close(model(x, t, tokens, mask)[0], uncond[0], atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="cross-attention alone"):
+        model(x, t, tokens, mask, pooled_text=tokens.mean(1))
+    with pytest.raises(ValueError, match="pooled_text must be True or False"):
+        DenoiserConfig(pooled_text="no")
+    saved = DenoiserConfig(pooled_text=False).to_dict()
+    assert DenoiserConfig.from_dict(saved).pooled_text is False
+    del saved["pooled_text"]  # a config written before the option existed had the pooled path
+    assert DenoiserConfig.from_dict(saved).pooled_text is True
+
+
 def test_timesteps_scalar_broadcast_and_fractional():
     model = perturbed(tiny())
     x, _, tokens, mask = inputs()

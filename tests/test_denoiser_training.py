@@ -209,6 +209,42 @@ def test_denoiser_loss_returns_the_loss_and_empty_logs_like_every_loss(vae, text
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def test_a_batch_weight_weights_each_samples_squared_error(vae, text_encoder):
+    batch = latent_batch_fn(vae, SCHEDULE, 8, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
+                            window=64, refresh=4)(0)
+    torch.manual_seed(0)
+    model = randomised(tiny_config())
+    with torch.no_grad():
+        plain = denoiser_loss(model, batch, SCHEDULE)[0]
+        assert denoiser_loss(model, {**batch, "weight": torch.ones(8)}, SCHEDULE)[0].item() == pytest.approx(plain.item(), rel=1e-6)
+        x_t = SCHEDULE.add_noise(batch["x0"], batch["noise"], batch["t"])
+        errors = (model(x_t, batch["t"], batch["tokens"], batch["mask"]) - batch["noise"]).pow(2).flatten(1).mean(1)
+        weight = torch.zeros(8)
+        weight[3] = 2.0
+        assert denoiser_loss(model, {**batch, "weight": weight}, SCHEDULE)[0].item() == pytest.approx(2 * errors[3].item() / 8, rel=1e-5)
+
+
+def test_flow_matched_batches_carry_flow_noise_levels_and_weights(vae, text_encoder, tmp_path):
+    batch = latent_batch_fn(vae, SCHEDULE, 512, seed=0, window=64, refresh=4, timesteps="flow_matched")(0)
+    t, weight = batch["t"], batch["weight"]
+    assert t.dtype == torch.long and weight.shape == (512,) and bool((weight > 0).all())
+    log_snr = SCHEDULE.log_snr(t)
+    assert abs(log_snr.median().item()) < 0.4  # log SNR ~ N(0, 4): centred on SNR 1
+    assert 1.6 < log_snr.std().item() < 2.4
+    assert latent_batch_fn(vae, SCHEDULE, 8, seed=0, window=64, refresh=4)(0).get("weight") is None  # uniform: none
+    with pytest.raises(ValueError, match="'uniform' or 'flow_matched'"):
+        latent_batch_fn(vae, SCHEDULE, 8, seed=0, window=64, refresh=4, timesteps="cosine")
+    for bad in ({"timesteps": "logit_normal"}, {"timesteps": "flow_matched", "prediction_type": "flow", "denoiser": "flow"},
+                {"timesteps": "sometimes"}):
+        with pytest.raises(ValueError, match="timesteps must be"):
+            tiny_run(tmp_path / "bad", 1, vae, text_encoder, **bad)
+    with pytest.raises(ValueError, match="shared_open"):
+        tiny_run(tmp_path / "bad", 1, vae, text_encoder, shared_open=1.5)
+    _, result = tiny_run(tmp_path / "run", 3, vae, text_encoder, timesteps="flow_matched", shared_open=0.5)
+    saved = load_checkpoint(tmp_path / "run" / "denoiser.safetensors")[1]["training"]
+    assert saved["timesteps"] == "flow_matched" and saved["shared_open"] == 0.5
+
+
 def test_train_denoiser_returns_ema_weights_and_writes_loadable_files(tmp_path, vae, text_encoder):
     denoiser, result = tiny_run(tmp_path, 12, vae, text_encoder)
     assert result.step == 12 and all(map(torch.isfinite, torch.tensor(result.losses)))

@@ -39,6 +39,7 @@ from sdlearn.schedules import (
     check_model_prediction_type,
     check_prediction_type,
     flow_interpolate,
+    flow_matched_timesteps,
     flow_target,
     logit_normal_sigmas,
     shift_sigmas,
@@ -1015,3 +1016,22 @@ def test_generate_denoiser_flow_writes_a_png(flow_weights, tmp_path, capsys, sam
     assert main(argv + (["--sampler", sampler] if sampler else [])) == 0
     assert out.is_file() and str(out) in capsys.readouterr().out
 
+
+def test_flow_matched_timesteps_are_a_logit_normal_flows_noise_levels_and_weights():
+    schedule = NoiseSchedule.from_name("scaled_linear")
+    t, weight = flow_matched_timesteps(schedule, 200_000, torch.Generator().manual_seed(0))
+    assert t.dtype == torch.long and 0 <= int(t.min()) and int(t.max()) <= 999
+    log_snr = schedule.log_snr(t)
+    # log SNR ~ N(0, 2²) to within a level's spacing: median 0, and P(log SNR < 2) = Φ(1)
+    assert abs(log_snr.median().item()) < 0.05 and abs((log_snr < 2).float().mean().item() - 0.8413) < 0.01
+    snr = schedule.snr(t).double()
+    expected = (1 + snr.rsqrt()) ** 2 / (1 + 2 * math.exp(0.5) + math.exp(2))  # 1/(1 − σ)², normalised
+    assert torch.allclose(weight.double(), expected, rtol=1e-5)
+    assert 0.85 < weight.mean().item() < 1.05  # about 1: the clamped tail at t = 999 takes a little
+    high = weight[t > 800].sum() / weight.sum()  # the flow's weighting puts far more of the loss at high noise
+    assert high > 0.35 and (t > 800).float().mean() < 0.2
+    again, _ = flow_matched_timesteps(schedule, 16, torch.Generator().manual_seed(1))
+    assert torch.equal(again, flow_matched_timesteps(schedule, 16, torch.Generator().manual_seed(1))[0])
+    for bad in ({"n": 0}, {"n": 4, "std": 0}):
+        with pytest.raises(ValueError, match="n must be|std must be"):
+            flow_matched_timesteps(schedule, **{"n": 4, **bad})

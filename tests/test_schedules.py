@@ -247,3 +247,4 @@ def test_default_beta_range_is_public_and_the_private_name_is_deprecated():
     assert _DEFAULT_RANGE is DEFAULT_BETA_RANGE
     with pytest.raises(AttributeError):
         schedules.no_such_name  # noqa: B018
+
