@@ -1,16 +1,22 @@
 """Diagnostic for issue 13: do the sampler, the guidance scale or the guidance interval rescue partial and
 two-object colour + shape prompts? Prints, per setting, the three figures that ``benchmarks/quality.py`` misses.
 
-    python benchmarks/guidance_sweep.py [N] [SETTINGS]
+    python benchmarks/guidance_sweep.py [N] [SETTINGS] [--weights DIR] [--setting SAMPLER,W,LOW,HIGH ...]
+                                        [--all-tv-prompts]
 
 N images per figure (default 96: a diagnostic to compare settings, not a measurement of a target, which needs
-≥ 256); SETTINGS: comma-separated indices into ``SETTINGS`` (default all). Prompts as ``quality.py``'s
-targets 3, 6 and 4 (the same seeds; four of its ten TV prompts). "TV excess" is the open attribute's TV to the
-data's distribution minus a perfect sampler's at the same count (:func:`sdlearn.metrics.open_attribute_tv`).
+≥ 256); SETTINGS: comma-separated indices into ``SETTINGS`` (default all), or ``--setting dpm++,4,0,600`` (any
+number of them) for others. Prompts as ``quality.py``'s targets 3, 6 and 4 (the same seeds; four of its ten TV
+prompts, or all ten with ``--all-tv-prompts``, then averaged per open attribute as ``quality.py`` does). "TV
+excess" is the open attribute's TV to the data's distribution minus a perfect sampler's at the same count
+(:func:`sdlearn.metrics.open_attribute_tv`). ``--weights DIR``: a folder with ``vae.*``, ``clip.*`` and
+``denoiser.*`` (as ``python -m sdlearn train all`` writes) instead of the shipped weights.
 """
 
 from __future__ import annotations
 
+import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,14 +37,30 @@ SETTINGS = (  # (sampler, guidance scale, guidance interval in timesteps)
 )
 
 
+def parse_setting(text: str) -> tuple[str, float, tuple[float, float]]:
+    try:
+        sampler, scale, low, high = text.split(",")
+        return sampler, float(scale), (float(low), float(high))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a setting is SAMPLER,SCALE,LOW,HIGH (e.g. dpm++,4,0,600), got {text!r}") from None
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("n", nargs="?", type=int, default=96, help="images per figure (default 96)")
+    parser.add_argument("settings", nargs="?", default=None, help="comma-separated indices into SETTINGS (default all)")
+    parser.add_argument("--setting", type=parse_setting, action="append", default=[], metavar="SAMPLER,W,LOW,HIGH")
+    parser.add_argument("--weights", default=None, help="a weights folder instead of the shipped weights")
+    parser.add_argument("--all-tv-prompts", action="store_true", help="quality.py's ten TV prompts, not four")
+    args = parser.parse_args()
     torch.set_num_threads(1)
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 96
-    chosen = [SETTINGS[int(i)] for i in sys.argv[2].split(",")] if len(sys.argv) > 2 else list(SETTINGS)
-    pipe, reader = load_pipeline(), default_scene_reader()
+    n = args.n
+    chosen = args.setting or ([SETTINGS[int(i)] for i in args.settings.split(",")] if args.settings else list(SETTINGS))
+    tv_prompts = quality.TV_PROMPTS if args.all_tv_prompts else TV_PROMPTS
+    pipe, reader = load_pipeline(args.weights), default_scene_reader()
     partial = quality.partial_prompts(n, 4244)
     two = quality.two_object_prompts(n, 4246, colour_and_shape=True)
-    print(f"{n} images per figure, 20 steps, 1 thread; torch {torch.__version__}")
+    print(f"{args.weights or 'shipped weights'}: {n} images per figure, 20 steps, 1 thread; torch {torch.__version__}")
     for sampler, scale, interval in chosen:
         start = time.time()
 
@@ -49,10 +71,14 @@ def main() -> None:
 
         a = prompt_accuracy(draw(partial, 4244), partial, reader)
         b = prompt_accuracy(draw(two, 4246), two, reader)
-        excess = []
-        for k, prompt in enumerate(TV_PROMPTS):
+        excess, per_attribute = [], {}
+        for k, prompt in enumerate(tv_prompts):
             r = open_attribute_tv(draw([prompt] * n, 4247 + 1000 * k), prompt, reader)
             excess.append(" ".join(f"{name}:{r.tv[name] - r.perfect_sampler[name]:+.2f}" for name in r.tv))
+            for name in r.tv:
+                per_attribute.setdefault(name, []).append(r.tv[name] - r.perfect_sampler[name])
+        if args.all_tv_prompts:  # averaged per open attribute, as quality.py's target 4
+            excess = [" ".join(f"{name}:{statistics.fmean(v):+.3f}" for name, v in per_attribute.items()) + " (mean)"]
         print(f"{sampler:6} w={scale} interval={interval}: partial {a.overall:.3f} (object count {a.object_count:.2f}) | "
               f"two c+s {b.overall:.3f} (object count {b.object_count:.2f}, swaps {b.binding_errors}) | "
               f"TV excess {' ; '.join(excess)} [{time.time() - start:.0f} s]", flush=True)
