@@ -31,7 +31,13 @@ from sdlearn.distill import (
 )
 from sdlearn.metrics import prompt_accuracy
 from sdlearn.pipeline import GUIDANCE_INTERVAL_END, LatentDiffusionPipeline
-from sdlearn.pretrained import load_denoiser, load_scene_reader, save_student
+from sdlearn.pretrained import (
+    load_denoiser,
+    load_scene_reader,
+    resolve_text_encoder,
+    resolve_vae,
+    save_student,
+)
 from sdlearn.recipes import (
     DENOISER_DATA_SEED,
     DENOISER_EVAL_SEED,
@@ -42,8 +48,6 @@ from sdlearn.recipes import (
     fit,
     generate_for_eval,
     latent_batch_fn,
-    resolve_text_encoder,
-    resolve_vae,
     training_record,
 )
 from sdlearn.schedules import NoiseSchedule

@@ -59,15 +59,13 @@ from sdlearn.data import split_words
 from sdlearn.denoiser import Denoiser, DenoiserConfig, denoiser_loss
 from sdlearn.images import ImageFolderDataset
 from sdlearn.pipeline import check_compatible
-from sdlearn.pretrained import load_pipeline, save_clip, save_denoiser
+from sdlearn.pretrained import load_pipeline, resolve_text_encoder, resolve_vae, save_clip, save_denoiser
 from sdlearn.recipes import (
     SHORT_RECIPE,
     command_line,
     default_budget,
     finish,
     fit,
-    resolve_text_encoder,
-    resolve_vae,
     step_generator,
     train_vae,
     training_record,

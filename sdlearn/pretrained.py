@@ -497,3 +497,43 @@ def load_pipeline(path: PathLike | None = None, device: str | torch.device = "cp
             warnings.warn(f"the ControlNet in {str(file)!r} was trained on another DiT than "
                           f"{str(weights_path(name, path))!r} (sha256 differs); it may not steer it well", stacklevel=2)
     return pipe
+
+
+# -- what a recipe was handed: the shipped weights, a path, or a model -----------------------------------
+def resolve_text_encoder(text_encoder, device):
+    """``"shipped"`` / a folder or file / a TextEncoder / None → ``(encoder or None, tokenizer or None, record)``."""
+    if text_encoder is None:
+        return None, None, None
+    if isinstance(text_encoder, TextEncoder):
+        tokenizer = Tokenizer(max_length=text_encoder.config.max_length)
+        if tokenizer.vocab_size != text_encoder.config.vocab_size:
+            raise ValueError(f"the text encoder has vocab_size {text_encoder.config.vocab_size}; the Shapes tokenizer has {tokenizer.vocab_size}")
+        record = {"source": "a TextEncoder object passed in (not saved)", "config": text_encoder.config.to_dict()}
+        return text_encoder.to(device).eval().requires_grad_(False), tokenizer, record
+    if isinstance(text_encoder, (str, os.PathLike)):
+        path = None if str(text_encoder) == "shipped" else text_encoder
+        st_path = weights_path("clip", path)
+        encoder = load_text_encoder(path, device=device).requires_grad_(False)
+        record = {
+            "source": "shipped: sdlearn/weights/clip.safetensors" if path is None else str(st_path),
+            "sha256": file_sha256(st_path),
+            "config": encoder.config.to_dict(),
+        }
+        return encoder, load_tokenizer(path), record
+    raise ValueError(
+        f"text_encoder must be 'shipped', a path to TinyCLIP weights, a TextEncoder, or None (unconditional); "
+        f"got {type(text_encoder).__name__}"
+    )
+
+
+def resolve_vae(vae, device):
+    """None (the shipped VAE) / a folder or file / a VAE → ``(vae, record)``, frozen, for a recipe that encodes with it."""
+    if vae is None or isinstance(vae, (str, os.PathLike)):
+        st_path = weights_path("vae", vae)
+        model = load_vae(vae, device=device)
+        source = "shipped: sdlearn/weights/vae.safetensors" if vae is None else str(st_path)
+        return model.requires_grad_(False), {"source": source, "sha256": file_sha256(st_path), "scaling_factor": model.scaling_factor}
+    if isinstance(vae, VAE):
+        record = {"source": "a VAE object passed in (not saved)", "scaling_factor": vae.scaling_factor}
+        return vae.to(device).eval().requires_grad_(False), record
+    raise ValueError(f"vae must be None (the shipped VAE), a path to VAE weights, or a VAE; got {type(vae).__name__}")

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from sdlearn.checkpoint import CheckpointError, atomic_write_bytes, file_sha256, weights_path
+from sdlearn.checkpoint import CheckpointError, atomic_write_bytes
 from sdlearn.checks import check_positive_int, check_probability
 from sdlearn.data import (
     ATTRIBUTE_VALUES,
@@ -68,9 +68,8 @@ from sdlearn.pretrained import (
     DENOISERS,
     load_pipeline,
     load_scene_reader,
-    load_text_encoder,
-    load_tokenizer,
-    load_vae,
+    resolve_text_encoder,
+    resolve_vae,
     save_classifier,
     save_clip,
     save_denoiser,
@@ -81,14 +80,13 @@ from sdlearn.pretrained import (
 )
 from sdlearn.schedules import (
     FLOW,
+    TIMESTEP_SAMPLINGS,
     NoiseSchedule,
     check_model_prediction_type,
-    flow_matched_timesteps,
-    logit_normal_sigmas,
+    training_timesteps,
 )
 from sdlearn.text import (
     CLIP_EVAL_SEED,
-    TextEncoder,
     TinyCLIP,
     TinyCLIPConfig,
     Tokenizer,
@@ -508,7 +506,6 @@ DENOISER_DATA_SEED = 40_000  # the endless stream of training images: ShapesData
 DENOISER_EVAL_SEED = 50_000  # evaluation prompts: captions of ShapesDataset(n, split, seed=50_000)
 LATENT_WINDOW = 16_384  # images whose latents are held in memory at a time
 LATENT_REFRESH = 16  # of them, replaced by fresh images at every step
-TIMESTEP_SAMPLINGS = ("uniform", "flow_matched", "logit_normal")  # how latent_batch_fn draws t
 
 
 class _LatentWindow:
@@ -595,18 +592,12 @@ def latent_batch_fn(
     ``open_fraction`` leave attributes open, so an image teaches every partial prompt true of it), replaced
     by the empty prompt "" (``<bos> <eos>``, the unconditional prompt of classifier-free guidance) with
     probability ``caption_dropout``. Images are scenes of ``num_objects`` (default: one or two, half each).
-    ``timesteps="logit_normal"`` draws float timesteps σT for a flow model instead, σ logit-normal
-    (:func:`sdlearn.schedules.logit_normal_sigmas`, SD3's choice). ``timesteps="flow_matched"`` draws integer
-    timesteps at the same noise levels for an ε-model and adds their loss ``weight`` ``[B]``
-    (:func:`sdlearn.schedules.flow_matched_timesteps`). ``shared_open``: the chance that two objects leave the
-    same attributes open (:func:`sdlearn.data.random_caption`).
+    ``timesteps``: "logit_normal" for a flow model, "flow_matched" (adds a loss ``weight`` ``[B]``), see
+    :func:`sdlearn.schedules.training_timesteps`. ``shared_open``: as :func:`sdlearn.data.random_caption`'s.
     ``captions`` lists the prompts used (the empty ones included). A pure function of ``(seed, step)``."""
-    if timesteps not in TIMESTEP_SAMPLINGS:
-        raise ValueError(f"timesteps must be 'uniform' or 'flow_matched' (diffusion) or 'logit_normal' (flow), "
-                         f"got {timesteps!r}")
+    training_timesteps(timesteps, schedule, 1, torch.Generator())  # a bad name: one line now, not at the first step
     latents = _LatentWindow(vae, window, refresh, split, DENOISER_DATA_SEED + seed, num_objects)
     scale = vae.scaling_factor
-    T = schedule.num_train_timesteps
 
     def batch_fn(step: int) -> dict[str, torch.Tensor]:
         generator = step_generator(seed, step)
@@ -617,12 +608,9 @@ def latent_batch_fn(
         # z ~ q(z | x), as Stable Diffusion samples it, then scaled to unit variance (Rombach et al. 2022, §4.3.2)
         x0 = (cache.mean[picks.to(device)] + cache.std[picks.to(device)] * eps) * scale  # [B, 4, 8, 8]
         batch = {"x0": x0, "noise": torch.randn(x0.shape, generator=generator).to(device)}
-        if timesteps == "uniform":
-            batch["t"] = torch.randint(T, (batch_size,), generator=generator)  # [B] integer t
-        elif timesteps == "flow_matched":
-            batch["t"], batch["weight"] = flow_matched_timesteps(schedule, batch_size, generator)  # [B], [B]
-        else:
-            batch["t"] = logit_normal_sigmas(batch_size, generator) * T  # [B]: σT for a flow
+        batch["t"], weight = training_timesteps(timesteps, schedule, batch_size, generator)  # [B]: t, or σT for a flow
+        if weight is not None:
+            batch["weight"] = weight  # [B]
         if text_encoder is not None:
             captions = _random_captions(cache.objects[picks], generator, open_fraction, shared_open)
             dropped = (torch.rand(batch_size, generator=generator) < caption_dropout).tolist()
@@ -636,44 +624,6 @@ def latent_batch_fn(
 
     batch_fn.window = latents
     return batch_fn
-
-
-def resolve_text_encoder(text_encoder, device):
-    """``"shipped"`` / a folder or file / a TextEncoder / None → ``(encoder or None, tokenizer or None, record)``."""
-    if text_encoder is None:
-        return None, None, None
-    if isinstance(text_encoder, TextEncoder):
-        tokenizer = Tokenizer(max_length=text_encoder.config.max_length)
-        if tokenizer.vocab_size != text_encoder.config.vocab_size:
-            raise ValueError(f"the text encoder has vocab_size {text_encoder.config.vocab_size}; the Shapes tokenizer has {tokenizer.vocab_size}")
-        record = {"source": "a TextEncoder object passed in (not saved)", "config": text_encoder.config.to_dict()}
-        return text_encoder.to(device).eval().requires_grad_(False), tokenizer, record
-    if isinstance(text_encoder, (str, os.PathLike)):
-        path = None if str(text_encoder) == "shipped" else text_encoder
-        st_path = weights_path("clip", path)
-        encoder = load_text_encoder(path, device=device).requires_grad_(False)
-        record = {
-            "source": "shipped: sdlearn/weights/clip.safetensors" if path is None else str(st_path),
-            "sha256": file_sha256(st_path),
-            "config": encoder.config.to_dict(),
-        }
-        return encoder, load_tokenizer(path), record
-    raise ValueError(
-        f"text_encoder must be 'shipped', a path to TinyCLIP weights, a TextEncoder, or None (unconditional); "
-        f"got {type(text_encoder).__name__}"
-    )
-
-
-def resolve_vae(vae, device):
-    if vae is None or isinstance(vae, (str, os.PathLike)):
-        st_path = weights_path("vae", vae)
-        model = load_vae(vae, device=device)
-        source = "shipped: sdlearn/weights/vae.safetensors" if vae is None else str(st_path)
-        return model.requires_grad_(False), {"source": source, "sha256": file_sha256(st_path), "scaling_factor": model.scaling_factor}
-    if isinstance(vae, VAE):
-        record = {"source": "a VAE object passed in (not saved)", "scaling_factor": vae.scaling_factor}
-        return vae.to(device).eval().requires_grad_(False), record
-    raise ValueError(f"vae must be None (the shipped VAE), a path to VAE weights, or a VAE; got {type(vae).__name__}")
 
 
 def train_denoiser(
@@ -728,12 +678,10 @@ def train_denoiser(
       tower (``text_encoder``: "shipped", a path to TinyCLIP weights, a ``TextEncoder``, or None to train
       unconditionally) → token embeddings + mask for the cross-attention. With probability
       ``caption_dropout`` the caption is the empty prompt "" (``<bos> <eos>``): the unconditional prompt that
-      classifier-free guidance uses at sampling time (Ho & Salimans 2022). ``shared_open``: the chance that
-      the two objects of a caption leave the same attributes open ("a red circle and a blue square").
+      classifier-free guidance uses at sampling time (Ho & Salimans 2022). ``shared_open``: see ``random_caption``.
     - **Loss** (:func:`denoiser_loss`): MSE to ``schedule.target(x0, noise, t, prediction_type)``, t uniform in
-      [0, T) (``timesteps="uniform"``, the default for diffusion; ``"flow_matched"``: the noise levels and loss
-      weights of a rectified-flow model, :func:`sdlearn.schedules.flow_matched_timesteps`; a flow model's is
-      ``"logit_normal"``); ε-prediction by default, "v_prediction" or "sample" selectable. Noise schedule ``schedule``
+      [0, T) (``timesteps``: :func:`sdlearn.schedules.training_timesteps`; "flow_matched" weights it as a
+      flow's loss); ε-prediction by default, "v_prediction" or "sample" selectable. Noise schedule ``schedule``
       (a :func:`sdlearn.schedules.make_betas` name; "scaled_linear" as SD).
     - **Optimiser**: AdamW (no weight decay, as DiT), ``lr`` with 200 warm-up steps then cosine decay over the
       budget, gradient clipping at 1; EMA of the weights with ``ema_decay``. Budget: ``minutes`` and/or
@@ -761,8 +709,7 @@ def train_denoiser(
     check_probability(caption_dropout, "caption_dropout")
     check_probability(open_fraction, "open_fraction")
     check_probability(shared_open, "shared_open")
-    if timesteps is None:
-        timesteps = "logit_normal" if prediction_type == FLOW else "uniform"
+    timesteps = timesteps or ("logit_normal" if prediction_type == FLOW else "uniform")
     if (timesteps == "logit_normal") != (prediction_type == FLOW) or timesteps not in TIMESTEP_SAMPLINGS:
         raise ValueError(f"timesteps must be 'logit_normal' for a flow model and 'uniform' or 'flow_matched' "
                          f"otherwise; got timesteps={timesteps!r} with prediction_type={prediction_type!r}")

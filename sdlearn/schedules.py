@@ -203,6 +203,22 @@ def flow_matched_timesteps(schedule, n: int, generator: torch.Generator | None =
     return t, weight.float()
 
 
+TIMESTEP_SAMPLINGS = ("uniform", "flow_matched", "logit_normal")
+
+
+def training_timesteps(kind: str, schedule, n: int, generator: torch.Generator | None = None):
+    """Training timesteps of ``kind`` → ``(t, weight)``, ``[n]`` each, weight None for unit weights: "uniform" integer t
+    in [0, T) (Ho et al. 2020), "flow_matched" (:func:`flow_matched_timesteps`), or "logit_normal" float σT for a
+    flow model (:func:`logit_normal_sigmas`)."""
+    if kind not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"timesteps must be 'uniform' or 'flow_matched' (diffusion) or 'logit_normal' (flow), got {kind!r}")
+    T = schedule.num_train_timesteps
+    if kind == "uniform":
+        return torch.randint(T, (n,), generator=generator), None
+    return flow_matched_timesteps(schedule, n, generator) if kind == "flow_matched" \
+        else (logit_normal_sigmas(n, generator) * T, None)
+
+
 # -- reading a model's output: ε, x₀ and v ------------------------------------------------------------
 def _coefficient(coef, like: torch.Tensor):
     """A noise-level coefficient ready to multiply ``like``. A number or a 0-dim tensor is a scalar and is used
