@@ -483,13 +483,14 @@ class Denoiser(nn.Module):
                 text_mask = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=x.device)
             text_mask = text_mask.bool()
             has_text = text_mask.any(dim=1)  # [B]; False: no real token, this sample is unconditional
+            all_text = bool(has_text.all())
             if self.text_pool is not None:  # c = MLP(emb(t)) + W·pool(text)
                 if pooled_text is None:
                     weights = text_mask.to(text_tokens.dtype)[..., None]  # [B, L, 1]
                     pooled_text = (text_tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, text_dim]
                 pooled = self.text_pool(pooled_text)  # [B, D]
-                c = c + (pooled if bool(has_text.all()) else pooled * has_text[:, None])
-            if not bool(has_text.all()):  # let all-padding rows attend to every key (softmax needs one), then gate them to zero
+                c = c + (pooled if all_text else pooled * has_text[:, None])
+            if not all_text:  # let all-padding rows attend to every key (softmax needs one), then gate them to zero
                 text_mask = text_mask | ~has_text[:, None]
                 text_present = has_text.to(x.dtype)[:, None, None]  # [B, 1, 1]
             if not bool(text_mask.all()):

@@ -83,6 +83,7 @@ from sdlearn.schedules import (
     TIMESTEP_SAMPLINGS,
     NoiseSchedule,
     check_model_prediction_type,
+    check_timestep_sampling,
     training_timesteps,
 )
 from sdlearn.text import (
@@ -595,7 +596,7 @@ def latent_batch_fn(
     ``timesteps``: "logit_normal" for a flow model, "flow_matched" (adds a loss ``weight`` ``[B]``), see
     :func:`sdlearn.schedules.training_timesteps`. ``shared_open``: as :func:`sdlearn.data.random_caption`'s.
     ``captions`` lists the prompts used (the empty ones included). A pure function of ``(seed, step)``."""
-    training_timesteps(timesteps, schedule, 1, torch.Generator())  # a bad name: one line now, not at the first step
+    check_timestep_sampling(timesteps)
     latents = _LatentWindow(vae, window, refresh, split, DENOISER_DATA_SEED + seed, num_objects)
     scale = vae.scaling_factor
 

@@ -206,12 +206,17 @@ def flow_matched_timesteps(schedule, n: int, generator: torch.Generator | None =
 TIMESTEP_SAMPLINGS = ("uniform", "flow_matched", "logit_normal")
 
 
+def check_timestep_sampling(kind: str) -> None:
+    """One line for a name that is not one of :data:`TIMESTEP_SAMPLINGS`."""
+    if kind not in TIMESTEP_SAMPLINGS:
+        raise ValueError(f"timesteps must be 'uniform' or 'flow_matched' (diffusion) or 'logit_normal' (flow), got {kind!r}")
+
+
 def training_timesteps(kind: str, schedule, n: int, generator: torch.Generator | None = None):
     """Training timesteps of ``kind`` → ``(t, weight)``, ``[n]`` each, weight None for unit weights: "uniform" integer t
     in [0, T) (Ho et al. 2020), "flow_matched" (:func:`flow_matched_timesteps`), or "logit_normal" float σT for a
     flow model (:func:`logit_normal_sigmas`)."""
-    if kind not in TIMESTEP_SAMPLINGS:
-        raise ValueError(f"timesteps must be 'uniform' or 'flow_matched' (diffusion) or 'logit_normal' (flow), got {kind!r}")
+    check_timestep_sampling(kind)
     T = schedule.num_train_timesteps
     if kind == "uniform":
         return torch.randint(T, (n,), generator=generator), None
