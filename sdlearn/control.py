@@ -224,7 +224,7 @@ class ControlNet(nn.Module):
         self.patch_embed = nn.Linear(C * p * p, D)
         self.register_buffer("pos_embed", sincos_2d_pos_embed(D, config.grid_size)[None], persistent=False)  # [1, N, D]
         self.timestep_embed = nn.Sequential(nn.Linear(dc.frequency_dim, D), nn.SiLU(), nn.Linear(D, D))
-        self.text_pool = nn.Linear(dc.text_dim, D)
+        self.text_pool = nn.Linear(dc.text_dim, D) if dc.pooled_text else None  # as the denoiser's config says
         self.blocks = nn.ModuleList(
             DiTBlock(D, dc.heads, dc.mlp_ratio, dc.text_dim, dc.cross_width) for _ in range(config.num_blocks)
         )
@@ -236,15 +236,17 @@ class ControlNet(nn.Module):
     def from_denoiser(cls, denoiser: Denoiser, num_blocks: int | None = None,
                       hint_channels: tuple[int, ...] | None = None) -> ControlNet:
         """A ControlNet for ``denoiser``, its copy initialised from the denoiser's weights: patch, timestep and
-        pooled-text embeddings and the first ``num_blocks`` blocks (None: ``depth // 2``). The denoiser is not
-        changed (the copy shares no tensor with it); the new layers start at zero."""
+        pooled-text embeddings (where the denoiser has them) and the first ``num_blocks`` blocks (None:
+        ``depth // 2``). The denoiser is not changed (the copy shares no tensor with it); the new layers start
+        at zero."""
         if not isinstance(denoiser, Denoiser):
             raise ValueError(f"from_denoiser needs the DiT (sdlearn.denoiser.Denoiser); got {type(denoiser).__name__}")
         config = ControlNetConfig(copy.deepcopy(denoiser.config), num_blocks, hint_channels=hint_channels)
         parameter = next(denoiser.parameters())
         controlnet = cls(config).to(device=parameter.device, dtype=parameter.dtype)
         for name in ("patch_embed", "timestep_embed", "text_pool"):
-            getattr(controlnet, name).load_state_dict(getattr(denoiser, name).state_dict())
+            if getattr(denoiser, name) is not None:  # text_pool is None where the DiT reads text by cross-attention alone
+                getattr(controlnet, name).load_state_dict(getattr(denoiser, name).state_dict())
         for copied, block in zip(controlnet.blocks, denoiser.blocks):
             copied.load_state_dict(block.state_dict())
         return controlnet
@@ -258,10 +260,11 @@ class ControlNet(nn.Module):
             if text_mask is None:
                 text_mask = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=text_tokens.device)
             has_text = text_mask.any(dim=1)  # [B]
-            if pooled_text is None:
-                weights = text_mask.to(text_tokens.dtype)[..., None]  # [B, L, 1]
-                pooled_text = (text_tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, text_dim]
-            c = c + self.text_pool(pooled_text) * has_text[:, None].to(dtype)
+            if self.text_pool is not None:
+                if pooled_text is None:
+                    weights = text_mask.to(text_tokens.dtype)[..., None]  # [B, L, 1]
+                    pooled_text = (text_tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, text_dim]
+                c = c + self.text_pool(pooled_text) * has_text[:, None].to(dtype)
             if not bool(has_text.all()):  # rows without text attend to every key, gated to zero
                 text_mask = text_mask | ~has_text[:, None]
                 text_present = has_text.to(dtype)[:, None, None]  # [B, 1, 1]
@@ -292,6 +295,9 @@ class ControlNet(nn.Module):
                 raise ValueError(f"text_tokens must be [B={B}, L ≥ 1, text_dim={dc.text_dim}]; got {_shape_of(text_tokens)}")
             if text_mask is not None:
                 check_mask(text_mask, text_tokens.shape[:2])
+            if pooled_text is not None and not dc.pooled_text:
+                raise ValueError("this ControlNet's denoiser reads the text by cross-attention alone (config "
+                                 "pooled_text=False); leave out pooled_text")
             if pooled_text is not None and (not isinstance(pooled_text, torch.Tensor)
                                             or tuple(pooled_text.shape) != (B, dc.text_dim)):
                 raise ValueError(f"pooled_text must be [B={B}, text_dim={dc.text_dim}]; got {_shape_of(pooled_text)}")

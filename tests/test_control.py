@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -213,6 +214,20 @@ def test_from_denoiser_copies_the_first_half_and_shares_nothing():
         ControlNet.from_denoiser(denoiser, num_blocks=5)
     with pytest.raises(ValueError, match="needs the DiT"):
         ControlNet.from_denoiser(torch.nn.Linear(2, 2))
+
+
+def test_from_denoiser_follows_a_denoiser_without_pooled_text():
+    denoiser = tiny_denoiser(config=replace(TINY_DENOISER, pooled_text=False))
+    controlnet = ControlNet.from_denoiser(denoiser)
+    assert controlnet.text_pool is None and not any(k.startswith("text_pool") for k in controlnet.state_dict())
+    x_t, t, tokens, mask = inputs()
+    edges = torch.zeros(3, 1, 32, 32)
+    with torch.no_grad():
+        residuals = controlnet(x_t, t, tokens, mask, edges)
+        assert torch.equal(denoiser(x_t, t, tokens, mask, block_residuals=residuals), denoiser(x_t, t, tokens, mask))
+    with pytest.raises(ValueError, match="cross-attention alone") as info:
+        controlnet(x_t, t, tokens, mask, edges, pooled_text=torch.zeros(3, TINY_DENOISER.text_dim))
+    assert "\n" not in str(info.value)
 
 
 def test_zero_initialisation_leaves_the_denoiser_unchanged():
