@@ -38,6 +38,7 @@ from sdlearn.denoiser import (
     DiTBlock,
     patchify,
     sincos_2d_pos_embed,
+    text_conditioning,
     timestep_embedding,
 )
 
@@ -255,21 +256,7 @@ class ControlNet(nn.Module):
         """SiLU(c) ``[B, D]`` as the DiT computes it (timestep MLP plus pooled text), and the cross-attention's
         ``(attn_mask, text_present)`` (see :meth:`sdlearn.denoiser.Denoiser.forward`)."""
         c = self.timestep_embed(timestep_embedding(t, self.config.denoiser.frequency_dim).to(dtype))  # [B, D]
-        attn_mask = text_present = None
-        if text_tokens is not None:
-            if text_mask is None:
-                text_mask = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=text_tokens.device)
-            has_text = text_mask.any(dim=1)  # [B]
-            if self.text_pool is not None:
-                if pooled_text is None:
-                    weights = text_mask.to(text_tokens.dtype)[..., None]  # [B, L, 1]
-                    pooled_text = (text_tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, text_dim]
-                c = c + self.text_pool(pooled_text) * has_text[:, None].to(dtype)
-            if not bool(has_text.all()):  # rows without text attend to every key, gated to zero
-                text_mask = text_mask | ~has_text[:, None]
-                text_present = has_text.to(dtype)[:, None, None]  # [B, 1, 1]
-            if not bool(text_mask.all()):
-                attn_mask = text_mask[:, None, None, :]  # [B, 1, 1, L]
+        c, attn_mask, text_present = text_conditioning(c, self.text_pool, text_tokens, text_mask, pooled_text, dtype)
         return F.silu(c), attn_mask, text_present
 
     def _check_inputs(self, x_t, t, text_tokens, text_mask, pooled_text, conditioning_scale):

@@ -338,6 +338,35 @@ class FinalLayer(nn.Module):
         return self.linear(modulate(_norm(x), shift, scale))  # [B, N, C·p·p]
 
 
+def text_conditioning(c: torch.Tensor, text_pool: nn.Module | None, text_tokens: torch.Tensor | None,
+                      text_mask: torch.Tensor | None, pooled_text: torch.Tensor | None, dtype: torch.dtype):
+    """How the text reaches a DiT's blocks → ``(c, attn_mask, text_present)``, shared by :class:`Denoiser` and
+    the ControlNet's copy. ``c`` ``[B, D]`` gains W·pool(text) where the model has a ``text_pool`` (the masked
+    mean of ``text_tokens`` unless ``pooled_text`` is given; zero for a row without a real token).
+    ``attn_mask`` ``[B, 1, 1, L]`` (None: every key is real) is cross-attention's key mask, and ``text_present``
+    ``[B, 1, 1]`` (None: every row has text) gates to zero the cross-attention of rows without text, which
+    attend to every key (softmax needs one)."""
+    if text_tokens is None:
+        return c, None, None
+    if text_mask is None:
+        text_mask = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=text_tokens.device)
+    text_mask = text_mask.bool()
+    has_text = text_mask.any(dim=1)  # [B]; False: no real token, this sample is unconditional
+    all_text = bool(has_text.all())
+    if text_pool is not None:  # c = MLP(emb(t)) + W·pool(text)
+        if pooled_text is None:
+            weights = text_mask.to(text_tokens.dtype)[..., None]  # [B, L, 1]
+            pooled_text = (text_tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, text_dim]
+        pooled = text_pool(pooled_text)  # [B, D]
+        c = c + (pooled if all_text else pooled * has_text[:, None])
+    text_present = None
+    if not all_text:
+        text_mask = text_mask | ~has_text[:, None]
+        text_present = has_text.to(dtype)[:, None, None]  # [B, 1, 1]
+    attn_mask = None if bool(text_mask.all()) else text_mask[:, None, None, :]  # [B, 1, 1, L], over heads and queries
+    return c, attn_mask, text_present
+
+
 class Denoiser(nn.Module):
     """DiT-style denoiser: ``denoiser(x_t, t, text_tokens=None, text_mask=None) -> prediction`` shaped like x_t.
 
@@ -477,25 +506,7 @@ class Denoiser(nn.Module):
         x = self.patch_embed(patchify(x_t, cfg.patch_size)) + self.pos_embed  # [B, N, D]
         c = self.timestep_embed(timestep_embedding(t, cfg.frequency_dim).to(x.dtype))  # [B, D]
 
-        attn_mask = text_present = None
-        if text_tokens is not None:
-            if text_mask is None:
-                text_mask = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=x.device)
-            text_mask = text_mask.bool()
-            has_text = text_mask.any(dim=1)  # [B]; False: no real token, this sample is unconditional
-            all_text = bool(has_text.all())
-            if self.text_pool is not None:  # c = MLP(emb(t)) + W·pool(text)
-                if pooled_text is None:
-                    weights = text_mask.to(text_tokens.dtype)[..., None]  # [B, L, 1]
-                    pooled_text = (text_tokens * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, text_dim]
-                pooled = self.text_pool(pooled_text)  # [B, D]
-                c = c + (pooled if all_text else pooled * has_text[:, None])
-            if not all_text:  # let all-padding rows attend to every key (softmax needs one), then gate them to zero
-                text_mask = text_mask | ~has_text[:, None]
-                text_present = has_text.to(x.dtype)[:, None, None]  # [B, 1, 1]
-            if not bool(text_mask.all()):
-                attn_mask = text_mask[:, None, None, :]  # [B, 1, 1, L], broadcast over heads and queries
-
+        c, attn_mask, text_present = text_conditioning(c, self.text_pool, text_tokens, text_mask, pooled_text, x.dtype)
         c = F.silu(c)  # every adaLN Linear reads SiLU(c)
         residuals = () if block_residuals is None else block_residuals
         for i, block in enumerate(self.blocks):
