@@ -149,6 +149,8 @@ class ControlNetConfig(ConfigMixin):
             self.denoiser = DenoiserConfig.from_dict(self.denoiser)
         if not isinstance(self.denoiser, DenoiserConfig):
             raise ValueError(f"ControlNetConfig.denoiser must be a DenoiserConfig, got {type(self.denoiser).__name__}")
+        if self.denoiser.joint_attention:
+            raise ValueError("the ControlNet copies a DiT with cross-attention; this one has joint_attention=True")
         if self.num_blocks is None:
             self.num_blocks = max(1, self.denoiser.depth // 2)
         self.check_positive_ints("num_blocks", "image_size")
@@ -226,9 +228,7 @@ class ControlNet(nn.Module):
         self.register_buffer("pos_embed", sincos_2d_pos_embed(D, config.grid_size)[None], persistent=False)  # [1, N, D]
         self.timestep_embed = nn.Sequential(nn.Linear(dc.frequency_dim, D), nn.SiLU(), nn.Linear(D, D))
         self.text_pool = nn.Linear(dc.text_dim, D) if dc.pooled_text else None  # as the denoiser's config says
-        self.blocks = nn.ModuleList(
-            DiTBlock(D, dc.heads, dc.mlp_ratio, dc.text_dim, dc.cross_width) for _ in range(config.num_blocks)
-        )
+        self.blocks = nn.ModuleList(DiTBlock.for_config(dc) for _ in range(config.num_blocks))
         # What is new: the condition's encoder and the zero-initialised outputs, one per copied block.
         self.hint_encoder = HintEncoder(config.hint_channels, D)
         self.outputs = nn.ModuleList(_zero(nn.Linear(D, D)) for _ in range(config.num_blocks))

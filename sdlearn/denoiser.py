@@ -91,6 +91,8 @@ class DenoiserConfig(ConfigMixin):
     prediction_type: str = "epsilon"  # what the network predicts: ε, v, or x₀; or "flow", the velocity ε − x₀
     frequency_dim: int = 256  # size of the sinusoidal timestep embedding (DiT uses 256)
     pooled_text: bool = True  # add W·pool(text) to c; False: the text reaches the blocks by cross-attention alone
+    mlp_conv: bool = False  # Mix-FFN: a depthwise 3 × 3 convolution over the token grid inside each block's MLP
+    joint_attention: bool = False  # the text tokens join the self-attention (and are updated) instead of cross-attention
 
     size_limits = {"depth": MAX_CONFIG_DEPTH, "num_train_timesteps": 100_000}
 
@@ -100,8 +102,12 @@ class DenoiserConfig(ConfigMixin):
                                  "num_train_timesteps", "frequency_dim")
         for ratio in ("mlp_ratio", "cross_attn_ratio"):
             self.check_ratio(ratio)
-        if not isinstance(self.pooled_text, bool):
-            raise ValueError(f"pooled_text must be True or False, got {self.pooled_text!r}")
+        for flag in ("pooled_text", "mlp_conv", "joint_attention"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
+        if self.mlp_conv and self.joint_attention:
+            raise ValueError("mlp_conv and joint_attention cannot be combined: the convolution needs a sequence of "
+                             "image tokens alone")
         if self.latent_size % self.patch_size:
             raise ValueError(
                 f"latent_size ({self.latent_size}) must be divisible by patch_size ({self.patch_size})"
@@ -297,23 +303,60 @@ class MLP(nn.Sequential):
         super().__init__(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
 
 
-class DiTBlock(nn.Module):
-    """Self-attention → cross-attention → MLP, each pre-normed by adaLN and gated (adaLN-Zero, DiT §3.2)."""
+class ConvMLP(nn.Module):
+    """Mix-FFN (SegFormer, Xie et al. 2021): Linear → depthwise 3 × 3 convolution over the ``grid × grid`` tokens →
+    GELU → Linear. The convolution lets each token's MLP see its neighbours, the locality a U-Net's ResBlocks have."""
 
-    def __init__(self, width: int, heads: int, mlp_ratio: float, text_dim: int, cross_width: int | None = None):
+    def __init__(self, width: int, hidden: int, grid: int):
+        super().__init__()
+        self.grid = grid
+        self.fc1 = nn.Linear(width, hidden)
+        self.conv = nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden)
+        self.fc2 = nn.Linear(hidden, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        h = self.fc1(x).transpose(1, 2).reshape(B, -1, self.grid, self.grid)  # [B, hidden, g, g]
+        h = self.conv(h).flatten(2).transpose(1, 2)  # [B, N, hidden]
+        return self.fc2(F.gelu(h, approximate="tanh"))  # [B, N, D]
+
+
+class DiTBlock(nn.Module):
+    """Self-attention → cross-attention → MLP, each pre-normed by adaLN and gated (adaLN-Zero, DiT §3.2).
+
+    ``grid`` (the token grid's side) makes the MLP a :class:`ConvMLP`; ``cross_width=0`` leaves cross-attention
+    out (a joint-attention block: the text tokens are in ``x``, and ``self_attn`` reads them)."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, text_dim: int, cross_width: int | None = None,
+                 grid: int | None = None):
         super().__init__()
         self.self_attn = SelfAttention(width, heads)
-        self.cross_attn = CrossAttention(width, text_dim, heads, cross_width)
-        self.mlp = MLP(width, int(width * mlp_ratio))
-        # One Linear regresses all nine (shift, scale, gate) vectors from SiLU(c); zero-initialised.
-        self.modulation = nn.Linear(width, 9 * width)
+        self.cross_attn = None if cross_width == 0 else CrossAttention(width, text_dim, heads, cross_width)
+        hidden = int(width * mlp_ratio)
+        self.mlp = MLP(width, hidden) if grid is None else ConvMLP(width, hidden, grid)
+        # One Linear regresses all nine (shift, scale, gate) vectors from SiLU(c) (six without cross-attention);
+        # zero-initialised.
+        self.modulation = nn.Linear(width, (6 if self.cross_attn is None else 9) * width)
+
+    @classmethod
+    def for_config(cls, config: DenoiserConfig) -> DiTBlock:
+        """A block as ``config`` describes it (the DiT's and the ControlNet's copy)."""
+        grid = config.latent_size // config.patch_size if config.mlp_conv else None
+        cross_width = 0 if config.joint_attention else config.cross_width
+        return cls(config.width, config.heads, config.mlp_ratio, config.text_dim, cross_width, grid)
 
     def forward(self, x, c, text=None, text_mask=None, text_present=None):
         """``x`` ``[B, N, D]``; ``c`` = SiLU(conditioning) ``[B, D]``; ``text`` ``[B, L, text_dim]`` or None.
 
         ``text_mask`` bool ``[B, 1, 1, L]`` or None; ``text_present`` ``[B, 1, 1]`` (0 for samples without
-        any real text token, whose cross-attention is switched off) or None.
+        any real text token, whose cross-attention is switched off) or None. A block without cross-attention
+        reads ``text_mask`` as the self-attention's key mask ``[B, 1, 1, N]`` and ignores ``text``.
         """
+        if self.cross_attn is None:
+            shift_sa, scale_sa, gate_sa, shift_mlp, scale_mlp, gate_mlp = \
+                self.modulation(c).unsqueeze(1).chunk(6, dim=-1)  # 6 × [B, 1, D]
+            x = torch.addcmul(x, gate_sa, self.self_attn(modulate(_norm(x), shift_sa, scale_sa), text_mask))
+            return torch.addcmul(x, gate_mlp, self.mlp(modulate(_norm(x), shift_mlp, scale_mlp)))
         (shift_sa, scale_sa, gate_sa, shift_ca, scale_ca, gate_ca,
          shift_mlp, scale_mlp, gate_mlp) = self.modulation(c).unsqueeze(1).chunk(9, dim=-1)  # 9 × [B, 1, D]
         x = torch.addcmul(x, gate_sa, self.self_attn(modulate(_norm(x), shift_sa, scale_sa)))  # x + gate·F(...)
@@ -386,10 +429,9 @@ class Denoiser(nn.Module):
         self.timestep_embed = nn.Sequential(nn.Linear(config.frequency_dim, D), nn.SiLU(), nn.Linear(D, D))
         # pooled text → added to the timestep embedding (None: cross-attention alone reads the text)
         self.text_pool = nn.Linear(config.text_dim, D) if config.pooled_text else None
-        self.blocks = nn.ModuleList(
-            DiTBlock(D, config.heads, config.mlp_ratio, config.text_dim, config.cross_width)
-            for _ in range(config.depth)
-        )
+        # joint attention: the text tokens, projected to the token width, run through the blocks beside the image's
+        self.text_embed = nn.Linear(config.text_dim, D) if config.joint_attention else None
+        self.blocks = nn.ModuleList(DiTBlock.for_config(config) for _ in range(config.depth))
         self.final_layer = FinalLayer(D, patch_dim)
         self.reset_parameters()
 
@@ -508,12 +550,20 @@ class Denoiser(nn.Module):
 
         c, attn_mask, text_present = text_conditioning(c, self.text_pool, text_tokens, text_mask, pooled_text, x.dtype)
         c = F.silu(c)  # every adaLN Linear reads SiLU(c)
+        N = x.shape[1]
+        if self.text_embed is not None and text_tokens is not None:  # joint attention over [image; text] tokens
+            x = torch.cat([x, self.text_embed(text_tokens.to(x.dtype))], dim=1)  # [B, N + L, D]
+            text_keys = torch.ones(text_tokens.shape[:2], dtype=torch.bool, device=x.device) if text_mask is None \
+                else text_mask.bool()  # a row without text attends to the image tokens alone
+            attn_mask = F.pad(text_keys, (N, 0), value=True)[:, None, None, :]  # [B, 1, 1, N + L]
+            text_tokens = None
         residuals = () if block_residuals is None else block_residuals
         for i, block in enumerate(self.blocks):
             x = block(x, c, text_tokens, attn_mask, text_present)
-            if i < len(residuals):
-                x = x + residuals[i].to(x.dtype)  # [B, N, D]: the ControlNet's say after block i
-        x = self.final_layer(x, c)  # [B, N, C·p·p]
+            if i < len(residuals):  # the ControlNet's say after block i, on the image tokens
+                r = residuals[i].to(x.dtype)  # [B, N, D]
+                x = x + (r if x.shape[1] == N else F.pad(r, (0, 0, 0, x.shape[1] - N)))  # [B, N (+ L), D]
+        x = self.final_layer(x[:, :N], c)  # [B, N, C·p·p]
         return unpatchify(x, cfg.patch_size, cfg.latent_channels, cfg.latent_size)  # [B, C, S, S]
 
 
@@ -551,7 +601,7 @@ def parameter_table(model: Denoiser) -> dict[str, int]:
     """Parameters per part, summed over the blocks; the values add up to ``count_parameters(model)``.
 
     Keys: ``patch_embed``, ``timestep_embed``, ``text_pool``, ``blocks.self_attn``, ``blocks.cross_attn``,
-    ``blocks.mlp``, ``blocks.modulation`` (adaLN), ``final_layer``.
+    ``blocks.mlp``, ``blocks.modulation`` (adaLN), ``final_layer``, and ``text_embed`` with joint attention.
     """
     table: dict[str, int] = {}
     for name, p in model.named_parameters():

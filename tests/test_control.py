@@ -230,6 +230,20 @@ def test_from_denoiser_follows_a_denoiser_without_pooled_text():
     assert "\n" not in str(info.value)
 
 
+def test_from_denoiser_copies_conv_mlp_blocks_and_refuses_joint_attention():
+    denoiser = tiny_denoiser(config=replace(TINY_DENOISER, mlp_conv=True))
+    controlnet = ControlNet.from_denoiser(denoiser)
+    for copied, block in zip(controlnet.blocks, denoiser.blocks):
+        assert all(torch.equal(a, b) for a, b in zip(copied.state_dict().values(), block.state_dict().values()))
+    x_t, t, tokens, mask = inputs()
+    with torch.no_grad():
+        residuals = controlnet(x_t, t, tokens, mask, torch.zeros(3, 1, 32, 32))
+        assert torch.equal(denoiser(x_t, t, tokens, mask, block_residuals=residuals), denoiser(x_t, t, tokens, mask))
+    with pytest.raises(ValueError, match="joint_attention=True") as info:
+        ControlNet.from_denoiser(tiny_denoiser(config=replace(TINY_DENOISER, joint_attention=True)))
+    assert "\n" not in str(info.value)
+
+
 def test_zero_initialisation_leaves_the_denoiser_unchanged():
     denoiser = tiny_denoiser()
     controlnet = ControlNet.from_denoiser(denoiser)

@@ -219,6 +219,54 @@ def test_without_pooled_text_cross_attention_alone_reads_the_text():
     assert DenoiserConfig.from_dict(saved).pooled_text is True
 
 
+@pytest.mark.parametrize("option", ["mlp_conv", "joint_attention"])
+def test_mlp_conv_and_joint_attention_read_text_as_the_default_does(option):
+    model = perturbed(tiny(**{option: True}))
+    x, t, tokens, mask = inputs()
+    out = model(x, t, tokens, mask)
+    changed_padding = tokens.clone()
+    changed_padding[~mask] = 100 * torch.randn(int((~mask).sum()), tokens.shape[-1])
+    torch.testing.assert_close(model(x, t, changed_padding, mask), out, atol=1e-5, rtol=0)
+    for i in range(x.shape[0]):  # padding equals the shorter sequence
+        n = int(mask[i].sum())
+        torch.testing.assert_close(out[i : i + 1], model(x[i : i + 1], t[i : i + 1], tokens[i : i + 1, :n]),
+                                   atol=1e-5, rtol=1e-5)
+    uncond = model(x, t)
+    assert not torch.allclose(uncond, out)  # the text matters
+    mask[0] = False  # a row without a real token is unconditional
+    torch.testing.assert_close(model(x, t, tokens, mask)[0], uncond[0], atol=1e-5, rtol=0)
+    saved = model.config.to_dict()
+    assert DenoiserConfig.from_dict(json.loads(json.dumps(saved))) == model.config
+    residuals = [torch.randn(3, 16, 32) for _ in range(2)]  # a ControlNet's residuals reach the image tokens
+    assert not torch.allclose(model(x, t, tokens, block_residuals=residuals), model(x, t, tokens))
+
+
+def test_conv_mlp_is_linear_depthwise_conv_gelu_linear():
+    model = perturbed(tiny(mlp_conv=True))
+    mlp = model.blocks[0].mlp
+    tokens = torch.randn(2, 16, 32)  # [B, N, D]: a 4 × 4 grid
+    h = tokens @ mlp.fc1.weight.T + mlp.fc1.bias  # [B, 16, hidden]
+    grid = h.transpose(1, 2).reshape(2, -1, 4, 4)  # [B, hidden, 4, 4]
+    h = F.conv2d(grid, mlp.conv.weight, mlp.conv.bias, padding=1, groups=grid.shape[1]).flatten(2).transpose(1, 2)
+    expected = F.gelu(h, approximate="tanh") @ mlp.fc2.weight.T + mlp.fc2.bias
+    torch.testing.assert_close(mlp(tokens), expected)
+    assert mlp.conv.weight.shape == (32, 1, 3, 3)  # depthwise: one 3 × 3 filter per hidden channel
+
+
+def test_joint_attention_runs_the_text_through_the_blocks():
+    model = tiny(joint_attention=True)
+    assert all(block.cross_attn is None for block in model.blocks) and model.text_embed is not None
+    assert model.blocks[0].modulation.out_features == 6 * 32  # no cross-attention: six adaLN vectors, not nine
+    x, t, tokens, mask = inputs()
+    with capture_attention(model) as maps:
+        model(x, t, tokens, mask)
+    assert maps["blocks.0.self_attn"][0].shape == (3, 2, 16 + 6, 16 + 6)  # queries and keys: 16 image + 6 text tokens
+    for flag in ("mlp_conv", "joint_attention"):  # configs written before the options load without them
+        saved = DenoiserConfig().to_dict()
+        del saved[flag]
+        assert getattr(DenoiserConfig.from_dict(saved), flag) is False
+
+
 def test_timesteps_scalar_broadcast_and_fractional():
     model = perturbed(tiny())
     x, _, tokens, mask = inputs()
@@ -266,6 +314,8 @@ def test_config_written_before_cross_attn_ratio_loads_with_full_width_cross_atte
         (dict(heads=True), r"DenoiserConfig\.heads must be a positive integer, got True"),
         (dict(width=64, heads=4, cross_attn_ratio=0.1), "multiple of heads"),
         (dict(cross_attn_ratio=0), "multiple of heads"),
+        (dict(mlp_conv="yes"), "mlp_conv must be True or False"),
+        (dict(mlp_conv=True, joint_attention=True), "cannot be combined"),
     ],
 )
 def test_bad_config(kwargs, match):
