@@ -77,6 +77,17 @@ def parse_setting(text: str) -> tuple[str, float, tuple[float, float]]:
         raise argparse.ArgumentTypeError(f"a setting is SAMPLER,SCALE,LOW,HIGH (e.g. dpm++,4,0,600), got {text!r}") from None
 
 
+def parse_cads(text: str) -> tuple[float, float, float]:
+    try:
+        tau1, tau2, noise_scale = (float(v) for v in text.split(","))
+        if 0 <= tau1 < tau2 <= 1 and noise_scale > 0:
+            return tau1, tau2, noise_scale
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"CADS is TAU1,TAU2,S with 0 <= TAU1 < TAU2 <= 1 and S > 0 (e.g. 0.6,0.9,0.25); "
+                                     f"got {text!r}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("n", nargs="?", type=int, default=96, help="images per figure (default 96)")
@@ -84,7 +95,7 @@ def main() -> None:
     parser.add_argument("--setting", type=parse_setting, action="append", default=[], metavar="SAMPLER,W,LOW,HIGH")
     parser.add_argument("--weights", default=None, help="a weights folder instead of the shipped weights")
     parser.add_argument("--all-tv-prompts", action="store_true", help="quality.py's ten TV prompts, not four")
-    parser.add_argument("--cads", default=None, metavar="TAU1,TAU2,S",
+    parser.add_argument("--cads", type=parse_cads, default=None, metavar="TAU1,TAU2,S",
                         help="condition annealing (CADS): noisy prompt tokens above TAU1*T, pure noise above TAU2*T")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -93,18 +104,12 @@ def main() -> None:
     tv_prompts = quality.TV_PROMPTS if args.all_tv_prompts else TV_PROMPTS
     pipe, reader = load_pipeline(args.weights), default_scene_reader()
     if args.cads:
-        try:
-            tau1, tau2, noise_scale = (float(v) for v in args.cads.split(","))
-            if not 0 <= tau1 < tau2 <= 1 or noise_scale <= 0:
-                raise ValueError
-        except ValueError:
-            parser.error(f"--cads is TAU1,TAU2,S with 0 <= TAU1 < TAU2 <= 1 and S > 0 (e.g. 0.6,0.9,0.25); got {args.cads!r}")
         empty_length = int(pipe.encode_prompt([""])[1].sum())
-        pipe.denoiser = ConditionAnnealing(pipe.denoiser, empty_length, tau1, tau2, noise_scale)
+        pipe.denoiser = ConditionAnnealing(pipe.denoiser, empty_length, *args.cads)
     partial = quality.partial_prompts(n, 4244)
     two = quality.two_object_prompts(n, 4246, colour_and_shape=True)
     print(f"{args.weights or 'shipped weights'}: {n} images per figure, 20 steps, 1 thread; torch {torch.__version__}"
-          + (f"; CADS tau1,tau2,s = {args.cads}" if args.cads else ""))
+          + (f"; CADS tau1,tau2,s = {','.join(map(str, args.cads))}" if args.cads else ""))
     for sampler, scale, interval in chosen:
         start = time.time()
 
