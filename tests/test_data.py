@@ -596,6 +596,27 @@ def test_random_caption_shared_open_leaves_the_same_attributes_open_in_both_obje
     assert one == data.random_caption(scene[:1], random.Random(3))[0]
 
 
+def test_random_caption_binding_fraction_names_only_colour_and_shape_of_two_objects():
+    rng = random.Random(4)
+    binding = 0
+    for _ in range(400):
+        scene = random_scene(rng)
+        caption, named = data.random_caption(scene, rng, open_fraction=0, binding_fraction=0.5)
+        assert true_of(named, scene) and parse_caption(caption) == {"objects": named}
+        binding += all(set(o) == {"color", "shape"} for o in named)  # open_fraction=0 names all four otherwise
+    assert 0.42 < binding / 400 < 0.58
+    _, named = data.random_caption(random_scene(rng), rng, open_fraction=0, binding_fraction=1)
+    assert [set(o) for o in named] == [{"color", "shape"}] * 2
+    scene = random_scene(rng)
+    for open_fraction in (0, 0.5, 1):  # binding_fraction=0 draws the same numbers as before the option existed
+        old, new = random.Random(9), random.Random(9)
+        assert data.random_caption(scene, old, open_fraction) == data.random_caption(scene, new, open_fraction,
+                                                                                     binding_fraction=0)
+        assert old.random() == new.random()
+    one, named = data.random_caption(scene[:1], random.Random(3), open_fraction=0, binding_fraction=1)
+    assert len(named[0]) == 4 and one == data.random_caption(scene[:1], random.Random(3), open_fraction=0)[0]
+
+
 def test_max_caption_words_is_the_longest_caption():
     one = max(len(split_words(c)) for a in ALL_ATTRIBUTES[:10] for c in caption_variants(a))
     phrase = max(len(split_words(data._fill("red", *c))) for c in itertools.product(*data._phrase_choices(ALL_ATTRIBUTES[0])))
