@@ -597,7 +597,8 @@ def latent_batch_fn(
     probability ``caption_dropout``. Images are scenes of ``num_objects`` (default: one or two, half each).
     ``timesteps``: "logit_normal" for a flow model, "flow_matched" (adds a loss ``weight`` ``[B]``), see
     :func:`sdlearn.schedules.training_timesteps`. ``shared_open``, ``binding_fraction``: as
-    :func:`sdlearn.data.random_caption`'s. ``captions`` lists the prompts used (the empty ones included). A pure function of ``(seed, step)``."""
+    :func:`sdlearn.data.random_caption`'s. ``captions`` lists the prompts used (the empty ones included). A pure
+    function of ``(seed, step)``."""
     check_timestep_sampling(timesteps)
     latents = _LatentWindow(vae, window, refresh, split, DENOISER_DATA_SEED + seed, num_objects)
     scale = vae.scaling_factor
@@ -773,9 +774,8 @@ def train_denoiser(
 
     training = training_record(
         result, run_config, ("batch_size", "lr", "ema_decay", "caption_dropout", "open_fraction", "seed",
-                             *(k for k in ("shared_open", "timesteps", "binding_fraction") if k in run_config)), device,
-        steps,
-        minutes, precision=precision,
+                             *(k for k in ("shared_open", "timesteps", "binding_fraction") if k in run_config)),
+        device, steps, minutes, precision=precision,
         images_seen=result.step * batch_size,
         losses=[float(f"{loss:.4g}") for loss in result.losses],  # per step, for notebook 05's curve
         weights=f"EMA (decay {ema_decay}), stored as float16",

@@ -66,17 +66,10 @@ class Explorer:
         self.settle()
 
     def settle(self) -> None:
-        """Wait until the kernel has been idle twice in a row, 0.3 s apart. A slider sends its value while the
-        kernel is busy only once the kernel goes idle (ipywidgets buffers it), while a button's click goes at once,
-        so a click right after a drag can reach the kernel before the drag's last value."""
-        idle_js = "() => window.__sdlearnPanel.sessionContext.session.kernel.status === 'idle'"
-        def idle_twice() -> bool:
-            if not self.page.evaluate(idle_js):
-                return False
-            self.page.wait_for_timeout(300)
-            return self.page.evaluate(idle_js)
-
-        self.notebook.wait_until(idle_twice, "the kernel to go idle after moving a slider")
+        """Wait until the kernel is idle. A slider sends its value while the kernel is busy only once the kernel
+        goes idle (ipywidgets buffers it), while a button's click goes at once, so a click right after a drag can
+        reach the kernel before the drag's last value."""
+        self.notebook.wait_until_idle("the kernel to go idle after moving a slider")
 
     def enter(self, part: str, text: str) -> None:
         """Type into a text box and press Enter (a number box sends its value on Enter)."""

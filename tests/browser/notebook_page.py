@@ -167,6 +167,16 @@ class NotebookPage:
         if errors:
             raise KernelError("the kernel reported an error:\n" + "\n\n".join(errors))
 
+    def wait_until_idle(self, what: str, gap_ms: int = 300) -> None:
+        """Wait until no cell runs and the kernel is idle at two looks ``gap_ms`` apart."""
+        def idle_twice() -> bool:
+            if not self.page.evaluate(_ALL_DONE_JS):
+                return False
+            self.page.wait_for_timeout(gap_ms)
+            return self.page.evaluate(_ALL_DONE_JS)
+
+        self.wait_until(idle_twice, what)
+
     def wait_until(self, condition, what: str, timeout_s: float = WAIT_S):
         """Poll ``condition()`` until it returns something truthy (returned), failing fast on a kernel error."""
         deadline = time.monotonic() + timeout_s
