@@ -562,12 +562,14 @@ class _LatentWindow:
 
 
 def _random_captions(objects: torch.Tensor, generator: torch.Generator, open_fraction: float,
-                     shared_open: float = 0.0, binding_fraction: float = 0.0) -> list[str]:
+                     shared_open: float = 0.0, binding_fraction: float = 0.0,
+                     color_shape_fraction: float = 0.0) -> list[str]:
     """A random caption (:func:`sdlearn.data.random_caption`) for each scene of object indices ``[B, 2, 4]``."""
     scenes = [[{k: ATTRIBUTE_VALUES[k][i] for k, i in zip(ATTRIBUTES, obj)} for obj in row if obj[0] >= 0]
               for row in objects.tolist()]
     return [random_caption(scene, generator, open_fraction, shared_open=shared_open,
-                           binding_fraction=binding_fraction)[0] for scene in scenes]
+                           binding_fraction=binding_fraction, color_shape_fraction=color_shape_fraction)[0]
+            for scene in scenes]
 
 
 def latent_batch_fn(
@@ -587,6 +589,7 @@ def latent_batch_fn(
     timesteps: str = "uniform",
     shared_open: float = 0.0,
     binding_fraction: float = 0.0,
+    color_shape_fraction: float = 0.0,
 ) -> Callable[[int], dict[str, torch.Tensor]]:
     """``batch_fn(step)`` for the denoiser: a dict of the clean latent ``x0`` ``[B, 4, 8, 8]`` (a posterior sample,
     times the VAE's scaling factor), the ``noise`` ``[B, 4, 8, 8]`` and timesteps ``t`` ``[B]`` (uniform in
@@ -596,7 +599,7 @@ def latent_batch_fn(
     by the empty prompt "" (``<bos> <eos>``, the unconditional prompt of classifier-free guidance) with
     probability ``caption_dropout``. Images are scenes of ``num_objects`` (default: one or two, half each).
     ``timesteps``: "logit_normal" for a flow model, "flow_matched" (adds a loss ``weight`` ``[B]``), see
-    :func:`sdlearn.schedules.training_timesteps`. ``shared_open``, ``binding_fraction``: as
+    :func:`sdlearn.schedules.training_timesteps`. ``shared_open``, ``binding_fraction``, ``color_shape_fraction``: as
     :func:`sdlearn.data.random_caption`'s. ``captions`` lists the prompts used (the empty ones included). A pure
     function of ``(seed, step)``."""
     check_timestep_sampling(timesteps)
@@ -616,7 +619,8 @@ def latent_batch_fn(
         if weight is not None:
             batch["weight"] = weight  # [B]
         if text_encoder is not None:
-            captions = _random_captions(cache.objects[picks], generator, open_fraction, shared_open, binding_fraction)
+            captions = _random_captions(cache.objects[picks], generator, open_fraction, shared_open, binding_fraction,
+                                        color_shape_fraction)
             dropped = (torch.rand(batch_size, generator=generator) < caption_dropout).tolist()
             captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]
             ids, mask = tokenizer(captions)  # [B, 21] each
@@ -648,6 +652,7 @@ def train_denoiser(
     open_fraction: float = 0.5,
     shared_open: float = 0.0,
     binding_fraction: float = 0.0,
+    color_shape_fraction: float = 0.0,
     timesteps: str | None = None,
     seed: int = 0,
     config=None,
@@ -684,7 +689,7 @@ def train_denoiser(
       unconditionally) → token embeddings + mask for the cross-attention. With probability
       ``caption_dropout`` the caption is the empty prompt "" (``<bos> <eos>``): the unconditional prompt that
       classifier-free guidance uses at sampling time (Ho & Salimans 2022). ``shared_open``,
-      ``binding_fraction``: see ``random_caption``.
+      ``binding_fraction``, ``color_shape_fraction``: see ``random_caption``.
     - **Loss** (:func:`denoiser_loss`): MSE to ``schedule.target(x0, noise, t, prediction_type)``, t uniform in
       [0, T) (``timesteps``: :func:`sdlearn.schedules.training_timesteps`; "flow_matched" weights it as a
       flow's loss); ε-prediction by default, "v_prediction" or "sample" selectable. Noise schedule ``schedule``
@@ -716,6 +721,7 @@ def train_denoiser(
     check_probability(open_fraction, "open_fraction")
     check_probability(shared_open, "shared_open")
     check_probability(binding_fraction, "binding_fraction")
+    check_probability(color_shape_fraction, "color_shape_fraction")
     timesteps = timesteps or ("logit_normal" if prediction_type == FLOW else "uniform")
     if (timesteps == "logit_normal") != (prediction_type == FLOW) or timesteps not in TIMESTEP_SAMPLINGS:
         raise ValueError(f"timesteps must be 'logit_normal' for a flow model and 'uniform' or 'flow_matched' "
@@ -750,7 +756,7 @@ def train_denoiser(
     batch_fn = latent_batch_fn(vae, noise_schedule, batch_size, seed, text_encoder=text_encoder, tokenizer=tokenizer,
                                 caption_dropout=caption_dropout, open_fraction=open_fraction, window=latent_window,
                                 refresh=latent_refresh, timesteps=timesteps, shared_open=shared_open,
-                                binding_fraction=binding_fraction)
+                                binding_fraction=binding_fraction, color_shape_fraction=color_shape_fraction)
     torch.manual_seed(seed)
     model = model_cls(config).to(device)
     run_config = {
@@ -762,8 +768,8 @@ def train_denoiser(
     }
     if shared_open or timesteps == "flow_matched":  # recorded only when used, so older runs still resume
         run_config.update(shared_open=shared_open, timesteps=timesteps)
-    if binding_fraction:
-        run_config.update(binding_fraction=binding_fraction)
+    run_config.update({k: v for k, v in (("binding_fraction", binding_fraction),
+                                         ("color_shape_fraction", color_shape_fraction)) if v})
     result = fit(stem, model, lambda model, batch, step: denoiser_loss(model, batch, noise_schedule), batch_fn,
                  run_config, out_dir=out_dir, minutes=minutes, steps=steps, seed=seed, resume=resume,
                  progress=progress, lr=lr, warmup_steps=200, lr_schedule="cosine", grad_clip=1.0, ema_decay=ema_decay,
@@ -774,7 +780,7 @@ def train_denoiser(
 
     training = training_record(
         result, run_config, ("batch_size", "lr", "ema_decay", "caption_dropout", "open_fraction", "seed",
-                             *(k for k in ("shared_open", "timesteps", "binding_fraction") if k in run_config)),
+                             *(k for k in ("shared_open", "timesteps", "binding_fraction", "color_shape_fraction") if k in run_config)),
         device, steps, minutes, precision=precision,
         images_seen=result.step * batch_size,
         losses=[float(f"{loss:.4g}") for loss in result.losses],  # per step, for notebook 05's curve

@@ -242,10 +242,13 @@ def test_flow_matched_batches_carry_flow_noise_levels_and_weights(vae, text_enco
         tiny_run(tmp_path / "bad", 1, vae, text_encoder, shared_open=1.5)
     with pytest.raises(ValueError, match="binding_fraction"):
         tiny_run(tmp_path / "bad", 1, vae, text_encoder, binding_fraction=-0.1)
+    with pytest.raises(ValueError, match="color_shape_fraction"):
+        tiny_run(tmp_path / "bad", 1, vae, text_encoder, color_shape_fraction=2)
     _, result = tiny_run(tmp_path / "run", 3, vae, text_encoder, timesteps="flow_matched", shared_open=0.5,
-                         binding_fraction=0.25)
+                         binding_fraction=0.25, color_shape_fraction=0.5)
     saved = load_checkpoint(tmp_path / "run" / "denoiser.safetensors")[1]["training"]
     assert saved["timesteps"] == "flow_matched" and saved["shared_open"] == 0.5 and saved["binding_fraction"] == 0.25
+    assert saved["color_shape_fraction"] == 0.5
 
 
 def test_train_denoiser_returns_ema_weights_and_writes_loadable_files(tmp_path, vae, text_encoder):
