@@ -372,7 +372,7 @@ def random_caption(objects: Sequence[dict], rng, open_fraction: float = 0.5, dro
     nothing else ("a red circle and a blue square"): the prompts where only the words, not the positions,
     say which colour goes with which shape. ``binding_fraction=0`` draws no extra random number.
     With probability ``color_shape_fraction`` a one-object caption names its colour and shape alone ("a red
-    circle"), the same words without "and": they teach that such a prompt means one object, which the two-object
+    circle"), the same words without "and": meant to teach that such a prompt means one object, which the two-object
     form, a prefix away under a causal text tower, would otherwise outnumber. ``color_shape_fraction=0`` draws no
     extra random number.
     """
@@ -382,10 +382,9 @@ def random_caption(objects: Sequence[dict], rng, open_fraction: float = 0.5, dro
         objects.reverse()
     if len(objects) == 2 and shared_open > 0 and uniforms_from(rng, 1)[0] < shared_open:
         u[10:14] = u[2:6]  # the second object's open/named draws are the first's
-    if len(objects) == 2 and binding_fraction > 0 and uniforms_from(rng, 1)[0] < binding_fraction:
+    color_and_shape = binding_fraction if len(objects) == 2 else color_shape_fraction
+    if color_and_shape > 0 and uniforms_from(rng, 1)[0] < color_and_shape:
         named = [{"color": o["color"], "shape": o["shape"]} for o in objects]
-    elif len(objects) == 1 and color_shape_fraction > 0 and uniforms_from(rng, 1)[0] < color_shape_fraction:
-        named = [{"color": objects[0]["color"], "shape": objects[0]["shape"]}]
     elif u[0] >= open_fraction:
         named = objects
     else:

@@ -770,6 +770,7 @@ def train_denoiser(
         run_config.update(shared_open=shared_open, timesteps=timesteps)
     run_config.update({k: v for k, v in (("binding_fraction", binding_fraction),
                                          ("color_shape_fraction", color_shape_fraction)) if v})
+    recorded_if_used = ("shared_open", "timesteps", "binding_fraction", "color_shape_fraction")
     result = fit(stem, model, lambda model, batch, step: denoiser_loss(model, batch, noise_schedule), batch_fn,
                  run_config, out_dir=out_dir, minutes=minutes, steps=steps, seed=seed, resume=resume,
                  progress=progress, lr=lr, warmup_steps=200, lr_schedule="cosine", grad_clip=1.0, ema_decay=ema_decay,
@@ -780,7 +781,7 @@ def train_denoiser(
 
     training = training_record(
         result, run_config, ("batch_size", "lr", "ema_decay", "caption_dropout", "open_fraction", "seed",
-                             *(k for k in ("shared_open", "timesteps", "binding_fraction", "color_shape_fraction") if k in run_config)),
+                             *(k for k in recorded_if_used if k in run_config)),
         device, steps, minutes, precision=precision,
         images_seen=result.step * batch_size,
         losses=[float(f"{loss:.4g}") for loss in result.losses],  # per step, for notebook 05's curve
