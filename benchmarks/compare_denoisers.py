@@ -11,7 +11,7 @@ so they share the VAE, the text tower and the sampling defaults. One table, a Di
 - **training cost**: the FLOPs of one training step's forward + backward pass of the denoiser (torch's
   ``FlopCounterMode``: matrix products, convolutions and attention) on one real recipe batch (``--batch``, default the
   recipe's 128: VAE latents of Shapes scenes, fresh captions through the frozen text tower, as
-  :func:`sdlearn.recipes.latent_batch_fn` draws them, the same batch for both), divided by the batch size; times
+  :func:`sdlearn.denoiser_data.latent_batch_fn` draws them, the same batch for both), divided by the batch size; times
   the images each model saw in training, the compute its training spent; and training steps/s here (forward,
   backward, gradient clipping and AdamW on that batch, median of a few steps after a warm-up; the text tower and
   the VAE, frozen and shared, are left out);

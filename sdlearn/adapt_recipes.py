@@ -67,10 +67,9 @@ from sdlearn.recipes import (  # the "training" record every shipped file carrie
     default_budget,
     finish,
     fit,
-    step_generator,
     training_record,
 )
-from sdlearn.training import TrainResult, resolve_device, train
+from sdlearn.training import TrainResult, resolve_device, step_generator, train
 
 DEFAULT_LR = {"ti": 5e-3, "lora": 1e-3, "dreambooth": 1e-4}
 """The learning rate of each part a method trains: the new word's row, the LoRA matrices, the whole denoiser."""

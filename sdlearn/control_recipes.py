@@ -52,8 +52,8 @@ from sdlearn.data import (
 )
 from sdlearn.pipeline import LatentDiffusionPipeline
 from sdlearn.pretrained import load_controlnet, load_pipeline, save_controlnet  # noqa: F401 (re-exported)
-from sdlearn.recipes import default_budget, finish, fit, step_generator, training_record
-from sdlearn.training import TrainResult, resolve_device
+from sdlearn.recipes import default_budget, finish, fit, training_record
+from sdlearn.training import TrainResult, resolve_device, step_generator
 
 CONTROL_EVAL_SEED = 60_000  # the evaluation's objects and noise: control_batch(n, Generator().manual_seed(60_000))
 CONTROL_DATA_SEED = 70_000  # added to the seed of the training stream, so it never draws the evaluation's objects

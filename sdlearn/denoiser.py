@@ -620,7 +620,7 @@ def denoiser_loss(model: Denoiser, batch: Mapping[str, Any], schedule) -> tuple[
     (Ho et al. 2020, eq. 14, "L_simple"), where the target is ε, v = √ᾱ_t ε − √(1 − ᾱ_t) x₀ (Salimans & Ho
     2022) or x₀, as ``model.config.prediction_type`` says → ``(loss, logs)`` like every ``*_loss`` of the
     package (the logs are empty: the loss is all there is to report). ``batch``: ``x0``, ``noise`` and ``t``,
-    and optionally the text's ``tokens`` and ``mask`` (:func:`sdlearn.recipes.latent_batch_fn` makes it).
+    and optionally the text's ``tokens`` and ``mask`` (:func:`sdlearn.denoiser_data.latent_batch_fn` makes it).
 
     A flow model (``prediction_type`` "flow") learns rectified flow instead (Liu et al. 2023; Esser et al. 2024):
     L = E ‖(ε − x₀) − v_θ(x_σ, σT, text)‖², x_σ = (1 − σ) x₀ + σ ε, with ``batch["t"]`` = σT (float timesteps,

@@ -22,6 +22,7 @@ from torch import nn
 from sdlearn.checkpoint import CheckpointError, file_sha256, weights_path
 from sdlearn.checks import check_positive_int
 from sdlearn.data import ShapesDataset
+from sdlearn.denoiser_data import DENOISER_DATA_SEED, LATENT_REFRESH, LATENT_WINDOW, latent_batch_fn
 from sdlearn.distill import (
     DISTILLED_STEPS,
     ConsistencySampler,
@@ -39,15 +40,11 @@ from sdlearn.pretrained import (
     save_student,
 )
 from sdlearn.recipes import (
-    DENOISER_DATA_SEED,
     DENOISER_EVAL_SEED,
-    LATENT_REFRESH,
-    LATENT_WINDOW,
     default_budget,
     finish,
     fit,
     generate_for_eval,
-    latent_batch_fn,
     training_record,
 )
 from sdlearn.schedules import NoiseSchedule
@@ -136,7 +133,7 @@ def train_distill(
     consistency student → ``(student, result)``; the recipe behind ``python -m sdlearn train distill``. The returned
     student holds the EMA weights (eval mode).
 
-    - **Data**: exactly the teacher's (:func:`sdlearn.recipes.latent_batch_fn`): fresh Shapes scenes of one or two
+    - **Data**: exactly the teacher's (:func:`sdlearn.denoiser_data.latent_batch_fn`): fresh Shapes scenes of one or two
       objects from ``split="train"``, encoded by the frozen VAE (a posterior sample times the scaling factor, through
       the same latent window), a fresh random caption per image (``open_fraction`` leave attributes open) read by the
       frozen text tower; no caption dropout (the student never draws unconditionally: guidance is distilled in).

@@ -32,7 +32,7 @@ Decisions, written down:
   negatives.
 - **The denoiser's latents**: every image is encoded once (posterior mean and standard deviation, ``[N, 4, 8,
   8]`` each: 2 KB an image), and each step draws z ~ q(z | x) from them, times the scaling factor, as
-  :func:`sdlearn.recipes.latent_batch_fn` does for Shapes; the caption is replaced by the empty prompt with
+  :func:`sdlearn.denoiser_data.latent_batch_fn` does for Shapes; the caption is replaced by the empty prompt with
   probability ``caption_dropout`` (classifier-free guidance, Ho & Salimans 2022).
 - **Budget**: ``train_all_on_folder``'s ``minutes`` (default 30) is split by :data:`FOLDER_SPLIT`, VAE 10%,
   text tower 10%, denoiser 80%; ``steps`` caps each stage. Each stage resumes from its checkpoint in ``out_dir``.
@@ -66,13 +66,12 @@ from sdlearn.recipes import (
     default_budget,
     finish,
     fit,
-    step_generator,
     train_vae,
     training_record,
 )
 from sdlearn.schedules import NoiseSchedule, check_prediction_type
 from sdlearn.text import TextEncoderConfig, TinyCLIP, TinyCLIPConfig, Tokenizer, clip_loss
-from sdlearn.training import TrainResult, init_distributed, is_main_process, resolve_device
+from sdlearn.training import TrainResult, init_distributed, is_main_process, resolve_device, step_generator
 
 CAPTIONS_FILE = "captions.jsonl"
 FOLDER_IMAGE_SIZE = 32  # the course's scale: every model keeps its Shapes architecture

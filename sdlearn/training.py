@@ -223,6 +223,13 @@ def rank_seed(seed: int) -> int:
     return seed + distributed_rank() * RANK_SEED_STRIDE
 
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator a recipe's ``batch_fn`` draws step ``step`` from: a pure function of ``(seed, step)`` (and,
+    under torchrun, of the rank: :func:`rank_seed`, so that each rank draws its own data), so that a resumed run
+    repeats an uninterrupted one exactly."""
+    return torch.Generator().manual_seed(rank_seed(seed * 1_000_003 + step))
+
+
 def _all_ranks(values: list[float], device: torch.device, op) -> list[float]:
     """``values`` reduced over the ranks with ``op`` (a ``dist.ReduceOp``); unchanged in a single process."""
     if distributed_world_size() == 1:

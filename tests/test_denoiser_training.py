@@ -60,6 +60,13 @@ def tiny_run(out_dir, steps, vae, text_encoder=None, **kwargs):
 # -- the batches ------------------------------------------------------------------------------------------------
 
 
+def test_the_denoisers_data_is_one_function_wherever_it_is_imported_from():
+    from sdlearn import denoiser_data, distill_recipes
+
+    # notebooks 05, 10 and 11 import it from recipes; train_denoiser and the student's recipe use the same one
+    assert recipes.latent_batch_fn is denoiser_data.latent_batch_fn is distill_recipes.latent_batch_fn
+
+
 def test_batches_are_scaled_latents_with_matching_captions(vae, text_encoder):
     batch_fn = latent_batch_fn(vae, SCHEDULE, 64, seed=0, text_encoder=text_encoder, tokenizer=Tokenizer(),
                                 caption_dropout=0.0, window=128, refresh=8)

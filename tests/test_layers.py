@@ -35,7 +35,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                            "sdlearn.samplers", "sdlearn.flow", "sdlearn.adapt", "sdlearn.control", "sdlearn.distill"]),
     ("the generic loop", ["sdlearn.training"]),
     ("assembly", ["sdlearn.pipeline", "sdlearn.pretrained", "sdlearn.stable_diffusion"]),
-    ("recipes", ["sdlearn.recipes", "sdlearn.own_data", "sdlearn.adapt_recipes", "sdlearn.control_recipes",
+    ("recipes", ["sdlearn.denoiser_data", "sdlearn.recipes", "sdlearn.own_data", "sdlearn.adapt_recipes", "sdlearn.control_recipes",
                  "sdlearn.distill_recipes"]),
     ("interfaces", ["sdlearn.plotting", "sdlearn.widgets", "sdlearn.exercises", "sdlearn.exercises.*", "sdlearn.__main__",
                     "sdlearn"]),
@@ -53,7 +53,9 @@ WITHIN_LAYER: dict[str, str | set[tuple[str, str]]] = {
                           ("sdlearn.distill", "sdlearn.samplers")},  # its sampler has the samplers' interface
     "the generic loop": set(),
     "assembly": {("sdlearn.pretrained", "sdlearn.pipeline")},  # load_pipeline builds a pipeline
-    "recipes": {("sdlearn.own_data", "sdlearn.recipes"),  # your own images, on the recipes' skeleton
+    "recipes": {("sdlearn.recipes", "sdlearn.denoiser_data"),  # the denoiser's recipe on its data
+                ("sdlearn.distill_recipes", "sdlearn.denoiser_data"),  # the student learns on the teacher's data
+                ("sdlearn.own_data", "sdlearn.recipes"),  # your own images, on the recipes' skeleton
                 ("sdlearn.adapt_recipes", "sdlearn.recipes"),  # the adapter's training record, as every recipe's
                 ("sdlearn.control_recipes", "sdlearn.recipes"),  # the ControlNet's, on the same skeleton
                 ("sdlearn.distill_recipes", "sdlearn.recipes")},  # the student's: the teacher's latents and record
