@@ -24,7 +24,7 @@ match 400M image–caption pairs, then frozen. The course does the same at Shape
 Two Shapes-specific decisions, written down:
 
 - **False negatives.** Shapes has only 320 attribute combinations (256 in the train split), so a batch
-  of 128 holds ≈ 27 images whose attributes repeat another's, and a partial caption ("red") is true of
+  of 128 holds ≈ 27 images whose attributes repeat another's, and a partial caption ("a red shape") is true of
   many images: plain CLIP would push apart pairs that truly match. :func:`soft_contrastive_loss` spreads each row's target uniformly over *every* caption in
   the batch that is true of the image (and each column's over every image the caption is true of).
   With one positive per row it is exactly :func:`contrastive_loss`.
@@ -67,13 +67,10 @@ from sdlearn.data import (
     JOIN_WORD,
     MAX_CAPTION_WORDS,
     MAX_OBJECTS,
-    SHAPE_WORDS,
-    SIZE_WORDS,
     VOCABULARY,
     ShapesDataset,
     caption_for,
     object_phrase,
-    place_phrases,
     random_caption,
     sample_batch,
     split_words,
@@ -513,41 +510,7 @@ class TinyCLIP(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Captions that name only some attributes, and zero-shot classification
-
-
-def _pick(options: Sequence[str], generator: torch.Generator | None) -> str:
-    if generator is None:
-        return options[0]
-    return options[int(torch.randint(len(options), (1,), generator=generator))]
-
-
-def partial_caption(attributes: dict[str, str], generator: torch.Generator | None = None) -> str:
-    """A prompt naming exactly the attributes given (any non-empty subset of color, shape, size, position).
-
-    Grammar: ``[a] [size] [color] [shape] [in|at the place]``, the article only before a shape noun:
-    "red", "a circle", "small", "in the top left", "a small red circle", "red at the upper left corner".
-    Without ``generator`` the canonical words are used; with one, synonyms ("disc", "big", "upper left
-    corner", …) are drawn from it.
-    """
-    unknown = set(attributes) - set(ATTRIBUTES)
-    if not attributes or unknown:
-        raise ValueError(f"attributes must name some of {', '.join(ATTRIBUTES)}; got {sorted(attributes)}")
-    for k, v in attributes.items():
-        if v not in ATTRIBUTE_VALUES[k]:
-            raise ValueError(f"unknown {k} {v!r}; expected one of: {', '.join(ATTRIBUTE_VALUES[k])}")
-    words = []
-    if "shape" in attributes:
-        words.append("a")
-    if "size" in attributes:
-        words.append(_pick(SIZE_WORDS[attributes["size"]], generator))
-    if "color" in attributes:
-        words.append(attributes["color"])
-    if "shape" in attributes:
-        words.append(_pick(SHAPE_WORDS[attributes["shape"]], generator))
-    if "position" in attributes:
-        words += [_pick(("in", "at"), generator), "the", _pick(place_phrases(attributes["position"]), generator)]
-    return " ".join(words)
+# Zero-shot classification
 
 
 def zero_shot_prompts(attribute: str) -> dict[str, str]:
