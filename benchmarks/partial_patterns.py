@@ -52,9 +52,7 @@ def main() -> None:
     pipe, judge = load_pipeline(args.weights), default_scene_reader()
     seed = args.seed + 2
     prompts = quality.partial_prompts(args.n, seed)
-    images = torch.cat([pipe(prompts[i:i + quality.CHUNK], num_inference_steps=quality.STEPS, seed=seed + i,
-                             progress=False, **options).cpu() for i in range(0, len(prompts), quality.CHUNK)])
-    result = prompt_accuracy(images, prompts, judge)
+    result = prompt_accuracy(quality.generate(pipe, prompts, seed, **options), prompts, judge)
     print(f"{args.weights or 'shipped weights'}, {options or 'the pipeline defaults'}: {result}")
 
     by_pattern: dict[str, list[int]] = defaultdict(list)
@@ -77,7 +75,8 @@ def main() -> None:
                 if read[0].get(k) != v:
                     causes[f"{k} {v}->{read[0].get(k)}" if k != "position" else k] += 1
         cause_text = ", ".join(f"{c} ×{m}" for c, m in causes.most_common(6))
-        print(f"{pattern:28} {len(ids):4d} {100 * right / len(ids):6.1f}% [{100 * low:5.1f}, {100 * high:5.1f}]   {cause_text}")
+        print(f"{pattern:28} {len(ids):4d} {100 * right / len(ids):6.1f}% [{100 * low:5.1f}, {100 * high:5.1f}]"
+              f"   {cause_text}")
 
 
 if __name__ == "__main__":

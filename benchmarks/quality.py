@@ -113,10 +113,11 @@ def peak_rss_mb() -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
-def generate(pipe, prompts: list[str], seed: int) -> torch.Tensor:
-    """Images ``[N, 3, 32, 32]`` for ``prompts``, ``CHUNK`` at a time, the pipeline's defaults and ``STEPS`` steps."""
-    return torch.cat([pipe(prompts[i : i + CHUNK], num_inference_steps=STEPS, seed=seed + i, progress=False).cpu()
-                      for i in range(0, len(prompts), CHUNK)])
+def generate(pipe, prompts: list[str], seed: int, **options) -> torch.Tensor:
+    """Images ``[N, 3, 32, 32]`` for ``prompts``, ``CHUNK`` at a time, ``STEPS`` steps and the pipeline's defaults
+    (``options``, e.g. ``guidance_scale``, override them)."""
+    return torch.cat([pipe(prompts[i : i + CHUNK], num_inference_steps=STEPS, seed=seed + i, progress=False,
+                           **options).cpu() for i in range(0, len(prompts), CHUNK)])
 
 
 def accuracy_line(result) -> str:

@@ -5,10 +5,9 @@ included) and never another module's ``_private`` names. Within a layer: in the 
 a module may import those listed before it; among the models only ``text`` imports ``denoiser`` (its attention
 block), ``flow`` imports ``samplers`` (their interface), ``adapt`` imports ``text`` (a new word), ``control``
 imports ``denoiser`` (the blocks it copies) and ``distill`` imports ``denoiser`` and ``samplers`` (the student and
-its sampler); in the assembly only ``pretrained`` imports ``pipeline``; among the recipes ``recipes`` and ``distill_recipes``
-import ``denoiser_data``, and only ``own_data``, ``adapt_recipes``, ``control_recipes`` and ``distill_recipes``
-import ``recipes``. ``tests/test_layers.py``
-enforces the rule.
+its sampler); in the assembly only ``pretrained`` imports ``pipeline``; among the recipes ``recipes`` and
+``distill_recipes`` import ``denoiser_data``, and only ``own_data``, ``adapt_recipes``, ``control_recipes`` and
+``distill_recipes`` import ``recipes``. ``tests/test_layers.py`` enforces the rule.
 
 ====================  ===========================================================================
 layer                 modules
@@ -38,7 +37,8 @@ assembly              ``pipeline`` (text→image, img2img, inpainting), ``pretra
                       (SD v1.5's sizes and block map; a local diffusers SD folder run by
                       sdlearn's U-Net, samplers and guidance)
 recipes               ``denoiser_data`` (the denoiser's training batches: VAE latents of
-                      Shapes scenes, a fresh random caption at every use), ``recipes`` (``train_vae``, ``train_clip``, ``train_classifier``,
+                      Shapes scenes, a fresh random caption at every use), ``recipes``
+                      (``train_vae``, ``train_clip``, ``train_classifier``,
                       ``train_scene_reader``, ``train_denoiser``, ``train_all`` on one
                       skeleton), ``own_data`` (your own captioned images: the captions'
                       vocabulary, ``train_all_on_folder``; imports ``recipes``),

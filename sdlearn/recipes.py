@@ -6,8 +6,8 @@ autocast over float32 weights, for CUDA; see :func:`sdlearn.training.train`):
 
 1. **budget and device**: ``minutes`` and/or ``steps`` (neither: the shipped recipe's budget), and
    :func:`sdlearn.training.resolve_device`;
-2. **data**: a ``batch_fn(step)`` whose randomness comes from :func:`sdlearn.training.step_generator` ``(seed, step)``, so that a
-   resumed run repeats an uninterrupted one exactly;
+2. **data**: a ``batch_fn(step)`` whose randomness comes from :func:`sdlearn.training.step_generator`
+   ``(seed, step)``, so that a resumed run repeats an uninterrupted one exactly;
 3. **training**: :func:`fit` (the generic loop :func:`sdlearn.training.train` with checkpoints in
    ``out_dir/NAME_checkpoint.*``), then an evaluation, then :func:`finish`: the ``"training"`` record
    (:func:`training_record`), the weights saved by ``sdlearn.pretrained.save_NAME`` into ``out_dir``, and
@@ -541,8 +541,8 @@ def train_denoiser(
 
     - **Data**: fresh Shapes scenes of one or two objects (half each) from ``split="train"`` (the four held-out
       colour–shape pairs are never seen, in any object),
-      encoded by the frozen VAE (``vae``: None = the shipped one). Encoding is cached: :class:`~sdlearn.denoiser_data.LatentWindow`
-      keeps the latents of ``latent_window`` = 16,384 images and swaps ``latent_refresh`` = 16 fresh ones in
+      encoded by the frozen VAE (``vae``: None = the shipped one). Encoding is cached:
+      :class:`~sdlearn.denoiser_data.LatentWindow` keeps the latents of ``latent_window`` = 16,384 images and swaps ``latent_refresh`` = 16 fresh ones in
       per step, so the data never runs out while only 1/8 of a batch is encoded per step. Encoding on the fly would cost a noticeable part of
       each step; the window costs about a hundredth of it, plus a start of a few seconds (encoding the first
       16,384 images). ``python benchmarks/data.py`` times rendering; the figures measured when the window was
