@@ -352,8 +352,7 @@ def parse_caption(text: str) -> dict:
 
 
 def random_caption(objects: Sequence[dict], rng, open_fraction: float = 0.5, drop: float = 0.5,
-                   shared_open: float = 0.0, binding_fraction: float = 0.0,
-                   color_shape_fraction: float = 0.0) -> tuple[str, list[dict]]:
+                   shared_open: float = 0.0, binding_fraction: float = 0.0) -> tuple[str, list[dict]]:
     """A random caption true of a scene's ``objects`` (one or two full attribute dicts), for training →
     ``(caption, named)``, ``named`` the attribute dicts the caption states, in its order.
 
@@ -371,10 +370,6 @@ def random_caption(objects: Sequence[dict], rng, open_fraction: float = 0.5, dro
     With probability ``binding_fraction`` a two-object caption names each object's colour and shape and
     nothing else ("a red circle and a blue square"): the prompts where only the words, not the positions,
     say which colour goes with which shape. ``binding_fraction=0`` draws no extra random number.
-    With probability ``color_shape_fraction`` a one-object caption names its colour and shape alone ("a red
-    circle"), the same words without "and": meant to teach that such a prompt means one object, which the two-object
-    form, a prefix away under a causal text tower, would otherwise outnumber. ``color_shape_fraction=0`` draws no
-    extra random number.
     """
     objects = [dict(o) for o in check_scene_objects(objects)]  # not an empty, three-object or impossible scene
     u = uniforms_from(rng, 2 + 8 * len(objects))
@@ -382,8 +377,7 @@ def random_caption(objects: Sequence[dict], rng, open_fraction: float = 0.5, dro
         objects.reverse()
     if len(objects) == 2 and shared_open > 0 and uniforms_from(rng, 1)[0] < shared_open:
         u[10:14] = u[2:6]  # the second object's open/named draws are the first's
-    color_and_shape = binding_fraction if len(objects) == 2 else color_shape_fraction
-    if color_and_shape > 0 and uniforms_from(rng, 1)[0] < color_and_shape:
+    if len(objects) == 2 and binding_fraction > 0 and uniforms_from(rng, 1)[0] < binding_fraction:
         named = [{"color": o["color"], "shape": o["shape"]} for o in objects]
     elif u[0] >= open_fraction:
         named = objects

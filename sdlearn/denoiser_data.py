@@ -76,14 +76,12 @@ class LatentWindow:
 
 
 def random_captions(objects: torch.Tensor, generator: torch.Generator, open_fraction: float,
-                     shared_open: float = 0.0, binding_fraction: float = 0.0,
-                     color_shape_fraction: float = 0.0) -> list[str]:
+                     shared_open: float = 0.0, binding_fraction: float = 0.0) -> list[str]:
     """A random caption (:func:`sdlearn.data.random_caption`) for each scene of object indices ``[B, 2, 4]``."""
     scenes = [[{k: ATTRIBUTE_VALUES[k][i] for k, i in zip(ATTRIBUTES, obj)} for obj in row if obj[0] >= 0]
               for row in objects.tolist()]
     return [random_caption(scene, generator, open_fraction, shared_open=shared_open,
-                           binding_fraction=binding_fraction, color_shape_fraction=color_shape_fraction)[0]
-            for scene in scenes]
+                           binding_fraction=binding_fraction)[0] for scene in scenes]
 
 
 def latent_batch_fn(
@@ -103,7 +101,6 @@ def latent_batch_fn(
     timesteps: str = "uniform",
     shared_open: float = 0.0,
     binding_fraction: float = 0.0,
-    color_shape_fraction: float = 0.0,
 ) -> Callable[[int], dict[str, torch.Tensor]]:
     """``batch_fn(step)`` for the denoiser: a dict of the clean latent ``x0`` ``[B, 4, 8, 8]`` (a posterior sample,
     times the VAE's scaling factor), the ``noise`` ``[B, 4, 8, 8]`` and timesteps ``t`` ``[B]`` (uniform in
@@ -113,8 +110,7 @@ def latent_batch_fn(
     by the empty prompt "" (``<bos> <eos>``, the unconditional prompt of classifier-free guidance) with
     probability ``caption_dropout``. Images are scenes of ``num_objects`` (default: one or two, half each).
     ``timesteps``: "logit_normal" for a flow model, "flow_matched" (adds a loss ``weight`` ``[B]``), see
-    :func:`sdlearn.schedules.training_timesteps`. ``shared_open``, ``binding_fraction``, ``color_shape_fraction``: as
-    :func:`sdlearn.data.random_caption`'s. ``captions`` lists the prompts used (the empty ones included). A pure
+    :func:`sdlearn.schedules.training_timesteps`. ``shared_open``, ``binding_fraction``: as :func:`sdlearn.data.random_caption`'s. ``captions`` lists the prompts used (the empty ones included). A pure
     function of ``(seed, step)``."""
     check_timestep_sampling(timesteps)
     latents = LatentWindow(vae, window, refresh, split, DENOISER_DATA_SEED + seed, num_objects)
@@ -133,8 +129,7 @@ def latent_batch_fn(
         if weight is not None:
             batch["weight"] = weight  # [B]
         if text_encoder is not None:
-            captions = random_captions(cache.objects[picks], generator, open_fraction, shared_open, binding_fraction,
-                                        color_shape_fraction)
+            captions = random_captions(cache.objects[picks], generator, open_fraction, shared_open, binding_fraction)
             dropped = (torch.rand(batch_size, generator=generator) < caption_dropout).tolist()
             captions = ["" if drop else caption for caption, drop in zip(captions, dropped)]
             ids, mask = tokenizer(captions)  # [B, 21] each

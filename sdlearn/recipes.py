@@ -498,6 +498,12 @@ def train_scene_reader(
 # The denoiser's training recipe: `python -m sdlearn train denoiser`
 
 DENOISER_EVAL_SEED = 50_000  # evaluation prompts: captions of ShapesDataset(n, split, seed=50_000)
+DIT_CAPTIONS = {"open_fraction": 0.75, "shared_open": 1.0, "binding_fraction": 0.5}
+"""What :func:`train_denoiser`'s caption options default to for the DiT: the shipped DiT's recipe (issue 13). Three
+captions in four leave attributes open, two open objects always leave the same ones open, and half the two-object
+captions name colour and shape alone, the prompts where only the words say which colour goes with which shape."""
+EARLIER_CAPTIONS = {"open_fraction": 0.5, "shared_open": 0.0, "binding_fraction": 0.0}
+"""Their defaults for the U-Net and the flow model: the recipe their shipped weights were trained by."""
 
 
 def train_denoiser(
@@ -515,10 +521,9 @@ def train_denoiser(
     lr: float = 1e-3,
     ema_decay: float = 0.999,
     caption_dropout: float = 0.1,
-    open_fraction: float = 0.5,
-    shared_open: float = 0.0,
-    binding_fraction: float = 0.0,
-    color_shape_fraction: float = 0.0,
+    open_fraction: float | None = None,
+    shared_open: float | None = None,
+    binding_fraction: float | None = None,
     timesteps: str | None = None,
     seed: int = 0,
     config=None,
@@ -555,14 +560,22 @@ def train_denoiser(
       unconditionally) → token embeddings + mask for the cross-attention. With probability
       ``caption_dropout`` the caption is the empty prompt "" (``<bos> <eos>``): the unconditional prompt that
       classifier-free guidance uses at sampling time (Ho & Salimans 2022). ``shared_open``,
-      ``binding_fraction``, ``color_shape_fraction``: see ``random_caption``.
-    - **Loss** (:func:`denoiser_loss`): MSE to ``schedule.target(x0, noise, t, prediction_type)``, t uniform in
-      [0, T) (``timesteps``: :func:`sdlearn.schedules.training_timesteps`; "flow_matched" weights it as a
-      flow's loss); ε-prediction by default, "v_prediction" or "sample" selectable. Noise schedule ``schedule``
-      (a :func:`sdlearn.schedules.make_betas` name; "scaled_linear" as SD).
+      ``binding_fraction``: see ``random_caption``. None for ``open_fraction``, ``shared_open`` and
+      ``binding_fraction`` is :data:`DIT_CAPTIONS` for the DiT, :data:`EARLIER_CAPTIONS` for the U-Net and the
+      flow model.
+    - **Loss** (:func:`denoiser_loss`): MSE to ``schedule.target(x0, noise, t, prediction_type)`` at timesteps
+      ``timesteps`` (:func:`sdlearn.schedules.training_timesteps`): "uniform" t in [0, T), Ho et al.'s
+      L_simple, or "flow_matched", t and a weight that make it a rectified flow's loss (Esser et al. 2024),
+      which puts more of it where layout is decided; None is "flow_matched" for the ε-predicting DiT and
+      "uniform" for the rest (the flow model: "logit_normal"). ε-prediction by default, "v_prediction" or
+      "sample" selectable. Noise schedule ``schedule`` (a :func:`sdlearn.schedules.make_betas` name;
+      "scaled_linear" as SD).
+    - **Model**: ``config`` (None: ``DenoiserConfig(mlp_conv=True)`` for the DiT, the Mix-FFN of Xie et al.
+      2021; ``DenoiserConfig()`` for the flow model; ``UNetConfig()`` for the U-Net).
     - **Optimiser**: AdamW (no weight decay, as DiT), ``lr`` with 200 warm-up steps then cosine decay over the
       budget, gradient clipping at 1; EMA of the weights with ``ema_decay``. Budget: ``minutes`` and/or
-      ``steps``; neither means the shipped recipe's 45 minutes. ``lr`` 1e-3 (batch 128) was picked from 300-step
+      ``steps``; neither means the shipped recipe's: 55 minutes for the DiT, 45 for the U-Net and the flow
+      model. ``lr`` 1e-3 (batch 128) was picked from 300-step
       runs with a random text tower (``benchmarks/results/docstring-figures-2026-11.md``).
       ``threads`` sets ``torch.set_num_threads``.
     - **Evaluation** (when ``text_encoder`` is given and ``eval_images`` > 0 and the shipped scene reader
@@ -574,9 +587,13 @@ def train_denoiser(
     written every ``checkpoint_every`` steps and at the end; resumed from when present) and the weights ``out_dir/denoiser.safetensors`` + ``denoiser.json``
     (:func:`save_denoiser`, loadable by :func:`sdlearn.pretrained.load_denoiser`).
     """
-    minutes, steps = default_budget(minutes, steps, default_minutes=45.0)
     if not isinstance(denoiser, str) or denoiser not in DENOISERS:
         raise ValueError(f"denoiser must be one of {', '.join(map(repr, DENOISERS))}, got {denoiser!r}")
+    minutes, steps = default_budget(minutes, steps, default_minutes=55.0 if denoiser == "dit" else 45.0)
+    captions = DIT_CAPTIONS if denoiser == "dit" else EARLIER_CAPTIONS
+    open_fraction = captions["open_fraction"] if open_fraction is None else open_fraction
+    shared_open = captions["shared_open"] if shared_open is None else shared_open
+    binding_fraction = captions["binding_fraction"] if binding_fraction is None else binding_fraction
     stem, model_cls, config_cls = DENOISERS[denoiser], *((UNet, UNetConfig) if denoiser == "unet" else (Denoiser, DenoiserConfig))
     check_positive_int(batch_size, "batch_size")
     check_model_prediction_type(prediction_type)
@@ -587,8 +604,8 @@ def train_denoiser(
     check_probability(open_fraction, "open_fraction")
     check_probability(shared_open, "shared_open")
     check_probability(binding_fraction, "binding_fraction")
-    check_probability(color_shape_fraction, "color_shape_fraction")
-    timesteps = timesteps or ("logit_normal" if prediction_type == FLOW else "uniform")
+    timesteps = timesteps or ("logit_normal" if prediction_type == FLOW else
+                              "flow_matched" if denoiser == "dit" and prediction_type == "epsilon" else "uniform")
     if (timesteps == "logit_normal") != (prediction_type == FLOW) or timesteps not in TIMESTEP_SAMPLINGS:
         raise ValueError(f"timesteps must be 'logit_normal' for a flow model and 'uniform' or 'flow_matched' "
                          f"otherwise; got timesteps={timesteps!r} with prediction_type={prediction_type!r}")
@@ -608,7 +625,7 @@ def train_denoiser(
     if config is None:
         text_dim = text_encoder.width if text_encoder else 128
         config = UNetConfig(prediction_type=prediction_type, cross_attention_dim=text_dim) if denoiser == "unet" \
-            else DenoiserConfig(prediction_type=prediction_type, text_dim=text_dim)
+            else DenoiserConfig(prediction_type=prediction_type, text_dim=text_dim, mlp_conv=denoiser == "dit")
     if not isinstance(config, config_cls):
         raise ValueError(f"config must be a {config_cls.__name__} for denoiser={denoiser!r}, got {type(config).__name__}")
     if config.prediction_type != prediction_type:
@@ -622,7 +639,7 @@ def train_denoiser(
     batch_fn = latent_batch_fn(vae, noise_schedule, batch_size, seed, text_encoder=text_encoder, tokenizer=tokenizer,
                                 caption_dropout=caption_dropout, open_fraction=open_fraction, window=latent_window,
                                 refresh=latent_refresh, timesteps=timesteps, shared_open=shared_open,
-                                binding_fraction=binding_fraction, color_shape_fraction=color_shape_fraction)
+                                binding_fraction=binding_fraction)
     torch.manual_seed(seed)
     model = model_cls(config).to(device)
     run_config = {
@@ -634,9 +651,9 @@ def train_denoiser(
     }
     if shared_open or timesteps == "flow_matched":  # recorded only when used, so older runs still resume
         run_config.update(shared_open=shared_open, timesteps=timesteps)
-    run_config.update({k: v for k, v in (("binding_fraction", binding_fraction),
-                                         ("color_shape_fraction", color_shape_fraction)) if v})
-    recorded_if_used = ("shared_open", "timesteps", "binding_fraction", "color_shape_fraction")
+    if binding_fraction:
+        run_config.update(binding_fraction=binding_fraction)
+    recorded_if_used = ("shared_open", "timesteps", "binding_fraction")
     result = fit(stem, model, lambda model, batch, step: denoiser_loss(model, batch, noise_schedule), batch_fn,
                  run_config, out_dir=out_dir, minutes=minutes, steps=steps, seed=seed, resume=resume,
                  progress=progress, lr=lr, warmup_steps=200, lr_schedule="cosine", grad_clip=1.0, ema_decay=ema_decay,
@@ -680,8 +697,8 @@ def train_unet(out_dir: str | os.PathLike | None = None, minutes: float | None =
                device: str | torch.device = "auto", **options):
     """Train the course U-Net (:class:`sdlearn.unet.UNet`, ``UNetConfig()``: 3.9M parameters, the DiT's size) →
     ``(unet, result)``; the recipe behind ``python -m sdlearn train unet``: :func:`train_denoiser` with
-    ``denoiser="unet"``, so the same latents, text tower, captions, optimiser, EMA, budget (45 minutes) and
-    evaluation as the DiT, into ``out_dir/unet.*`` (:func:`sdlearn.pretrained.load_unet`). ``options``: those of
+    ``denoiser="unet"``, so the same latents, text tower, optimiser, EMA and evaluation as the DiT, with the captions
+    its shipped weights were trained on (:data:`EARLIER_CAPTIONS`), uniform t and 45 minutes, into ``out_dir/unet.*`` (:func:`sdlearn.pretrained.load_unet`). ``options``: those of
     :func:`train_denoiser`."""
     return train_denoiser(out_dir, minutes, steps, device, denoiser="unet", **options)
 
@@ -690,7 +707,7 @@ def train_flow(out_dir: str | os.PathLike | None = None, minutes: float | None =
                device: str | torch.device = "auto", **options):
     """Train the DiT with rectified flow (``DenoiserConfig(prediction_type="flow")``) → ``(flow, result)``; the recipe
     of ``python -m sdlearn train flow``: :func:`train_denoiser` (``denoiser="flow"``: the ε-model's latents, text,
-    optimiser, EMA and budget; :func:`sdlearn.denoiser.denoiser_loss`'s flow loss, σ logit-normal as in Esser et al.
+    optimiser and EMA, :data:`EARLIER_CAPTIONS`, 45 minutes; :func:`sdlearn.denoiser.denoiser_loss`'s flow loss, σ logit-normal as in Esser et al.
     2024, §3.1), evaluated at 8 Euler steps, into ``out_dir/flow.*`` (:func:`sdlearn.pretrained.load_flow`)."""
     return train_denoiser(out_dir, minutes, steps, device, denoiser="flow", prediction_type=FLOW, **options)
 

@@ -617,24 +617,6 @@ def test_random_caption_binding_fraction_names_only_colour_and_shape_of_two_obje
     assert len(named[0]) == 4 and one == data.random_caption(scene[:1], random.Random(3), open_fraction=0)[0]
 
 
-def test_random_caption_color_shape_fraction_names_only_colour_and_shape_of_one_object():
-    rng = random.Random(5)
-    short = 0
-    for _ in range(400):
-        scene = random_scene(rng)[:1]
-        caption, named = data.random_caption(scene, rng, open_fraction=0, color_shape_fraction=0.5)
-        assert true_of(named, scene) and parse_caption(caption) == named[0] and " and " not in caption
-        short += set(named[0]) == {"color", "shape"}  # open_fraction=0 names all four otherwise
-    assert 0.42 < short / 400 < 0.58
-    scene = random_scene(rng)
-    for objects in (scene[:1], scene):  # 0 draws the same numbers as before; two objects are never affected
-        for open_fraction in (0, 0.5, 1):
-            old, new = random.Random(9), random.Random(9)
-            assert data.random_caption(objects, old, open_fraction) == data.random_caption(
-                objects, new, open_fraction, color_shape_fraction=0 if len(objects) == 1 else 1)
-            assert old.random() == new.random()
-
-
 def test_max_caption_words_is_the_longest_caption():
     one = max(len(split_words(c)) for a in ALL_ATTRIBUTES[:10] for c in caption_variants(a))
     phrase = max(len(split_words(data._fill("red", *c))) for c in itertools.product(*data._phrase_choices(ALL_ATTRIBUTES[0])))

@@ -249,13 +249,26 @@ def test_flow_matched_batches_carry_flow_noise_levels_and_weights(vae, text_enco
         tiny_run(tmp_path / "bad", 1, vae, text_encoder, shared_open=1.5)
     with pytest.raises(ValueError, match="binding_fraction"):
         tiny_run(tmp_path / "bad", 1, vae, text_encoder, binding_fraction=-0.1)
-    with pytest.raises(ValueError, match="color_shape_fraction"):
-        tiny_run(tmp_path / "bad", 1, vae, text_encoder, color_shape_fraction=2)
     _, result = tiny_run(tmp_path / "run", 3, vae, text_encoder, timesteps="flow_matched", shared_open=0.5,
-                         binding_fraction=0.25, color_shape_fraction=0.5)
+                         binding_fraction=0.25)
     saved = load_checkpoint(tmp_path / "run" / "denoiser.safetensors")[1]["training"]
     assert saved["timesteps"] == "flow_matched" and saved["shared_open"] == 0.5 and saved["binding_fraction"] == 0.25
-    assert saved["color_shape_fraction"] == 0.5
+
+
+def test_the_dits_defaults_are_the_shipped_recipe_and_the_unet_keeps_the_earlier_one(vae, text_encoder, tmp_path):
+    dit, result = tiny_run(tmp_path / "dit", 1, vae, text_encoder, config=None)
+    assert dit.config.mlp_conv  # the Mix-FFN DiT
+    saved = load_checkpoint(tmp_path / "dit" / "denoiser.safetensors")[1]["training"]
+    assert {k: saved[k] for k in recipes.DIT_CAPTIONS} == recipes.DIT_CAPTIONS == \
+        {"open_fraction": 0.75, "shared_open": 1.0, "binding_fraction": 0.5}
+    assert saved["timesteps"] == "flow_matched"
+    _, result = tiny_run(tmp_path / "v", 1, vae, text_encoder, prediction_type="v_prediction",
+                         config=tiny_config(text_dim=text_encoder.width, prediction_type="v_prediction"))
+    saved = load_checkpoint(tmp_path / "v" / "denoiser.safetensors")[1]["training"]
+    assert saved.get("timesteps", "uniform") == "uniform"  # the flow-matched weight is an ε-loss's
+    _, result = tiny_run(tmp_path / "unet", 1, vae, text_encoder, denoiser="unet", config=None)
+    saved = load_checkpoint(tmp_path / "unet" / "unet.safetensors")[1]["training"]
+    assert saved["open_fraction"] == 0.5 and "binding_fraction" not in saved and "timesteps" not in saved
 
 
 def test_train_denoiser_returns_ema_weights_and_writes_loadable_files(tmp_path, vae, text_encoder):
