@@ -16,8 +16,8 @@ interval: a Wilson interval for a rate, mean ± 1.96 standard errors for a mean.
 2. **Inversion** (``pipe.invert``): one-object train images inverted with their own captions at guidance 1 over 20
    DDIM steps, then regenerated from those latents with the same prompt (``pipe(prompt, latents=…)``, DDIM, guidance
    1): PSNR against the original (target ≥ 25 dB); the VAE's own reconstruction, the bound, beside it.
-3. **Edits** (``pipe.edit``: invert with the source caption at guidance 1, regenerate with the target caption at
-   guidance 2), ``--images`` each of colour, shape and size edits of one-object train images; the captions name all
+3. **Edits** (``pipe.edit`` at its defaults: invert with the source caption at guidance 1, one fixed-point
+   iteration a step, regenerate with the target caption at guidance 2), ``--images`` each of colour, shape and size edits of one-object train images; the captions name all
    four attributes, the target changing one (never into a held-out colour-shape pair):
    - the changed attribute right (the scene reader; target ≥ 90%, all three kinds together);
    - PSNR of the pixels outside the object (brightest channel ≥ 0.1, dilated by one pixel; for shape and size edits
@@ -279,7 +279,8 @@ def main(argv: Sequence[str] | None = None, results_dir: Path = RESULTS_DIR) -> 
     report.verdict(names[2], mean_interval(scores, 2, " dB"), scores.mean().item() >= TARGETS[names[2]][1])
 
     # 3. edits
-    report.say(f"\n[3] edits: pipe.edit (invert with the source caption at guidance 1, regenerate with the target at "
+    report.say(f"\n[3] edits: pipe.edit (invert with the source caption at guidance 1, one fixed-point iteration a "
+               f"step, regenerate with the target at "
                f"guidance {EDIT_GUIDANCE:g}), {STEPS} steps, {n} edits of each kind")
     rights, outside, colour_iou = [], [], None
     for i, kind in enumerate(("color", "shape", "size")):

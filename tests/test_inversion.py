@@ -201,9 +201,13 @@ def test_edit_returns_images_and_leaves_the_pipeline_alone(pipe):
 def test_edit_is_inversion_then_regeneration_with_the_target(pipe):
     images = shapes(2)
     edited = pipe.edit(images, PROMPT, OTHER, guidance_scale=1.0, **RUN)
-    latents = pipe.invert(images, PROMPT, **RUN)
+    latents = pipe.invert(images, PROMPT, fixed_point_iterations=1, **RUN)  # edit's default: one re-read a step
     by_hand = pipe(OTHER, num_images_per_prompt=2, latents=latents, sampler="ddim", guidance_scale=1.0, **RUN)
     assert torch.allclose(edited, by_hand, atol=1e-5)
+    plain = pipe.edit(images, PROMPT, OTHER, guidance_scale=1.0, fixed_point_iterations=0, **RUN)
+    by_hand = pipe(OTHER, num_images_per_prompt=2, latents=pipe.invert(images, PROMPT, **RUN), sampler="ddim",
+                   guidance_scale=1.0, **RUN)
+    assert torch.allclose(plain, by_hand, atol=1e-5) and not torch.allclose(plain, edited, atol=1e-5)
     same = pipe.edit(images, PROMPT, PROMPT, guidance_scale=1.0, **RUN)  # nothing to change: the reconstruction
     assert psnr(same, pipe.decode_latents(pipe.encode_image(images))) > 18  # measured 21.0 dB (10 steps)
 
