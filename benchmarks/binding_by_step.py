@@ -1,9 +1,10 @@
 """Binding errors as the denoiser trains: prompt accuracy of two-object colour + shape prompts at checkpoints.
 
-    python benchmarks/binding_by_step.py CHECKPOINT.safetensors [...] [--n 256] [--guidance 4]
+    python benchmarks/binding_by_step.py CHECKPOINT.safetensors [...] [--n 256] [--guidance 4] [--weights DIR]
 
 Each file is a training checkpoint of ``python -m sdlearn train denoiser`` (its ``ema/…`` tensors are the weights
-evaluated), read with the shipped VAE, text tower and scene reader. Prompts: colour + shape captions of
+evaluated), read with the shipped VAE and text tower (or those of ``--weights DIR``, e.g. the folder of
+``python -m sdlearn train all``, whose denoiser was trained on its own) and judged by the shipped scene reader. Prompts: colour + shape captions of
 ``ShapesDataset(n, "train", seed=4246, num_objects=2)`` ("a red circle and a blue square"), 20 DPM-Solver++ steps,
 image i's noise from seed i. Prints, per checkpoint, the step, the accuracy with its 95% interval and the binding
 errors (images that would be right if the named attributes could attach to either object).
@@ -50,9 +51,10 @@ def main() -> None:
     parser.add_argument("checkpoints", nargs="+", type=Path)
     parser.add_argument("--n", type=int, default=256)
     parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--weights", type=Path, default=None, help="a folder with vae.* and clip.* (default: shipped)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    parts = (load_vae(), load_text_encoder(), load_tokenizer(), load_scene_reader())
+    parts = (load_vae(args.weights), load_text_encoder(args.weights), load_tokenizer(args.weights), load_scene_reader())
     for path in args.checkpoints:
         print(json.dumps(evaluate(path, args.n, args.guidance, parts)), flush=True)
 
