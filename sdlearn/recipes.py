@@ -765,6 +765,21 @@ def evaluate_prompt_accuracy(pipe: LatentDiffusionPipeline, n: int, judge: Scene
 # The time budget's split. The denoiser is what takes long to learn; the VAE passes 30 dB in ≈ 2 minutes (see
 # sdlearn/weights/README.md), TinyCLIP's zero-shot accuracy and the classifier's saturate within a few.
 TRAIN_ALL_SPLIT = {"vae": 0.10, "clip": 0.10, "scene_reader": 0.05, "denoiser": 0.75}
+TRAIN_ALL_DENOISER = {**EARLIER_CAPTIONS, "timesteps": "uniform", "mlp_conv": False}
+"""The recipe of :func:`train_all`'s denoiser, unless ``options["denoiser"]`` says otherwise: half the captions full,
+uniform t, the plain DiT. The shipped DiT's recipe (:data:`DIT_CAPTIONS`, flow-matched t, the Mix-FFN) spends its
+training on partial and colour-and-shape prompts, which need the full 55 minutes; in train_all's share of a short
+budget it leaves the full prompts less well learnt than this one does."""
+
+
+def _train_all_denoiser(out_dir: Path, device, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``train_denoiser``'s keyword arguments in :func:`train_all`: :data:`TRAIN_ALL_DENOISER` under ``options``."""
+    recipe = {k: v for k, v in TRAIN_ALL_DENOISER.items() if k != "mlp_conv"}
+    if "config" not in options:  # the plain DiT, reading the text tower trained in stage 2
+        width = resolve_text_encoder(out_dir, device)[0].width
+        recipe["config"] = DenoiserConfig(prediction_type=options.get("prediction_type", "epsilon"), text_dim=width,
+                                          mlp_conv=TRAIN_ALL_DENOISER["mlp_conv"])
+    return {**recipe, **options}
 
 
 def train_all(
@@ -788,7 +803,7 @@ def train_all(
     3. the scene reader (:func:`train_scene_reader`), the judge of prompt accuracy →
        ``scene_reader.*``;
     4. the denoiser (:func:`train_denoiser`) on latents of *this* VAE, conditioned by *this* text tower →
-       ``denoiser.*``.
+       ``denoiser.*``, by :data:`TRAIN_ALL_DENOISER`'s recipe.
 
     Budget: ``minutes`` (default 30 when neither budget is given) is split by :data:`TRAIN_ALL_SPLIT`
     (VAE 10%, CLIP 10%, scene reader 5%, denoiser 75%); ``steps``, if given, caps every stage at that many
@@ -836,7 +851,7 @@ def train_all(
                                                           precision=precision, **options.get("scene_reader", {})),
         "denoiser": lambda budget: train_denoiser(out_dir, budget, steps, device, text_encoder=out_dir, vae=out_dir,
                                                   seed=seed, eval_images=0, progress=progress, precision=precision,
-                                                  **options.get("denoiser", {})),
+                                                  **_train_all_denoiser(out_dir, device, options.get("denoiser", {}))),
     }
     started = time.perf_counter()
     record: dict[str, Any] = {"command": command_line(), "out_dir": str(out_dir), "max_minutes": minutes,

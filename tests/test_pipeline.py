@@ -450,6 +450,12 @@ def test_train_all_writes_a_folder_load_pipeline_accepts(tmp_path, capsys):
     assert json.loads((tmp_path / "train_all.json").read_text()) == json.loads(json.dumps(summary))
     out = capsys.readouterr().out
     assert "[4/4] denoiser" in out and "prompt accuracy" in out
+    trained = json.loads((tmp_path / "denoiser.json").read_text())["training"]  # TRAIN_ALL_DENOISER, not DIT_CAPTIONS
+    assert trained["open_fraction"] == 0.5 and "binding_fraction" not in trained and "timesteps" not in trained
+    from sdlearn.recipes import _train_all_denoiser
+    resolved = _train_all_denoiser(tmp_path, "cpu", {})  # without a config: the plain DiT on this folder's text tower
+    assert not resolved["config"].mlp_conv and resolved["config"].text_dim == TINY_TEXT.width
+    assert resolved["timesteps"] == "uniform" and resolved["open_fraction"] == 0.5
     with pytest.raises(ValueError, match="unknown stage"):
         train_all(tmp_path, steps=1, options={"unet": {}})
     with pytest.raises(ValueError, match="minutes must be a positive number"):
