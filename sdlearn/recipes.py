@@ -591,9 +591,8 @@ def train_denoiser(
         raise ValueError(f"denoiser must be one of {', '.join(map(repr, DENOISERS))}, got {denoiser!r}")
     minutes, steps = default_budget(minutes, steps, default_minutes=55.0 if denoiser == "dit" else 45.0)
     captions = DIT_CAPTIONS if denoiser == "dit" else EARLIER_CAPTIONS
-    open_fraction = captions["open_fraction"] if open_fraction is None else open_fraction
-    shared_open = captions["shared_open"] if shared_open is None else shared_open
-    binding_fraction = captions["binding_fraction"] if binding_fraction is None else binding_fraction
+    open_fraction, shared_open, binding_fraction = (captions[name] if value is None else value for name, value in (
+        ("open_fraction", open_fraction), ("shared_open", shared_open), ("binding_fraction", binding_fraction)))
     stem, model_cls, config_cls = DENOISERS[denoiser], *((UNet, UNetConfig) if denoiser == "unet" else (Denoiser, DenoiserConfig))
     check_positive_int(batch_size, "batch_size")
     check_model_prediction_type(prediction_type)
@@ -765,20 +764,19 @@ def evaluate_prompt_accuracy(pipe: LatentDiffusionPipeline, n: int, judge: Scene
 # The time budget's split. The denoiser is what takes long to learn; the VAE passes 30 dB in ≈ 2 minutes (see
 # sdlearn/weights/README.md), TinyCLIP's zero-shot accuracy and the classifier's saturate within a few.
 TRAIN_ALL_SPLIT = {"vae": 0.10, "clip": 0.10, "scene_reader": 0.05, "denoiser": 0.75}
-TRAIN_ALL_DENOISER = {**EARLIER_CAPTIONS, "timesteps": "uniform", "mlp_conv": False}
+TRAIN_ALL_DENOISER = {**EARLIER_CAPTIONS, "timesteps": "uniform"}
 """The recipe of :func:`train_all`'s denoiser, unless ``options["denoiser"]`` says otherwise: half the captions full,
-uniform t, the plain DiT. The shipped DiT's recipe (:data:`DIT_CAPTIONS`, flow-matched t, the Mix-FFN) spends its
+uniform t, and the plain DiT (``DenoiserConfig()``) as its config. The shipped DiT's recipe (:data:`DIT_CAPTIONS`, flow-matched t, the Mix-FFN) spends its
 training on partial and colour-and-shape prompts, which need the full 55 minutes; in train_all's share of a short
 budget it leaves the full prompts less well learnt than this one does."""
 
 
 def _train_all_denoiser(out_dir: Path, device, options: Mapping[str, Any]) -> dict[str, Any]:
     """``train_denoiser``'s keyword arguments in :func:`train_all`: :data:`TRAIN_ALL_DENOISER` under ``options``."""
-    recipe = {k: v for k, v in TRAIN_ALL_DENOISER.items() if k != "mlp_conv"}
+    recipe = dict(TRAIN_ALL_DENOISER)
     if "config" not in options:  # the plain DiT, reading the text tower trained in stage 2
         width = resolve_text_encoder(out_dir, device)[0].width
-        recipe["config"] = DenoiserConfig(prediction_type=options.get("prediction_type", "epsilon"), text_dim=width,
-                                          mlp_conv=TRAIN_ALL_DENOISER["mlp_conv"])
+        recipe["config"] = DenoiserConfig(prediction_type=options.get("prediction_type", "epsilon"), text_dim=width)
     return {**recipe, **options}
 
 
