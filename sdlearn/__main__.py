@@ -66,8 +66,9 @@ FOLDER_TRAINERS = {
     "all": own_data.train_all_on_folder,
 }
 ADAPTER_CONCEPTS = {"star": None}  # train adapter --concept NAME → its examples (None: sdlearn.data.star_examples)
-ADAPTER_OPTIONS = ("concept", "method", "rank", "lr", "prior", "augment")  # the options of 'train adapter' alone
+ADAPTER_OPTIONS = ("concept", "method", "rank", "lr", "prior", "augment", "timesteps")  # the options of 'train adapter' alone
 ADAPTER_AUGMENT = "move+mirror"  # train adapter's default: each example moved to every position and mirrored
+ADAPTER_TIMESTEPS = "uniform"  # train adapter's default noise levels (sdlearn.adapt.adapter_batch_fn)
 ADAPTER_PRIOR = {"num_prior": 256, "prior_batch_size": 8, "prior_caption_dropout": 0.1, "prior_target": "base"}
 """train adapter's prior term: 256 images drawn, 8 per step, a tenth of their captions empty, the base model's
 answers as the target (sdlearn.adapt_recipes.train_adapter)."""
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--augment", choices=["move+mirror", "move", "mirror", "none"], default=None,
                        help="train adapter: more images made from the examples, each moved to every position and/or "
                             "mirrored left-right (default move+mirror; none: the examples only)")
+    train.add_argument("--timesteps", choices=["uniform", "flow_matched"], default=None,
+                       help=f"train adapter: the noise levels it learns at, uniform t or the flow-matched ones the "
+                            f"shipped DiT was trained with (default {ADAPTER_TIMESTEPS})")
 
     exercises = commands.add_parser("exercises", help="write student copies of the notebooks, solutions removed "
                                                       "(or, with --teacher, the teacher's copies: the answer key)")
@@ -536,6 +540,7 @@ def _train_adapter(args: argparse.Namespace) -> int:
                                                minutes=args.minutes, lr=args.lr, seed=args.seed, out_dir=out_dir,
                                                device=args.device, prior=args.prior or "shapes", **ADAPTER_PRIOR,
                                                augment=None if args.augment == "none" else args.augment or ADAPTER_AUGMENT,
+                                               timesteps=args.timesteps or ADAPTER_TIMESTEPS,
                                                **options)
     path = out_dir / "adapter.safetensors"
     print(f"adapter ({method}, concept {args.concept or 'star'}): {result.step} steps in {result.seconds / 60:.1f} min; "

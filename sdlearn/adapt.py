@@ -81,7 +81,7 @@ from sdlearn.checkpoint import (
 )
 from sdlearn.checks import check_probability
 from sdlearn.data import ATTRIBUTES, IMAGE_SIZE, POSITION_CENTERS, caption_for
-from sdlearn.schedules import FLOW
+from sdlearn.schedules import FLOW, training_timesteps
 from sdlearn.text import TextEncoder, Tokenizer  # the word is added to the tokenizer and the text encoder
 
 ATTENTION_TARGETS: tuple[str, ...] = ("self_attn.qkv", "self_attn.out", "cross_attn.q", "cross_attn.kv", "cross_attn.out")
@@ -477,11 +477,16 @@ def _check_examples(images, captions, attributes, what: str) -> None:
                          f"{len(captions)} captions")
 
 
+ADAPTER_TIMESTEPS = ("uniform", "flow_matched")
+"""How :func:`adapter_batch_fn` may draw training timesteps (:func:`sdlearn.schedules.training_timesteps`)."""
+
+
 def adapter_batch_fn(vae, tokenizer: Tokenizer, schedule, images: torch.Tensor, captions: Sequence[str], *,
                      attributes: Sequence[Mapping[str, str]] | None = None, prior_images: torch.Tensor | None = None,
                      prior_captions: Sequence[str] | None = None, batch_size: int = 8,
                      prior_batch_size: int | None = None, open_fraction: float = 0.5,
-                     prior_caption_dropout: float = 0.0, seed: int = 0) -> Callable[[int], dict[str, torch.Tensor]]:
+                     prior_caption_dropout: float = 0.0, timesteps: str = "uniform", seed: int = 0
+                     ) -> Callable[[int], dict[str, torch.Tensor]]:
     """``batch_fn(step)`` for :func:`sdlearn.training.train`, a pure function of ``(seed, step)``: ``batch_size``
     examples drawn with replacement, each as ``x0`` (a sample of the VAE's posterior q(z | x) times the scaling
     factor, as the denoiser was trained), ``noise``, a timestep ``t`` uniform in [0, T), and the token ``ids`` and
@@ -490,7 +495,10 @@ def adapter_batch_fn(vae, tokenizer: Tokenizer, schedule, images: torch.Tensor, 
     ``prior_batch_size`` (default ``batch_size``) of them, under ``prior_x0``, ``prior_noise``, ``prior_t``,
     ``prior_ids``, ``prior_mask``; each prior caption is the empty prompt "" with probability
     ``prior_caption_dropout``, as the base model was trained (so the unconditional prediction, which guidance
-    amplifies, is preserved too). The images are encoded once, here. Raises ``ValueError`` for no image."""
+    amplifies, is preserved too). ``timesteps``: "uniform" t in [0, T) with unit weights (Ho et al. 2020), or
+    "flow_matched" (:func:`sdlearn.schedules.flow_matched_timesteps`: SD3's rectified-flow noise levels read as an
+    ε-loss), whose per-image weights come under ``loss_weight`` and ``prior_loss_weight``, as the shipped DiT was
+    trained. The images are encoded once, here. Raises ``ValueError`` for no image or another ``timesteps``."""
     _check_examples(images, captions, attributes, "example")
     if prior_images is not None:
         _check_examples(prior_images, prior_captions if prior_captions is not None else [], None, "prior")
@@ -498,29 +506,38 @@ def adapter_batch_fn(vae, tokenizer: Tokenizer, schedule, images: torch.Tensor, 
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     check_probability(prior_caption_dropout, "prior_caption_dropout")
+    if timesteps not in ADAPTER_TIMESTEPS:
+        raise ValueError(f"timesteps must be one of {', '.join(map(repr, ADAPTER_TIMESTEPS))} (adapters train "
+                         f"diffusion denoisers), got {timesteps!r}")
     device = next(vae.parameters()).device
     with torch.no_grad():
         posteriors = [vae.encode(x.to(device)) for x in (images, prior_images) if x is not None]
     moments = [(q.mean.cpu(), q.std.cpu()) for q in posteriors]
-    scale, T = vae.scaling_factor, schedule.num_train_timesteps
+    scale = vae.scaling_factor
 
     def draw(generator, mean, std, count):
         picks = torch.randint(len(mean), (count,), generator=generator)  # [count]
         x0 = (mean[picks] + std[picks] * torch.randn(std[picks].shape, generator=generator)) * scale  # z ~ q(z|x)
-        return picks, x0, torch.randn(x0.shape, generator=generator), torch.randint(T, (count,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator)
+        t, weight = training_timesteps(timesteps, schedule, count, generator)  # [count] each; weight None if uniform
+        return picks, x0, noise, t, weight
 
     def batch_fn(step: int) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        picks, x0, noise, t = draw(generator, *moments[0], batch_size)
+        picks, x0, noise, t, weight = draw(generator, *moments[0], batch_size)
         words = [example_caption(attributes[i], generator, open_fraction) if attributes is not None else captions[i]
                  for i in picks.tolist()]
         ids, mask = tokenizer(words)
         batch = {"x0": x0, "noise": noise, "t": t, "ids": ids, "mask": mask}
+        if weight is not None:
+            batch["loss_weight"] = weight
         if len(moments) > 1:
-            picks, x0, noise, t = draw(generator, *moments[1], prior_batch_size or batch_size)
+            picks, x0, noise, t, weight = draw(generator, *moments[1], prior_batch_size or batch_size)
             dropped = (torch.rand(len(picks), generator=generator) < prior_caption_dropout).tolist()
             ids, mask = tokenizer(["" if drop else prior_captions[i] for i, drop in zip(picks.tolist(), dropped)])
             batch.update(prior_x0=x0, prior_noise=noise, prior_t=t, prior_ids=ids, prior_mask=mask)
+            if weight is not None:
+                batch["prior_loss_weight"] = weight
         return batch
 
     return batch_fn
@@ -542,7 +559,10 @@ def prior_preservation_loss(model: AdaptedModel, batch: Mapping[str, torch.Tenso
     prediction f₀(x'_t', t', c_pr) instead of ε', so the term asks the adapted model to answer the old prompts
     *as the base model did*, the "learning without forgetting" form of the penalty (Li & Hoiem 2017, eq. 2, a
     squared error here). Its expectation is the DreamBooth term's minus a constant only when f₀ is the exact
-    posterior mean; its variance is far smaller, since f₀ is a fixed function of x'_t', not a fresh ε'."""
+    posterior mean; its variance is far smaller, since f₀ is a fixed function of x'_t', not a fresh ε'.
+
+    With ``loss_weight`` (and ``prior_loss_weight``) in ``batch``, each image's squared error is weighted by it
+    before the means: the flow-matched ε-loss of :func:`adapter_batch_fn` with ``timesteps="flow_matched"``."""
     prediction_type = model.config.prediction_type
     if prediction_type == FLOW:
         raise ValueError("adapters train diffusion denoisers (epsilon, v_prediction, sample); this one is a flow model")
@@ -559,6 +579,9 @@ def prior_preservation_loss(model: AdaptedModel, batch: Mapping[str, torch.Tenso
             target = torch.cat([target[:n], base_model(x_t[n:], t[n:].to(x0.device), ids[n:], mask[n:])])
     errors = (model(x_t, t.to(x0.device), ids, mask) - target) ** 2
     per_image = errors.flatten(1).mean(dim=1)  # [B]: the squared error of each image
+    if "loss_weight" in batch:
+        weight = torch.cat([batch["loss_weight"], batch["prior_loss_weight"]]) if with_prior else batch["loss_weight"]
+        per_image = per_image * weight.to(per_image.device)
     instance = per_image[:n].mean()
     if not with_prior:
         return instance, {"instance": instance.item()}

@@ -114,6 +114,7 @@ def train_adapter(
     prior_batch_size: int | None = None,
     prior_caption_dropout: float = 0.0,
     prior_target: str = "noise",
+    timesteps: str = "uniform",
     augment: str | None = None,
     word: str = "star",
     init_word: str | None = None,
@@ -140,7 +141,9 @@ def train_adapter(
     ``prior_target``: what the prior term asks for, the noise ε' (``"noise"``, Ruiz et al.'s) or the base model's
     own answer (``"base"``: a frozen copy of the denoiser as it was, Li & Hoiem's "learning without forgetting";
     see :func:`sdlearn.adapt.prior_preservation_loss`). ``target_modules``: the layers LoRA adapts
-    (:data:`sdlearn.adapt.ATTENTION_TARGETS` by default).
+    (:data:`sdlearn.adapt.ATTENTION_TARGETS` by default). ``timesteps``: "uniform" t with unit weights, or
+    "flow_matched" t and weights (for an ε-predicting denoiser; :func:`sdlearn.adapt.adapter_batch_fn`), in both
+    halves of the loss, so the adapter learns at the noise levels its base model was trained at.
     ``augment``: train on more images made from the examples themselves (:func:`sdlearn.adapt.augment_examples`:
     "move" to every position, "mirror" left-right, or "move+mirror"; needs ``attributes``), None: the examples only.
     ``word``: the new word, started from ``init_word`` (None: "shape" when its row trains, else random).
@@ -165,6 +168,9 @@ def train_adapter(
     if steps is None and minutes is None:
         steps = ADAPTER_STEPS
     prior_weight = (0.0 if parts == {"ti"} else 1.0) if prior_weight is None else prior_weight
+    if timesteps == "flow_matched" and pipe.denoiser.config.prediction_type != "epsilon":
+        raise ValueError(f"timesteps='flow_matched' weights an ε-loss: this denoiser predicts "
+                         f"{pipe.denoiser.config.prediction_type!r}; use timesteps='uniform'")
     if prior_target not in PRIOR_TARGETS:
         raise ValueError(f"prior_target must be one of {', '.join(map(repr, PRIOR_TARGETS))}, got {prior_target!r}")
 
@@ -189,7 +195,7 @@ def train_adapter(
     batch_fn = adapter_batch_fn(pipe.vae, pipe.tokenizer, pipe.schedule, images, captions,
                                 attributes=attributes, prior_images=prior_images, prior_captions=prior_captions,
                                 batch_size=batch_size, prior_batch_size=prior_batch_size,
-                                prior_caption_dropout=prior_caption_dropout, seed=seed)
+                                prior_caption_dropout=prior_caption_dropout, timesteps=timesteps, seed=seed)
     optimizer = torch.optim.AdamW(_parameter_groups(model, method, lr), weight_decay=0.0)
 
     def loss_fn(model, batch, step):
@@ -204,7 +210,7 @@ def train_adapter(
            "prior": prior if prior_weight > 0 else None, "prior_batch_size": prior_batch_size,
            "prior_caption_dropout": prior_caption_dropout if prior_weight > 0 else None,
            "prior_target": prior_target if prior_weight > 0 else None,
-           "batch_size": batch_size, "augment": augment, "seed": seed, "examples": list(examples.captions)}
+           "timesteps": timesteps, "batch_size": batch_size, "augment": augment, "seed": seed, "examples": list(examples.captions)}
     result.record = training_record(result, run, list(run), pipe.device, steps, minutes)
     if out_dir is not None:
         out_dir = Path(out_dir)

@@ -532,6 +532,38 @@ def test_the_base_models_answer_as_the_prior_target_penalises_only_the_change():
     assert logs["prior"] == pytest.approx(change.pow(2).mean().item(), rel=1e-5) and logs["prior"] > 0
 
 
+def test_flow_matched_timesteps_weight_each_images_error_in_both_halves():
+    """timesteps="flow_matched": t and weights from sdlearn.schedules.flow_matched_timesteps in both halves, and the
+    loss is the weighted mean of the per-image squared errors; "uniform" batches carry no weight."""
+    tokenizer, model = tiny_adapted("lora")
+    with_random_b(model.denoiser)
+    model.eval()
+    ex = star_examples(4)
+    prior_images = render_batch(["red", "blue"], ["circle", "square"], ["large", "small"], ["top left", "center"])
+
+    def batch(timesteps):
+        return adapter_batch_fn(tiny_vae(), tokenizer, SCHEDULE, ex.images, ex.captions, attributes=ex.attributes,
+                                prior_images=prior_images, prior_captions=["a red circle", "a blue square"],
+                                batch_size=64, prior_batch_size=64, timesteps=timesteps, seed=2)(0)
+
+    uniform, matched = batch("uniform"), batch("flow_matched")
+    assert "loss_weight" not in uniform and "prior_loss_weight" not in uniform
+    assert matched["loss_weight"].shape == (64,) and matched["prior_loss_weight"].shape == (64,)
+    for half in ("", "prior_"):  # each weight is the flow's 1 / (1 − σ)² = (1 + SNR^(−1/2))² at its t, over a constant
+        ratio = matched[half + "loss_weight"] / (1 + torch.exp(-SCHEDULE.log_snr()[matched[half + "t"]] / 2)) ** 2
+        assert torch.allclose(ratio, ratio[0].expand_as(ratio), rtol=1e-4) and not torch.equal(matched[half + "t"],
+                                                                                              uniform[half + "t"])
+    with torch.no_grad():
+        text = model.text_encoder(matched["ids"], matched["mask"])
+        error = (model.denoiser(SCHEDULE.add_noise(matched["x0"], matched["noise"], matched["t"]), matched["t"],
+                                text.tokens, text.mask) - matched["noise"]).pow(2).flatten(1).mean(1)  # [64]
+        loss, logs = prior_preservation_loss(model, matched, SCHEDULE, prior_weight=0.5)
+    assert logs["instance"] == pytest.approx((error * matched["loss_weight"]).mean().item(), rel=1e-5)
+    assert loss.item() == pytest.approx(logs["instance"] + 0.5 * logs["prior"], rel=1e-5)
+    with pytest.raises(ValueError, match="timesteps must be one of 'uniform', 'flow_matched'"):
+        batch("logit_normal")
+
+
 def test_prior_captions_drop_to_the_empty_prompt_at_the_rate_asked():
     tokenizer, _ = tiny_adapted("ti")
     ex = star_examples(4)
@@ -623,7 +655,7 @@ def test_train_adapter_writes_the_adapter_and_its_record(tmp_path):
     assert not pipe.denoiser.training and not pipe.text_encoder.training
     record = json.loads((tmp_path / "adapter.json").read_text())["training"]
     assert record["method"] == "ti+lora" and record["prior_weight"] == 1.0 and record["num_prior"] == 4
-    assert record["steps"] == 2 and record["command"]
+    assert record["steps"] == 2 and record["command"] and record["timesteps"] == "uniform"
     images = pipe("a large white star in the center", num_inference_steps=2, seed=0, progress=False)
     assert images.shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="at least 1 example image"):

@@ -191,6 +191,8 @@ def test_the_shipped_star_adapter_loads_under_a_megabyte():
     (["train", "vae", "--method", "lora"], "--method is for 'train adapter', not 'train vae'"),
     (["train", "clip", "--prior", "class"], "--prior is for 'train adapter', not 'train clip'"),
     (["train", "vae", "--augment", "mirror"], "--augment is for 'train adapter', not 'train vae'"),
+    (["train", "denoiser", "--timesteps", "flow_matched"], "--timesteps is for 'train adapter', not 'train denoiser'"),
+    (["train", "adapter", "--timesteps", "logit_normal"], "invalid choice: 'logit_normal'"),
     (["train", "adapter", "--rank", "0"], "expected a positive integer, got '0'"),
     (["generate", "a red star", "--adapter", "star", "--denoiser", "unet", "--out", "x.png"],
      "adapter='star' with denoiser='unet'"),
