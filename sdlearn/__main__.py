@@ -68,10 +68,14 @@ FOLDER_TRAINERS = {
 ADAPTER_CONCEPTS = {"star": None}  # train adapter --concept NAME → its examples (None: sdlearn.data.star_examples)
 ADAPTER_OPTIONS = ("concept", "method", "rank", "lr", "prior", "augment", "timesteps")  # the options of 'train adapter' alone
 ADAPTER_AUGMENT = "move+mirror"  # train adapter's default: each example moved to every position and mirrored
-ADAPTER_TIMESTEPS = "uniform"  # train adapter's default noise levels (sdlearn.adapt.adapter_batch_fn)
+ADAPTER_TIMESTEPS = "flow_matched"  # train adapter's default noise levels: the shipped DiT's (sdlearn.adapt.adapter_batch_fn)
+ADAPTER_LR_SCHEDULE = "cosine"  # train adapter's learning rates decay to 0 over the steps
 ADAPTER_PRIOR = {"num_prior": 256, "prior_batch_size": 8, "prior_caption_dropout": 0.1, "prior_target": "base"}
 """train adapter's prior term: 256 images drawn, 8 per step, a tenth of their captions empty, the base model's
 answers as the target (sdlearn.adapt_recipes.train_adapter)."""
+ADAPTER_PRIOR_WEIGHT = 0.5
+"""train adapter's λ for the methods that change the denoiser (textual inversion alone keeps λ = 0): half of
+DreamBooth's λ = 1, which on the shipped DiT held the star's colours back (the weights card's table)."""
 PRECISION_HELP = ("fp32 (default), or bf16: bfloat16 autocast over float32 weights, optimizer state and EMA, meant "
                   "for CUDA GPUs; it also runs on the CPU (correct, rarely faster), not on mps")
 
@@ -536,11 +540,14 @@ def _train_adapter(args: argparse.Namespace) -> int:
     if args.threads is not None:
         set_threads(args.threads)
     options = {"rank": args.rank} if args.rank is not None else {}
+    if parse_method(method) != {"ti"}:  # textual inversion alone cannot change an old prompt's image: no prior
+        options["prior_weight"] = ADAPTER_PRIOR_WEIGHT
     pipe, result = adapt_recipes.train_adapter(method, ADAPTER_CONCEPTS[args.concept or "star"], steps=args.steps,
                                                minutes=args.minutes, lr=args.lr, seed=args.seed, out_dir=out_dir,
                                                device=args.device, prior=args.prior or "shapes", **ADAPTER_PRIOR,
                                                augment=None if args.augment == "none" else args.augment or ADAPTER_AUGMENT,
                                                timesteps=args.timesteps or ADAPTER_TIMESTEPS,
+                                               lr_schedule=ADAPTER_LR_SCHEDULE,
                                                **options)
     path = out_dir / "adapter.safetensors"
     print(f"adapter ({method}, concept {args.concept or 'star'}): {result.step} steps in {result.seconds / 60:.1f} min; "

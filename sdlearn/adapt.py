@@ -477,7 +477,7 @@ def _check_examples(images, captions, attributes, what: str) -> None:
                          f"{len(captions)} captions")
 
 
-ADAPTER_TIMESTEPS = ("uniform", "flow_matched")
+ADAPTER_TIMESTEP_SAMPLINGS = ("uniform", "flow_matched")
 """How :func:`adapter_batch_fn` may draw training timesteps (:func:`sdlearn.schedules.training_timesteps`)."""
 
 
@@ -506,8 +506,8 @@ def adapter_batch_fn(vae, tokenizer: Tokenizer, schedule, images: torch.Tensor, 
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
     check_probability(prior_caption_dropout, "prior_caption_dropout")
-    if timesteps not in ADAPTER_TIMESTEPS:
-        raise ValueError(f"timesteps must be one of {', '.join(map(repr, ADAPTER_TIMESTEPS))} (adapters train "
+    if timesteps not in ADAPTER_TIMESTEP_SAMPLINGS:
+        raise ValueError(f"timesteps must be one of {', '.join(map(repr, ADAPTER_TIMESTEP_SAMPLINGS))} (adapters train "
                          f"diffusion denoisers), got {timesteps!r}")
     device = next(vae.parameters()).device
     with torch.no_grad():

@@ -115,6 +115,7 @@ def train_adapter(
     prior_caption_dropout: float = 0.0,
     prior_target: str = "noise",
     timesteps: str = "uniform",
+    lr_schedule: str = "constant",
     augment: str | None = None,
     word: str = "star",
     init_word: str | None = None,
@@ -143,7 +144,9 @@ def train_adapter(
     see :func:`sdlearn.adapt.prior_preservation_loss`). ``target_modules``: the layers LoRA adapts
     (:data:`sdlearn.adapt.ATTENTION_TARGETS` by default). ``timesteps``: "uniform" t with unit weights, or
     "flow_matched" t and weights (for an ε-predicting denoiser; :func:`sdlearn.adapt.adapter_batch_fn`), in both
-    halves of the loss, so the adapter learns at the noise levels its base model was trained at.
+    halves of the loss, so the adapter learns at the noise levels its base model was trained at. ``lr_schedule``:
+    "constant" or "cosine" (decayed to 0 over the budget, so the last steps settle instead of taking full-size noisy
+    steps; :func:`sdlearn.training.train`).
     ``augment``: train on more images made from the examples themselves (:func:`sdlearn.adapt.augment_examples`:
     "move" to every position, "mirror" left-right, or "move+mirror"; needs ``attributes``), None: the examples only.
     ``word``: the new word, started from ``init_word`` (None: "shape" when its row trains, else random).
@@ -171,6 +174,8 @@ def train_adapter(
     if timesteps == "flow_matched" and pipe.denoiser.config.prediction_type != "epsilon":
         raise ValueError(f"timesteps='flow_matched' weights an ε-loss: this denoiser predicts "
                          f"{pipe.denoiser.config.prediction_type!r}; use timesteps='uniform'")
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
     if prior_target not in PRIOR_TARGETS:
         raise ValueError(f"prior_target must be one of {', '.join(map(repr, PRIOR_TARGETS))}, got {prior_target!r}")
 
@@ -202,7 +207,7 @@ def train_adapter(
         return prior_preservation_loss(model, batch, pipe.schedule, prior_weight, base_model)
 
     result = train(model, loss_fn, batch_fn, optimizer=optimizer, max_steps=steps, max_minutes=minutes, seed=seed,
-                   progress=progress, desc=f"train adapter ({method})")
+                   lr_schedule=lr_schedule, progress=progress, desc=f"train adapter ({method})")
     run = {"method": method, "word": word, "rank": rank if "lora" in parts else None, "alpha": alpha,
            "target_modules": ([target_modules] if isinstance(target_modules, str) else list(target_modules))
            if "lora" in parts else None,
@@ -210,7 +215,8 @@ def train_adapter(
            "prior": prior if prior_weight > 0 else None, "prior_batch_size": prior_batch_size,
            "prior_caption_dropout": prior_caption_dropout if prior_weight > 0 else None,
            "prior_target": prior_target if prior_weight > 0 else None,
-           "timesteps": timesteps, "batch_size": batch_size, "augment": augment, "seed": seed, "examples": list(examples.captions)}
+           "timesteps": timesteps, "lr_schedule": lr_schedule, "batch_size": batch_size, "augment": augment,
+           "seed": seed, "examples": list(examples.captions)}
     result.record = training_record(result, run, list(run), pipe.device, steps, minutes)
     if out_dir is not None:
         out_dir = Path(out_dir)

@@ -656,10 +656,29 @@ def test_train_adapter_writes_the_adapter_and_its_record(tmp_path):
     record = json.loads((tmp_path / "adapter.json").read_text())["training"]
     assert record["method"] == "ti+lora" and record["prior_weight"] == 1.0 and record["num_prior"] == 4
     assert record["steps"] == 2 and record["command"] and record["timesteps"] == "uniform"
+    assert record["lr_schedule"] == "constant"
     images = pipe("a large white star in the center", num_inference_steps=2, seed=0, progress=False)
     assert images.shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="at least 1 example image"):
         train_adapter("lora", data.ConceptExamples(torch.zeros(0, 3, 32, 32), [], []), pipe=tiny_pipe(), steps=1)
+
+
+def test_train_adapter_passes_its_timesteps_and_schedule_on_and_refuses_bad_ones(tmp_path, monkeypatch):
+    import sdlearn.adapt_recipes as recipe
+
+    seen = {}
+    original_batch_fn, original_train = recipe.adapter_batch_fn, recipe.train
+    monkeypatch.setattr(recipe, "adapter_batch_fn", lambda *a, **k: seen.update(k) or original_batch_fn(*a, **k))
+    monkeypatch.setattr(recipe, "train", lambda *a, **k: seen.update(k) or original_train(*a, **k))
+    train_adapter("lora", pipe=tiny_pipe(), steps=2, rank=2, batch_size=2, num_prior=2, prior_steps=2,
+                  timesteps="flow_matched", lr_schedule="cosine", out_dir=tmp_path, progress=False)
+    assert seen["timesteps"] == "flow_matched" and seen["lr_schedule"] == "cosine"
+    record = json.loads((tmp_path / "adapter.json").read_text())["training"]
+    assert record["timesteps"] == "flow_matched" and record["lr_schedule"] == "cosine"
+    with pytest.raises(ValueError, match="lr_schedule must be 'constant' or 'cosine', got 'linear'"):
+        train_adapter("lora", pipe=tiny_pipe(), steps=1, lr_schedule="linear", progress=False)
+    with pytest.raises(ValueError, match="timesteps must be one of 'uniform', 'flow_matched'"):
+        train_adapter("lora", pipe=tiny_pipe(), steps=1, prior_weight=0, timesteps="logit_normal", progress=False)
 
 
 def test_the_shapes_prior_shows_the_old_prompts_and_a_bad_prior_is_refused(tmp_path, monkeypatch):

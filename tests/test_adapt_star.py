@@ -219,7 +219,8 @@ def test_train_adapter_command_writes_an_adapter_that_generate_uses(tmp_path, ca
     assert record["lora"]["rank"] == 2 and record["tokens"] == ["star"]
     assert record["training"]["prior"] == "shapes" and record["training"]["num_prior"] == 256
     assert record["training"]["augment"] == "move+mirror" and record["training"]["prior_target"] == "base"
-    assert record["training"]["prior_caption_dropout"] == 0.1
+    assert record["training"]["prior_caption_dropout"] == 0.1 and record["training"]["prior_weight"] == 0.5
+    assert record["training"]["timesteps"] == "flow_matched" and record["training"]["lr_schedule"] == "cosine"
     assert record["base"]["denoiser"] == file_sha256(weights_path("denoiser"))
     assert cli(["generate", "a large red star in the center", "--adapter", str(out / "adapter.safetensors"),
                 "--steps", "2", "--out", str(tmp_path / "grid.png")]) == 0
