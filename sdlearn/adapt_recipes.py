@@ -23,6 +23,10 @@ Decisions, written down:
   adapter's record says which it used.
 - **The prior images**: ``num_prior`` samples of the examples' class prompts ("a large red shape in the top left"
   for each example, in turn), drawn with the pipeline's defaults and ``prior_steps`` sampling steps from ``seed``.
+- **The command line's recipe** (``python -m sdlearn train adapter``) departs from these defaults in three ways, each
+  an option here: the noise levels and loss weights the shipped DiT was trained with (``timesteps="flow_matched"``),
+  learning rates decayed along a cosine (``lr_schedule="cosine"``), and λ = 0.5, which on that DiT let the new
+  concept's colours through where DreamBooth's λ = 1 held them back (the weights card lists the runs).
 """
 
 from __future__ import annotations
