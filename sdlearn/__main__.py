@@ -528,19 +528,19 @@ def _train_adapter(args: argparse.Namespace) -> int:
     """``python -m sdlearn train adapter``: :func:`sdlearn.adapt_recipes.train_adapter` on the shipped pipeline,
     writing ``--out``/adapter.* (default runs/adapter)."""
     method = args.method or "lora"
-    parse_method(method)  # a bad method: one line, before anything loads
+    parts = parse_method(method)  # a bad method: one line, before anything loads
     for option, value in (("--data", args.data != "shapes"), ("--prediction-type", args.prediction_type is not None),
                           ("--precision", args.precision != "fp32")):
         if value:
             raise ValueError(f"{option} is not an option of 'train adapter' (it adapts the shipped DiT, in fp32)")
-    if args.rank is not None and "lora" not in parse_method(method):
+    if args.rank is not None and "lora" not in parts:
         raise ValueError(f"--rank is LoRA's rank; method {method!r} trains no LoRA")
     out_dir = Path(args.out or "runs/adapter")
     _check_writable("--out", out_dir)
     if args.threads is not None:
         set_threads(args.threads)
     options = {"rank": args.rank} if args.rank is not None else {}
-    if parse_method(method) != {"ti"}:  # textual inversion alone cannot change an old prompt's image: no prior
+    if parts != {"ti"}:  # textual inversion alone cannot change an old prompt's image: no prior
         options["prior_weight"] = ADAPTER_PRIOR_WEIGHT
     pipe, result = adapt_recipes.train_adapter(method, ADAPTER_CONCEPTS[args.concept or "star"], steps=args.steps,
                                                minutes=args.minutes, lr=args.lr, seed=args.seed, out_dir=out_dir,

@@ -568,9 +568,10 @@ def prior_preservation_loss(model: AdaptedModel, batch: Mapping[str, torch.Tenso
         raise ValueError("adapters train diffusion denoisers (epsilon, v_prediction, sample); this one is a flow model")
     if isinstance(prior_weight, bool) or not isinstance(prior_weight, int | float) or not prior_weight >= 0:
         raise ValueError(f"prior_weight must be a number ≥ 0, got {prior_weight!r}")
-    keys = ("x0", "noise", "t", "ids", "mask")
+    keys = ("x0", "noise", "t", "ids", "mask") + (("loss_weight",) if "loss_weight" in batch else ())
     with_prior = prior_weight > 0 and "prior_x0" in batch
-    x0, noise, t, ids, mask = (torch.cat([batch[k], batch["prior_" + k]]) if with_prior else batch[k] for k in keys)
+    x0, noise, t, ids, mask, *weight = (torch.cat([batch[k], batch["prior_" + k]]) if with_prior else batch[k]
+                                        for k in keys)
     x_t = schedule.add_noise(x0, noise, t)
     target = schedule.target(x0, noise, t, prediction_type)  # [B, C, h, w]
     n = batch["x0"].shape[0]
@@ -579,9 +580,8 @@ def prior_preservation_loss(model: AdaptedModel, batch: Mapping[str, torch.Tenso
             target = torch.cat([target[:n], base_model(x_t[n:], t[n:].to(x0.device), ids[n:], mask[n:])])
     errors = (model(x_t, t.to(x0.device), ids, mask) - target) ** 2
     per_image = errors.flatten(1).mean(dim=1)  # [B]: the squared error of each image
-    if "loss_weight" in batch:
-        weight = torch.cat([batch["loss_weight"], batch["prior_loss_weight"]]) if with_prior else batch["loss_weight"]
-        per_image = per_image * weight.to(per_image.device)
+    if weight:  # the flow-matched ε-loss: each image's error times its weight
+        per_image = per_image * weight[0].to(per_image.device)
     instance = per_image[:n].mean()
     if not with_prior:
         return instance, {"instance": instance.item()}

@@ -73,7 +73,7 @@ from sdlearn.recipes import (  # the "training" record every shipped file carrie
     fit,
     training_record,
 )
-from sdlearn.training import TrainResult, resolve_device, step_generator, train
+from sdlearn.training import LR_SCHEDULES, TrainResult, resolve_device, step_generator, train
 
 DEFAULT_LR = {"ti": 5e-3, "lora": 1e-3, "dreambooth": 1e-4}
 """The learning rate of each part a method trains: the new word's row, the LoRA matrices, the whole denoiser."""
@@ -178,8 +178,8 @@ def train_adapter(
     if timesteps == "flow_matched" and pipe.denoiser.config.prediction_type != "epsilon":
         raise ValueError(f"timesteps='flow_matched' weights an ε-loss: this denoiser predicts "
                          f"{pipe.denoiser.config.prediction_type!r}; use timesteps='uniform'")
-    if lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be {' or '.join(map(repr, LR_SCHEDULES))}, got {lr_schedule!r}")
     if prior_target not in PRIOR_TARGETS:
         raise ValueError(f"prior_target must be one of {', '.join(map(repr, PRIOR_TARGETS))}, got {prior_target!r}")
 

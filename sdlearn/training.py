@@ -548,6 +548,10 @@ def _to_device(batch, device: torch.device):
     return batch
 
 
+LR_SCHEDULES = ("constant", "cosine")
+"""The learning-rate schedules :func:`train` knows by name (it also takes a function of the run's progress)."""
+
+
 def _schedule_factor(lr_schedule, progress: float) -> float:
     if lr_schedule is None or lr_schedule == "constant":
         return 1.0
